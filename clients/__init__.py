@@ -1,0 +1,1 @@
+"""Flower ClientApp of a domain party: message in -> fedmerge call -> message out."""

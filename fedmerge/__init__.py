@@ -1,0 +1,3 @@
+"""fedmerge: federated cross-domain sequential recommendation by model merging."""
+
+__version__ = "0.1.0"

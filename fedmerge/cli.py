@@ -1,0 +1,155 @@
+"""The ``fedmerge`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedmerge.data.catalog import import_domain, imported_names, load_domain
+from fedmerge.data.download import archive_path, fetch
+from fedmerge.data.importers import IMPORTERS
+from fedmerge.data.importers.recbole import write_recbole
+from fedmerge.data.registry import REGISTRY, get_spec
+from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.models.popularity import popularity_scorer
+from fedmerge.runs.results import PROTOCOL, metric_row, metrics_table, write_metrics
+
+app = typer.Typer(help="Federated cross-domain sequential recommendation by model merging.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: list, download, inspect, import, export.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+BASELINES = {"popularity": popularity_scorer}
+
+
+def _split_names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise FedmergeError(f"domain list {value!r} names a domain twice; give each domain once")
+    return names
+
+
+@data_app.command("list")
+def data_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the registered domains (and your imports)."""
+    rows = [{"name": s.name, "format": s.format, "description": s.description, "users": s.expected[0],
+             "items": s.expected[1], "interactions": s.expected[2], "url": s.url, "sha256": s.sha256,
+             "licence": s.licence, "cached": archive_path(s).exists()} for s in REGISTRY.values()]
+    rows += [{"name": name, "format": "imported", "description": "imported by you"} for name in imported_names()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="fedmerge domains", caption="also synth-0, synth-1, ...: generated, no download; "
+                  "--json adds URLs, sha256 and licences", caption_justify="left")
+    columns = ("name", "format", "users", "items", "interactions", "cached")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("users", "items", "interactions") else "left")
+    for row in rows:
+        table.add_row(*(f"{v:,}" if type(v := row.get(c, "")) is int else str(v) for c in columns))
+    console.print(table)
+
+
+@data_app.command("download")
+def data_download(
+    names: Annotated[list[str] | None, typer.Argument(help="Registered domain names.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Download every registered domain.")] = False,
+) -> None:
+    """Download archives into the cache (verified by sha256)."""
+    if not names and not all_:
+        raise FedmergeError("name the domains to download, or pass --all")
+    for name in (list(REGISTRY) if all_ else names or []):
+        path = fetch(get_spec(name))
+        console.print(f"{name}: {path}")
+
+
+@data_app.command("info")
+def data_info(
+    names: Annotated[list[str] | None, typer.Argument(help="Domain names (default: every registered one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object, or a list for several).")] = False,
+) -> None:
+    """Counts of a domain's whole data set: users, items, interactions (all splits)."""
+    summaries = [load_domain(name, quiet=as_json).summary() for name in (names or list(REGISTRY))]
+    if as_json:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
+        return
+    table = Table(title="domains")
+    columns = ("name", "users", "items", "interactions", "density", "text_fields")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("name", "text_fields") else "right")
+    for s in summaries:
+        table.add_row(*(", ".join(v) if isinstance(v := s[c], list) else v if isinstance(v, str) else f"{v:,}"
+                        for c in columns))
+    console.print(table)
+
+
+@data_app.command("import")
+def data_import(
+    path: Annotated[Path, typer.Argument(help="Archive: MergeRec .tar.gz, SeqRecBenchmark proc.zip, or RecBole folder.")],
+    fmt: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(IMPORTERS)}.")],
+    name: Annotated[str, typer.Option("--name", help="Domain name to use it under.")],
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Unpickle an unpinned seqrec-zip (runs its code).")] = False,
+) -> None:
+    """Import your own archive as domain NAME."""
+    summary = import_domain(path, fmt, name, allow_pickle=allow_pickle).summary()
+    console.print(f"imported {name}: {summary['users']:,} users, {summary['items']:,} items, "
+                  f"{summary['interactions']:,} interactions")
+
+
+@data_app.command("export")
+def data_export(
+    name: Annotated[str, typer.Argument(help="Domain to export.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write NAME.inter and NAME.item into.")],
+    fmt: Annotated[str, typer.Option("--format", help="Only 'recbole'.")] = "recbole",
+) -> None:
+    """Export a domain as RecBole atomic files."""
+    if fmt != "recbole":
+        raise FedmergeError(f"cannot export to {fmt!r}; the only export format is recbole")
+    for path in write_recbole(load_domain(name), out):
+        console.print(f"wrote {path}")
+
+
+@app.command("evaluate")
+def evaluate(
+    domain: Annotated[str, typer.Option("--domain", help="Domain name, or several separated by commas.")],
+    baseline: Annotated[str, typer.Option("--baseline", help=f"One of: {', '.join(BASELINES)}.")] = "popularity",
+    split: Annotated[str, typer.Option("--split", help="valid, test, or both.")] = "both",
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Do not rank items already in the history.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1024,
+    out: Annotated[Path | None, typer.Option("--out", help="Write metrics.json and metrics.csv here.")] = None,
+) -> None:
+    """Full-ranking evaluation of a baseline on a domain's private splits."""
+    if baseline not in BASELINES:
+        raise FedmergeError(f"unknown baseline {baseline!r}; use one of: {', '.join(BASELINES)}")
+    splits = {"both": ["valid", "test"], "valid": ["valid"], "test": ["test"]}.get(split)
+    if splits is None:
+        raise FedmergeError(f"unknown split {split!r}; use valid, test or both")
+    rows = []
+    for name in _split_names(domain):
+        data = load_domain(name)
+        for part in splits:
+            metrics = evaluate_domain(BASELINES[baseline], data, part, batch_size=batch_size, exclude_seen=exclude_seen)
+            rows.append(metric_row(baseline, name, part, metrics | {"exclude_seen": exclude_seen}))
+    console.print(metrics_table(rows, title=f"{baseline} baseline"))
+    if out is not None:
+        json_path, csv_path = write_metrics(rows, out)
+        console.print(f"wrote {json_path} and {csv_path}")
+
+
+def main() -> None:
+    """Entry point: a FedmergeError is reported as one line on stderr, exit code 2."""
+    try:
+        app()
+    except FedmergeError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+__all__ = ["PROTOCOL", "app", "main"]

@@ -1,0 +1,202 @@
+"""DomainData: one domain's items (with text) and user sequences, split leave-one-out.
+
+Items are indexed 0..n_items-1 and users 0..n_users-1; the original identifiers are kept
+in `item_ids` / `user_ids`. Each user's interactions are split into a training sequence
+(time order, oldest first), one validation target and one test target (RecBole's
+leave-one-out: valid = second-to-last item, test = last). A user may lack a validation or
+test target (marked -1): such a user is skipped when that split is evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedmerge.errors import FedmergeError
+
+TEXT_FIELDS: tuple[str, ...] = ("title", "brand", "category")
+NO_TARGET = -1
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """A domain's catalogue and its users' sequences, split leave-one-out.
+
+    Attributes
+    ----------
+    name : str
+        Domain name (registry name, import name or ``synth-N``).
+    item_ids : list[str]
+        Original item identifier of each item index.
+    item_text : dict[str, list[str]]
+        Text fields (``title``, ``brand``, ``category``; absent fields omitted), one string
+        per item, possibly empty.
+    user_ids : list[str]
+        Original user identifier of each user index.
+    train_offsets : np.ndarray
+        int64, shape (n_users + 1,): user u's training items are
+        ``train_items[train_offsets[u]:train_offsets[u + 1]]``.
+    train_items : np.ndarray
+        int64 item indices of all training sequences, concatenated, each oldest first.
+    valid : np.ndarray
+        int64, shape (n_users,): validation target per user, or -1.
+    test : np.ndarray
+        int64, shape (n_users,): test target per user, or -1.
+    """
+
+    name: str
+    item_ids: list[str]
+    item_text: dict[str, list[str]]
+    user_ids: list[str]
+    train_offsets: np.ndarray
+    train_items: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    source: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_users, n_items = len(self.user_ids), len(self.item_ids)
+        if len(self.train_offsets) != n_users + 1 or len(self.valid) != n_users or len(self.test) != n_users:
+            raise FedmergeError(f"domain {self.name!r}: split arrays do not match {n_users} users")
+        for key, values in self.item_text.items():
+            if len(values) != n_items:
+                raise FedmergeError(f"domain {self.name!r}: text field {key!r} has {len(values)} values for {n_items} items")
+        used = np.concatenate([self.train_items, self.valid[self.valid >= 0], self.test[self.test >= 0]])
+        if used.size and (used.min() < 0 or used.max() >= n_items):
+            raise FedmergeError(f"domain {self.name!r}: an interaction refers to an item outside 0..{n_items - 1}")
+
+    @property
+    def n_users(self) -> int:
+        """Number of users."""
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        """Number of items in the catalogue."""
+        return len(self.item_ids)
+
+    @property
+    def n_interactions(self) -> int:
+        """Interactions over all splits (train + valid + test)."""
+        return int(self.train_items.size + (self.valid >= 0).sum() + (self.test >= 0).sum())
+
+    def train_sequence(self, user: int) -> np.ndarray:
+        """User `user`'s training items, oldest first."""
+        return self.train_items[self.train_offsets[user] : self.train_offsets[user + 1]]
+
+    def history(self, user: int, split: str) -> np.ndarray:
+        """The items a model sees before predicting `split`'s target (train, + valid for test)."""
+        train = self.train_sequence(user)
+        if split == "valid":
+            return train
+        if split == "test":
+            return train if self.valid[user] < 0 else np.append(train, self.valid[user])
+        raise FedmergeError(f"unknown split {split!r}; use 'valid' or 'test'")
+
+    def targets(self, split: str) -> np.ndarray:
+        """Target item per user for `split` (``valid`` or ``test``), -1 where absent."""
+        if split not in ("valid", "test"):
+            raise FedmergeError(f"unknown split {split!r}; use 'valid' or 'test'")
+        return self.valid if split == "valid" else self.test
+
+    def item_counts(self) -> np.ndarray:
+        """How often each item occurs in the training sequences (popularity)."""
+        return np.bincount(self.train_items, minlength=self.n_items)
+
+    def summary(self) -> dict[str, object]:
+        """Counts of the whole data set (all splits), for ``fedmerge data info``."""
+        lengths = np.diff(self.train_offsets) + (self.valid >= 0) + (self.test >= 0)
+        return {
+            "name": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": self.n_interactions,
+            "train_interactions": int(self.train_items.size),
+            "valid_users": int((self.valid >= 0).sum()),
+            "test_users": int((self.test >= 0).sum()),
+            "avg_sequence_length": round(float(lengths.mean()), 3) if self.n_users else 0.0,
+            "text_fields": sorted(self.item_text),
+            "density": round(self.n_interactions / max(1, self.n_users * self.n_items), 6),
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write the domain to `directory` atomically (built in a temporary sibling, then renamed)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            np.savez(tmp / "arrays.npz", train_offsets=self.train_offsets, train_items=self.train_items,
+                     valid=self.valid, test=self.test)
+            meta = {"format_version": _FORMAT_VERSION, "name": self.name, "source": self.source,
+                    "item_ids": self.item_ids, "item_text": self.item_text, "user_ids": self.user_ids}
+            (tmp / "domain.json").write_text(json.dumps(meta))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory: Path) -> DomainData:
+        """Read a domain written by :meth:`save`."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "domain.json").read_text())
+            with np.load(directory / "arrays.npz") as arrays:
+                parts = {key: arrays[key] for key in ("train_offsets", "train_items", "valid", "test")}
+        except (OSError, ValueError, KeyError) as err:
+            raise FedmergeError(f"cached domain at {directory} is unreadable ({err}); delete that folder and load again") from err
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise FedmergeError(f"cached domain at {directory} has an old format; delete that folder and load again")
+        return cls(name=meta["name"], item_ids=meta["item_ids"], item_text=meta["item_text"],
+                   user_ids=meta["user_ids"], source=meta.get("source", {}), **parts)
+
+    def renamed(self, name: str) -> DomainData:
+        """The same data under another domain name."""
+        return DomainData(name, self.item_ids, self.item_text, self.user_ids, self.train_offsets,
+                          self.train_items, self.valid, self.test, dict(self.source))
+
+
+def from_sequences(
+    name: str,
+    item_ids: Sequence[str],
+    item_text: dict[str, list[str]],
+    user_ids: Sequence[str],
+    sequences: Sequence[Sequence[int]],
+    source: dict[str, str] | None = None,
+) -> DomainData:
+    """Split full time-ordered sequences leave-one-out (RecBole's convention).
+
+    A user with n >= 3 items gets n - 2 training items, a validation and a test target; with
+    n = 2, one training item and a test target; with n = 1, one training item only.
+    """
+    offsets = [0]
+    train: list[int] = []
+    valid = np.full(len(sequences), NO_TARGET, dtype=np.int64)
+    test = np.full(len(sequences), NO_TARGET, dtype=np.int64)
+    for user, seq in enumerate(sequences):
+        n_held = 2 if len(seq) >= 3 else len(seq) - 1
+        train.extend(seq[: len(seq) - n_held])
+        if n_held >= 1:
+            test[user] = seq[-1]
+        if n_held == 2:
+            valid[user] = seq[-2]
+        offsets.append(len(train))
+    return DomainData(name=name, item_ids=list(item_ids), item_text=item_text, user_ids=list(user_ids),
+                      train_offsets=np.asarray(offsets, dtype=np.int64), train_items=np.asarray(train, dtype=np.int64),
+                      valid=valid, test=test, source=dict(source or {}))
+
+
+def full_sequences(domain: DomainData) -> list[np.ndarray]:
+    """Each user's whole sequence (train, then valid and test targets where present)."""
+    return [np.append(domain.history(user, "test"), domain.test[user]) if domain.test[user] >= 0
+            else domain.history(user, "test") for user in range(domain.n_users)]

@@ -1,0 +1,33 @@
+"""Importers from archive formats into DomainData, by format name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedmerge.data.domain import DomainData
+from fedmerge.data.importers.mergerec import read_mergerec
+from fedmerge.data.importers.recbole import read_recbole
+from fedmerge.data.importers.seqrec import read_seqrec_zip
+from fedmerge.errors import FedmergeError
+
+Importer = Callable[..., DomainData]
+IMPORTERS: dict[str, Importer] = {
+    "mergerec": read_mergerec,
+    "seqrec-zip": read_seqrec_zip,
+    "recbole": read_recbole,
+}
+
+
+def read_archive(path: Path, fmt: str, name: str, allow_pickle: bool = False) -> DomainData:
+    """Import `path` in format `fmt` as domain `name`.
+
+    ``allow_pickle`` only matters for ``seqrec-zip`` archives whose sha256 is not pinned.
+    """
+    if fmt not in IMPORTERS:
+        raise FedmergeError(f"unknown format {fmt!r}; use one of: {', '.join(IMPORTERS)}")
+    if not Path(path).exists():
+        raise FedmergeError(f"{path} does not exist; give the path of a {fmt} archive")
+    if fmt == "seqrec-zip":
+        return read_seqrec_zip(Path(path), name, allow_pickle=allow_pickle)
+    return IMPORTERS[fmt](Path(path), name)

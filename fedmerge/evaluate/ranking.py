@@ -1,0 +1,89 @@
+"""Batched full ranking of a domain's users over all of its items."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fedmerge.data.domain import DomainData
+from fedmerge.evaluate.metrics import KS, rank_targets, summarize
+
+Scorer = Callable[[DomainData, np.ndarray, str], torch.Tensor]
+"""``scorer(domain, users, split) -> (len(users), n_items)`` scores, from each user's history for `split`."""
+
+
+def _mask_seen(scores: torch.Tensor, domain: DomainData, users: np.ndarray, split: str, targets: torch.Tensor) -> None:
+    """Set the scores of items in each user's history to -inf, except the target itself (in place)."""
+    histories = [domain.history(int(u), split) for u in users]
+    rows = np.repeat(np.arange(len(users)), [len(h) for h in histories])
+    cols = np.concatenate(histories) if histories else np.empty(0, dtype=np.int64)
+    keep = scores.gather(1, targets[:, None])
+    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+    scores.scatter_(1, targets[:, None], keep)
+
+
+def evaluate_domain(
+    scorer: Scorer,
+    domain: DomainData,
+    split: str = "test",
+    batch_size: int = 1024,
+    exclude_seen: bool = False,
+    ks: tuple[int, ...] = KS,
+) -> dict[str, float | int]:
+    """Full-ranking metrics of `scorer` on `domain`'s `split` (users without a target are skipped).
+
+    Parameters
+    ----------
+    scorer : Scorer
+        Scores every item of the domain for a batch of users.
+    domain : DomainData
+        The domain (its private split, when run by a party).
+    split : str
+        ``valid`` (history = train) or ``test`` (history = train + valid).
+    batch_size : int
+        Users scored at once.
+    exclude_seen : bool
+        Rank only items outside the user's history (the target always stays); off by default,
+        as in MergeRec.
+    ks : tuple[int, ...]
+        Cut-offs.
+
+    Returns
+    -------
+    dict[str, float]
+        ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were evaluated).
+    """
+    all_targets = domain.targets(split)
+    users = np.flatnonzero(all_targets >= 0)
+    ranks = []
+    with torch.inference_mode():
+        for start in range(0, len(users), batch_size):
+            batch = users[start : start + batch_size]
+            targets = torch.from_numpy(all_targets[batch])
+            scores = scorer(domain, batch, split)
+            if exclude_seen:
+                scores = scores.clone()
+                _mask_seen(scores, domain, batch, split, targets)
+            ranks.append(rank_targets(scores, targets))
+    metrics = summarize(torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long), ks)
+    metrics["users"] = len(users)
+    return metrics
+
+
+def rank_embeddings(
+    user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor, batch_size: int = 1024
+) -> torch.Tensor:
+    """Ranks of `targets` when users are scored by dot product with every item vector.
+
+    Scores are computed `batch_size` users at a time into one reused buffer.
+    """
+    ranks = []
+    buffer = torch.empty(min(batch_size, user_vectors.shape[0]), item_vectors.shape[0], dtype=user_vectors.dtype)
+    with torch.inference_mode():
+        for start in range(0, user_vectors.shape[0], batch_size):
+            batch = user_vectors[start : start + batch_size]
+            scores = torch.mm(batch, item_vectors.T, out=buffer[: batch.shape[0]])
+            ranks.append(rank_targets(scores, targets[start : start + batch_size]))
+    return torch.cat(ranks)

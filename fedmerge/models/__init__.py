@@ -1,0 +1,1 @@
+"""Recommenders; every model of one kind shares its parameter layout across domains."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp and merge strategies (MergeRec, WeaveRec): thin wrappers over fedmerge."""
