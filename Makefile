@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine (Python >= 3.11 with venv):
+#   make run     install fedmerge into .venv, then run the main job
+#   make test    install fedmerge with its test tools into .venv, then run the test suite
+# Both read FEDMERGE_DATA (cache folder) and FEDMERGE_MIRROR (dataset mirror), see README.md.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build. Override for a GPU box.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/fedmerge data info
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/popularity.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

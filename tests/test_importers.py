@@ -1,0 +1,454 @@
+"""Importers (MergeRec tarball, SeqRecBenchmark proc.zip, RecBole atomic files) on small hand-made archives."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmerge.data.catalog import import_domain, imported_names, load_domain
+from fedmerge.data.domain import DomainData
+from fedmerge.data.importers import read_archive
+from fedmerge.data.importers.mergerec import read_mergerec
+from fedmerge.data.importers.recbole import read_recbole, write_recbole
+from fedmerge.data.importers.seqrec import read_seqrec_zip
+from fedmerge.data.synthetic import synthetic_domain
+from fedmerge.errors import FedmergeError
+from tests.conftest import cache_files
+
+# --------------------------------------------------------------------------------------------
+# Archive builders
+# --------------------------------------------------------------------------------------------
+
+# 3 users, 5 items; smap is deliberately not in index order, user 2 has no val/test.
+MERGEREC_MEMBERS: dict[str, object] = {
+    "smap.json": {"B005": 0, "A001": 1, "C003": 2, "A002": 3, "Z999": 4},
+    "umap.json": {"rev-b": 1, "rev-a": 0, "rev-c": 2},
+    "train.json": {"2": [2], "0": [1, 2, 3], "1": [4, 0]},
+    "val.json": {"0": [4], "1": [1]},
+    "test.json": {"1": [3], "0": [0]},
+    "meta_data.json": {
+        "B005": {"title": "Lipstick", "brand": "Acme", "category": ""},
+        "A001": {"title": "Soap", "brand": "", "category": ""},
+        "C003": {"title": "Brush", "brand": None, "category": ""},
+        # A002 has no metadata at all
+        "Z999": {"title": "Comb"},
+    },
+}
+
+
+def make_mergerec(path: Path, members: dict[str, object] | None = None, drop: tuple[str, ...] = (),
+                  folder: str = "Toy") -> Path:
+    """A MergeRec-style .tar.gz: ``folder/`` holding the JSON members (minus `drop`)."""
+    members = MERGEREC_MEMBERS if members is None else members
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo(folder)
+        info.type = tarfile.DIRTYPE
+        archive.addfile(info)
+        for member, content in members.items():
+            if member in drop:
+                continue
+            data = json.dumps(content).encode()
+            info = tarfile.TarInfo(f"{folder}/{member}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+SEQREC_USERS = pd.DataFrame({
+    "UserID": [1, 2, 3, 4],
+    "ItemID": [[100, 101, 102, 103], [103, 100, 101, 102], [101, 100], [103]],
+    # user 2 is out of time order, with a tie (103 and 101 both at 50: file order kept)
+    "Timestamp": [[10, 20, 30, 40], [50, 10, 50, 20], [5, 6], [7]],
+})
+SEQREC_TITLES = pd.DataFrame({
+    "ItemID": [103, 100, 102, 101, 104],
+    "Title": ["Delta", "Alpha", None, "Bravo", "Echo"],
+})
+
+
+def _pickled(frame: pd.DataFrame, tmp: Path) -> bytes:
+    frame.to_pickle(tmp)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    return data
+
+
+def make_seqrec(path: Path, users: pd.DataFrame = SEQREC_USERS, titles: pd.DataFrame = SEQREC_TITLES) -> Path:
+    """A SeqRecBenchmark-style proc.zip (pickles written with ``DataFrame.to_pickle``)."""
+    scratch = path.with_name(path.name + ".pkl")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("proc/user2item.pkl", _pickled(users, scratch))
+        archive.writestr("proc/item2title.pkl", _pickled(titles, scratch))
+        archive.writestr("proc/summary.json", json.dumps({"users": len(users)}))
+    return path
+
+
+RECBOLE_INTER = (
+    "user_id:token\titem_id:token\ttimestamp:float\n"
+    "u2\ti3\t300\n"
+    "u1\ti1\t100\n"
+    "u2\ti1\t50\n"
+    "u1\ti9\t200\n"  # i9 is not in x.item
+    "u1\ti2\t150\n"
+    "u2\ti2\t400\n"
+    "u3\ti2\t10\n"
+)
+RECBOLE_ITEM = (
+    "item_id:token\ttitle:token_seq\tbrand:token\tcategories:token_seq\n"
+    "i1\tRed Shoe\tAcme\tShoes Red\n"
+    "i2\tBlue Hat\tHatco\tHats\n"
+    "i3\tGreen Scarf\t\tScarves\n"
+    "i7\tUnused Thing\tNobody\tMisc\n"  # in the catalogue, never interacted with
+)
+
+
+def make_recbole(folder: Path, inter: str = RECBOLE_INTER, item: str | None = RECBOLE_ITEM, stem: str = "x") -> Path:
+    """A folder with ``stem.inter`` (and ``stem.item`` unless `item` is None)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.inter").write_text(inter)
+    if item is not None:
+        (folder / f"{stem}.item").write_text(item)
+    return folder
+
+
+def truncated(path: Path) -> Path:
+    """`path` cut to half its bytes."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def assert_same_domain(got: DomainData, want: DomainData) -> None:
+    assert got.item_ids == want.item_ids
+    assert got.item_text == want.item_text
+    assert got.user_ids == want.user_ids
+    np.testing.assert_array_equal(got.train_offsets, want.train_offsets)
+    np.testing.assert_array_equal(got.train_items, want.train_items)
+    np.testing.assert_array_equal(got.valid, want.valid)
+    np.testing.assert_array_equal(got.test, want.test)
+
+
+# --------------------------------------------------------------------------------------------
+# MergeRec
+# --------------------------------------------------------------------------------------------
+
+
+def test_mergerec_ids_text_and_published_split(tmp_path: Path) -> None:
+    path = make_mergerec(tmp_path / "Toy.tar.gz")
+    domain = read_archive(path, "mergerec", "toy")
+
+    assert domain.name == "toy"
+    assert domain.item_ids == ["B005", "A001", "C003", "A002", "Z999"]
+    assert domain.user_ids == ["rev-a", "rev-b", "rev-c"]
+    # category is empty for every item, so it is dropped; None and missing metadata give ""
+    assert domain.item_text == {"title": ["Lipstick", "Soap", "Brush", "", "Comb"],
+                                "brand": ["Acme", "", "", "", ""]}
+    np.testing.assert_array_equal(domain.train_sequence(0), [1, 2, 3])
+    np.testing.assert_array_equal(domain.train_sequence(1), [4, 0])
+    np.testing.assert_array_equal(domain.train_sequence(2), [2])
+    np.testing.assert_array_equal(domain.train_offsets, [0, 3, 5, 6])
+    np.testing.assert_array_equal(domain.valid, [4, 1, -1])
+    np.testing.assert_array_equal(domain.test, [0, 3, -1])
+    assert domain.train_items.dtype == np.int64 and domain.valid.dtype == np.int64
+    assert domain.n_interactions == 10
+    assert domain.source == {"format": "mergerec", "path": str(path)}
+    assert domain.summary() == {
+        "name": "toy", "users": 3, "items": 5, "interactions": 10, "train_interactions": 6,
+        "valid_users": 2, "test_users": 2, "avg_sequence_length": 3.333,
+        "text_fields": ["brand", "title"], "density": 0.666667,
+    }
+
+
+def test_mergerec_folder_name_does_not_matter(tmp_path: Path) -> None:
+    a = read_mergerec(make_mergerec(tmp_path / "a.tar.gz", folder="Beauty"), "a")
+    b = read_mergerec(make_mergerec(tmp_path / "b.tar.gz", folder="Something_Else"), "a")
+    assert_same_domain(a, b)
+
+
+def test_mergerec_non_contiguous_ids_are_rejected(tmp_path: Path) -> None:
+    members = dict(MERGEREC_MEMBERS, smap={"B005": 0, "A001": 1, "C003": 2, "A002": 3, "Z999": 7})
+    members["smap.json"] = members.pop("smap")
+    with pytest.raises(FedmergeError, match="item ids are not contiguous from 0"):
+        read_mergerec(make_mergerec(tmp_path / "bad.tar.gz", members), "bad")
+
+
+def test_mergerec_item_outside_catalogue_is_rejected(tmp_path: Path) -> None:
+    members = dict(MERGEREC_MEMBERS)
+    members["test.json"] = {"0": [0], "1": [5]}
+    with pytest.raises(FedmergeError, match=r"refers to an item outside 0\.\.4"):
+        read_mergerec(make_mergerec(tmp_path / "bad.tar.gz", members), "bad")
+
+
+# --------------------------------------------------------------------------------------------
+# SeqRecBenchmark proc.zip
+# --------------------------------------------------------------------------------------------
+
+
+def test_seqrec_unpinned_archive_needs_allow_pickle(tmp_path: Path) -> None:
+    path = make_seqrec(tmp_path / "proc.zip")
+    with pytest.raises(FedmergeError, match="--allow-pickle") as err:
+        read_archive(path, "seqrec-zip", "mine")
+    assert "not pinned" in str(err.value)
+    assert read_archive(path, "seqrec-zip", "mine", allow_pickle=True).n_users == 4
+
+
+def test_seqrec_index_titles_and_leave_one_out(tmp_path: Path) -> None:
+    path = make_seqrec(tmp_path / "proc.zip")
+    domain = read_archive(path, "seqrec-zip", "mine", allow_pickle=True)
+
+    # items indexed by ItemID order; the missing title becomes ""; 104 has no interactions
+    assert domain.item_ids == ["100", "101", "102", "103", "104"]
+    assert domain.item_text == {"title": ["Alpha", "Bravo", "", "Delta", "Echo"]}
+    assert domain.user_ids == ["1", "2", "3", "4"]
+    # user 1 (n=4): train 2, valid, test
+    np.testing.assert_array_equal(domain.train_sequence(0), [0, 1])
+    # user 2 sorted stably by time: 100@10, 102@20, 103@50, 101@50 -> [0, 2, 3, 1]
+    np.testing.assert_array_equal(domain.train_sequence(1), [0, 2])
+    # user 3 (n=2): one training item and a test target; user 4 (n=1): training only
+    np.testing.assert_array_equal(domain.train_sequence(2), [1])
+    np.testing.assert_array_equal(domain.train_sequence(3), [3])
+    np.testing.assert_array_equal(domain.train_offsets, [0, 2, 4, 5, 6])
+    np.testing.assert_array_equal(domain.valid, [2, 3, -1, -1])
+    np.testing.assert_array_equal(domain.test, [3, 1, 0, -1])
+    np.testing.assert_array_equal(domain.item_counts(), [2, 2, 1, 1, 0])
+    assert domain.n_interactions == 11
+    assert domain.source["format"] == "seqrec-zip"
+    assert len(domain.source["sha256"]) == 64
+
+
+def test_seqrec_without_timestamps_keeps_list_order(tmp_path: Path) -> None:
+    users = SEQREC_USERS.drop(columns="Timestamp")
+    domain = read_seqrec_zip(make_seqrec(tmp_path / "proc.zip", users=users), "mine", allow_pickle=True)
+    np.testing.assert_array_equal(domain.train_sequence(1), [3, 0])
+    np.testing.assert_array_equal(domain.valid, [2, 1, -1, -1])
+    np.testing.assert_array_equal(domain.test, [3, 2, 0, -1])
+
+
+def test_seqrec_item_without_title_row_is_rejected(tmp_path: Path) -> None:
+    titles = SEQREC_TITLES[SEQREC_TITLES["ItemID"] != 101]
+    path = make_seqrec(tmp_path / "proc.zip", titles=titles)
+    with pytest.raises(FedmergeError, match="refers to item 101 that item2title.pkl lacks"):
+        read_seqrec_zip(path, "mine", allow_pickle=True)
+
+
+def test_seqrec_zip_missing_member_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "proc.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("user2item.pkl", _pickled(SEQREC_USERS, tmp_path / "u.pkl"))
+    with pytest.raises(FedmergeError, match="it lacks item2title.pkl"):
+        read_seqrec_zip(path, "mine", allow_pickle=True)
+
+
+# --------------------------------------------------------------------------------------------
+# RecBole atomic files
+# --------------------------------------------------------------------------------------------
+
+
+def test_recbole_orders_by_time_and_keeps_catalogue(tmp_path: Path) -> None:
+    folder = make_recbole(tmp_path / "rb")
+    domain = read_archive(folder, "recbole", "rb")
+
+    # .item order first (i7 has no interactions), then i9 (only in .inter)
+    assert domain.item_ids == ["i1", "i2", "i3", "i7", "i9"]
+    assert domain.item_text == {
+        "title": ["Red Shoe", "Blue Hat", "Green Scarf", "Unused Thing", ""],
+        "brand": ["Acme", "Hatco", "", "Nobody", ""],
+        "category": ["Shoes Red", "Hats", "Scarves", "Misc", ""],
+    }
+    # users in order of their first interaction in time
+    assert domain.user_ids == ["u3", "u2", "u1"]
+    # u3: [i2] -> train only; u2: i1@50, i3@300, i2@400; u1: i1@100, i2@150, i9@200
+    np.testing.assert_array_equal(domain.train_offsets, [0, 1, 2, 3])
+    np.testing.assert_array_equal(domain.train_items, [1, 0, 0])
+    np.testing.assert_array_equal(domain.valid, [-1, 2, 1])
+    np.testing.assert_array_equal(domain.test, [-1, 1, 4])
+    np.testing.assert_array_equal(domain.item_counts(), [2, 1, 0, 0, 0])
+    assert domain.n_interactions == 7
+    assert domain.source == {"format": "recbole", "path": str(folder / "x.inter")}
+
+
+def test_recbole_without_timestamp_keeps_file_order(tmp_path: Path) -> None:
+    inter = "user_id:token\titem_id:token\nb\tp\na\tq\nb\tr\nb\tq\na\tp\n"
+    folder = make_recbole(tmp_path / "rb", inter=inter, item=None, stem="y")
+    # passing the .inter file itself works too
+    for path in (folder, folder / "y.inter"):
+        domain = read_recbole(path, "rb")
+        assert domain.item_ids == ["p", "q", "r"]
+        assert domain.item_text == {}
+        assert domain.user_ids == ["b", "a"]
+        np.testing.assert_array_equal(domain.train_offsets, [0, 1, 2])
+        np.testing.assert_array_equal(domain.train_items, [0, 1])  # b: p (r valid, q test); a: q (p test)
+        np.testing.assert_array_equal(domain.valid, [2, -1])
+        np.testing.assert_array_equal(domain.test, [1, 0])
+
+
+def test_recbole_several_inter_files_are_ambiguous(tmp_path: Path) -> None:
+    folder = make_recbole(tmp_path / "rb", stem="x")
+    make_recbole(folder, stem="z", item=None)
+    with pytest.raises(FedmergeError, match=r"several \.inter files \(x\.inter, z\.inter\)"):
+        read_recbole(folder, "rb")
+
+
+def test_recbole_bad_timestamp_is_rejected(tmp_path: Path) -> None:
+    inter = "user_id:token\titem_id:token\ttimestamp:float\na\tp\tyesterday\n"
+    folder = make_recbole(tmp_path / "rb", inter=inter, item=None)
+    with pytest.raises(FedmergeError, match="a timestamp is not a number"):
+        read_recbole(folder, "rb")
+
+
+# --------------------------------------------------------------------------------------------
+# RecBole export / import round trip
+# --------------------------------------------------------------------------------------------
+
+
+def test_recbole_round_trip_synthetic(tmp_path: Path) -> None:
+    domain = synthetic_domain("synth-3")
+    paths = write_recbole(domain, tmp_path / "out")
+    assert [p.name for p in paths] == ["synth-3.inter", "synth-3.item"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["synth-3.inter", "synth-3.item"]
+    back = read_recbole(tmp_path / "out", "synth-3")
+    assert_same_domain(back, domain)
+
+
+def test_recbole_round_trip_seqrec(tmp_path: Path) -> None:
+    domain = read_seqrec_zip(make_seqrec(tmp_path / "proc.zip"), "mine", allow_pickle=True)
+    write_recbole(domain, tmp_path / "out")
+    assert (tmp_path / "out" / "mine.item").read_text().splitlines() == [
+        "item_id:token\ttitle:token_seq", "100\tAlpha", "101\tBravo", "102\t", "103\tDelta", "104\tEcho",
+    ]
+    assert_same_domain(read_recbole(tmp_path / "out", "mine"), domain)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input through import_domain: a clear error and nothing left in the cache
+# --------------------------------------------------------------------------------------------
+
+
+def _truncated_mergerec(tmp: Path) -> tuple[Path, str, str]:
+    return truncated(make_mergerec(tmp / "Toy.tar.gz")), "mergerec", "truncated or corrupt"
+
+
+def _zip_as_mergerec(tmp: Path) -> tuple[Path, str, str]:
+    return make_seqrec(tmp / "proc.zip"), "mergerec", "is not a readable MergeRec tarball"
+
+
+def _mergerec_without_test(tmp: Path) -> tuple[Path, str, str]:
+    return make_mergerec(tmp / "Toy.tar.gz", drop=("test.json",)), "mergerec", "it lacks test.json"
+
+
+def _mergerec_bad_json(tmp: Path) -> tuple[Path, str, str]:
+    path = tmp / "Toy.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for member in MERGEREC_MEMBERS:
+            data = b"{not json" if member == "val.json" else json.dumps(MERGEREC_MEMBERS[member]).encode()
+            info = tarfile.TarInfo(f"Toy/{member}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path, "mergerec", "a JSON file inside is malformed"
+
+
+def _truncated_seqrec(tmp: Path) -> tuple[Path, str, str]:
+    return truncated(make_seqrec(tmp / "proc.zip")), "seqrec-zip", "is not a readable zip archive"
+
+
+def _recbole_bad_header(tmp: Path) -> tuple[Path, str, str]:
+    folder = make_recbole(tmp / "rb", inter="user_id\titem_id\na\tp\n", item=None)
+    return folder, "recbole", "header field 'user_id' is not 'name:type'"
+
+
+def _recbole_no_inter(tmp: Path) -> tuple[Path, str, str]:
+    folder = tmp / "rb"
+    folder.mkdir()
+    (folder / "x.item").write_text(RECBOLE_ITEM)
+    return folder, "recbole", "holds no .inter file"
+
+
+def _missing_path(tmp: Path) -> tuple[Path, str, str]:
+    return tmp / "nowhere.tar.gz", "mergerec", "does not exist"
+
+
+def _unknown_format(tmp: Path) -> tuple[Path, str, str]:
+    return make_mergerec(tmp / "Toy.tar.gz"), "parquet", "unknown format 'parquet'"
+
+
+BAD_INPUTS: dict[str, Callable[[Path], tuple[Path, str, str]]] = {
+    "truncated-mergerec": _truncated_mergerec,
+    "zip-as-mergerec": _zip_as_mergerec,
+    "mergerec-without-test": _mergerec_without_test,
+    "mergerec-bad-json": _mergerec_bad_json,
+    "truncated-seqrec": _truncated_seqrec,
+    "recbole-bad-header": _recbole_bad_header,
+    "recbole-no-inter": _recbole_no_inter,
+    "missing-path": _missing_path,
+    "unknown-format": _unknown_format,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_clear_error_and_leaves_no_files(case: str, tmp_path: Path, cache: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    path, fmt, phrase = BAD_INPUTS[case](src)
+    with pytest.raises(FedmergeError) as err:
+        import_domain(path, fmt, "mine", allow_pickle=True)
+    assert phrase in str(err.value)
+    assert cache_files(cache) == []
+
+
+def test_unpinned_seqrec_without_allow_pickle_leaves_no_files(tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(FedmergeError, match="--allow-pickle"):
+        import_domain(make_seqrec(tmp_path / "proc.zip"), "seqrec-zip", "mine")
+    assert cache_files(cache) == []
+
+
+@pytest.mark.parametrize(("name", "phrase"), [
+    ("beauty", "'beauty' is a built-in domain name"),
+    ("synth-2", "'synth-2' is a built-in domain name"),
+    ("Bad Name", "domain name 'Bad Name' is not allowed"),
+    ("-dash", "domain name '-dash' is not allowed"),
+])
+def test_bad_import_name_is_rejected(name: str, phrase: str, tmp_path: Path, cache: Path) -> None:
+    path = make_mergerec(tmp_path / "Toy.tar.gz")
+    with pytest.raises(FedmergeError) as err:
+        import_domain(path, "mergerec", name)
+    assert phrase in str(err.value)
+    assert cache_files(cache) == []
+
+
+# --------------------------------------------------------------------------------------------
+# import_domain -> load_domain
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["mergerec", "seqrec-zip", "recbole"])
+def test_import_then_load_gives_the_same_domain(fmt: str, tmp_path: Path, cache: Path) -> None:
+    builders = {"mergerec": lambda: make_mergerec(tmp_path / "Toy.tar.gz"),
+                "seqrec-zip": lambda: make_seqrec(tmp_path / "proc.zip"),
+                "recbole": lambda: make_recbole(tmp_path / "rb")}
+    path = builders[fmt]()
+    imported = import_domain(path, fmt, "my-data.v1", allow_pickle=True)
+    assert imported.name == "my-data.v1"
+
+    assert cache_files(cache) == ["imported/my-data.v1/arrays.npz", "imported/my-data.v1/domain.json"]
+    assert imported_names() == ["my-data.v1"]
+    loaded = load_domain("my-data.v1")
+    assert loaded.name == "my-data.v1"
+    assert_same_domain(loaded, imported)
+    assert loaded.source == imported.source
+    assert loaded.summary() == imported.summary()
+    assert cache_files(cache) == ["imported/my-data.v1/arrays.npz", "imported/my-data.v1/domain.json"]
+
+
+def test_reimport_replaces_the_previous_import(tmp_path: Path, cache: Path) -> None:
+    import_domain(make_recbole(tmp_path / "rb"), "recbole", "mine")
+    second = import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine")
+    assert cache_files(cache) == ["imported/mine/arrays.npz", "imported/mine/domain.json"]
+    assert_same_domain(load_domain("mine"), second)
