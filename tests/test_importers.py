@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from fedmerge.data.catalog import import_domain, imported_names, load_domain
-from fedmerge.data.domain import DomainData
+from fedmerge.data.domain import DomainData, from_sequences
 from fedmerge.data.importers import read_archive
 from fedmerge.data.importers.mergerec import read_mergerec
 from fedmerge.data.importers.recbole import read_recbole, write_recbole
@@ -46,7 +46,7 @@ MERGEREC_MEMBERS: dict[str, object] = {
 
 def make_mergerec(path: Path, members: dict[str, object] | None = None, drop: tuple[str, ...] = (),
                   folder: str = "Toy") -> Path:
-    """A MergeRec-style .tar.gz: ``folder/`` holding the JSON members (minus `drop`)."""
+    """A MergeRec-style .tar.gz: ``folder/`` holding the JSON members (minus `drop`; bytes are written as is)."""
     members = MERGEREC_MEMBERS if members is None else members
     with tarfile.open(path, "w:gz") as archive:
         info = tarfile.TarInfo(folder)
@@ -55,7 +55,7 @@ def make_mergerec(path: Path, members: dict[str, object] | None = None, drop: tu
         for member, content in members.items():
             if member in drop:
                 continue
-            data = json.dumps(content).encode()
+            data = content if isinstance(content, bytes) else json.dumps(content).encode()
             info = tarfile.TarInfo(f"{folder}/{member}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -174,15 +174,13 @@ def test_mergerec_folder_name_does_not_matter(tmp_path: Path) -> None:
 
 
 def test_mergerec_non_contiguous_ids_are_rejected(tmp_path: Path) -> None:
-    members = dict(MERGEREC_MEMBERS, smap={"B005": 0, "A001": 1, "C003": 2, "A002": 3, "Z999": 7})
-    members["smap.json"] = members.pop("smap")
+    members = dict(MERGEREC_MEMBERS, **{"smap.json": {"B005": 0, "A001": 1, "C003": 2, "A002": 3, "Z999": 7}})
     with pytest.raises(FedmergeError, match="item ids are not contiguous from 0"):
         read_mergerec(make_mergerec(tmp_path / "bad.tar.gz", members), "bad")
 
 
 def test_mergerec_item_outside_catalogue_is_rejected(tmp_path: Path) -> None:
-    members = dict(MERGEREC_MEMBERS)
-    members["test.json"] = {"0": [0], "1": [5]}
+    members = dict(MERGEREC_MEMBERS, **{"test.json": {"0": [0], "1": [5]}})
     with pytest.raises(FedmergeError, match=r"refers to an item outside 0\.\.4"):
         read_mergerec(make_mergerec(tmp_path / "bad.tar.gz", members), "bad")
 
@@ -345,14 +343,8 @@ def _mergerec_without_test(tmp: Path) -> tuple[Path, str, str]:
 
 
 def _mergerec_bad_json(tmp: Path) -> tuple[Path, str, str]:
-    path = tmp / "Toy.tar.gz"
-    with tarfile.open(path, "w:gz") as archive:
-        for member in MERGEREC_MEMBERS:
-            data = b"{not json" if member == "val.json" else json.dumps(MERGEREC_MEMBERS[member]).encode()
-            info = tarfile.TarInfo(f"Toy/{member}")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path, "mergerec", "a JSON file inside is malformed"
+    members = dict(MERGEREC_MEMBERS, **{"val.json": b"{not json"})
+    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec", "a JSON file inside is malformed"
 
 
 def _truncated_seqrec(tmp: Path) -> tuple[Path, str, str]:
@@ -452,3 +444,81 @@ def test_reimport_replaces_the_previous_import(tmp_path: Path, cache: Path) -> N
     second = import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine")
     assert cache_files(cache) == ["imported/mine/arrays.npz", "imported/mine/domain.json"]
     assert_same_domain(load_domain("mine"), second)
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed archives that once escaped as raw exceptions (or were silently misread).
+# --------------------------------------------------------------------------------------------
+
+
+def _seqrec_corrupt_deflate(tmp: Path) -> tuple[Path, str]:
+    """A proc.zip whose directory is intact but whose compressed user2item.pkl bytes are garbled."""
+    path = make_seqrec(tmp / "proc.zip")
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("proc/user2item.pkl")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data = bytearray(path.read_bytes())
+    for k in range(start + 5, start + 25):
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path, "seqrec-zip"
+
+
+def _seqrec_directory(tmp: Path) -> tuple[Path, str]:
+    (tmp / "adir").mkdir()
+    return tmp / "adir", "seqrec-zip"
+
+
+def _mergerec_val_user_out_of_range(tmp: Path) -> tuple[Path, str]:
+    members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "1": [1], "5": [2]}})
+    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec"
+
+
+def _mergerec_val_user_negative(tmp: Path) -> tuple[Path, str]:
+    members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "-1": [1]}})
+    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec"  # must not give user 2 a target
+
+
+def _seqrec_more_timestamps_than_items(tmp: Path) -> tuple[Path, str]:
+    users = SEQREC_USERS.copy()
+    users.at[0, "Timestamp"] = [1, 2, 3, 4, 5, 6]
+    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip"
+
+
+def _seqrec_fewer_timestamps_than_items(tmp: Path) -> tuple[Path, str]:
+    users = SEQREC_USERS.copy()
+    users.at[0, "Timestamp"] = [1, 2]
+    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip"  # must not drop items 102 and 103
+
+
+MALFORMED: dict[str, Callable[[Path], tuple[Path, str]]] = {
+    "seqrec-corrupt-deflate": _seqrec_corrupt_deflate,
+    "seqrec-directory": _seqrec_directory,
+    "mergerec-val-user-out-of-range": _mergerec_val_user_out_of_range,
+    "mergerec-val-user-negative": _mergerec_val_user_negative,
+    "seqrec-more-timestamps-than-items": _seqrec_more_timestamps_than_items,
+    "seqrec-fewer-timestamps-than-items": _seqrec_fewer_timestamps_than_items,
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_input_is_a_fedmerge_error(case: str, tmp_path: Path, cache: Path) -> None:
+    path, fmt = MALFORMED[case](tmp_path)
+    with pytest.raises(FedmergeError):
+        import_domain(path, fmt, "mine", allow_pickle=True)
+    assert cache_files(cache) == []
+
+
+def test_write_recbole_rejects_a_tab_in_an_id_and_leaves_nothing(tmp_path: Path) -> None:
+    domain = from_sequences("t", ["a\tb", "c"], {}, ["u"], [[0, 1]])
+    with pytest.raises(FedmergeError, match=r"item id .* holds whitespace"):
+        write_recbole(domain, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_inter_row_without_item_is_rejected(tmp_path: Path) -> None:
+    folder = tmp_path / "rb"
+    folder.mkdir()
+    (folder / "x.inter").write_text("user_id:token\titem_id:token\nu1\ti1\nu2\t\n")
+    with pytest.raises(FedmergeError, match="line 3: empty item_id"):
+        read_recbole(folder, "x")

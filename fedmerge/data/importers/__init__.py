@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +30,12 @@ def read_archive(path: Path, fmt: str, name: str, allow_pickle: bool = False) ->
         raise FedmergeError(f"unknown format {fmt!r}; use one of: {', '.join(IMPORTERS)}")
     if not Path(path).exists():
         raise FedmergeError(f"{path} does not exist; give the path of a {fmt} archive")
-    if fmt == "seqrec-zip":
-        return read_seqrec_zip(Path(path), name, allow_pickle=allow_pickle)
-    return IMPORTERS[fmt](Path(path), name)
+    try:
+        if fmt == "seqrec-zip":
+            return read_seqrec_zip(Path(path), name, allow_pickle=allow_pickle)
+        return IMPORTERS[fmt](Path(path), name)
+    except FedmergeError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, zlib.error, csv.Error) as err:
+        raise FedmergeError(f"{path} could not be imported as {fmt} ({type(err).__name__}: {err}); "
+                            "check --format and that the file is complete") from err

@@ -61,6 +61,8 @@ def read_mergerec(path: Path, name: str) -> DomainData:
     text = {key: [str((meta.get(asin) or {}).get(key) or "") for asin in item_ids] for key in TEXT_FIELDS}
     text = {key: values for key, values in text.items() if any(values)}
     train: dict[str, list[int]] = parts["train.json"]  # type: ignore[assignment]
+    for split in ("train.json", "val.json", "test.json"):
+        _check_users(parts[split], len(user_ids), f"{path}: {split}")  # type: ignore[arg-type]
     offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
     sequences = [train.get(str(user), []) for user in range(len(user_ids))]
     offsets[1:] = np.cumsum([len(seq) for seq in sequences])
@@ -70,6 +72,14 @@ def read_mergerec(path: Path, name: str) -> DomainData:
         valid=_targets(parts["val.json"], len(user_ids)), test=_targets(parts["test.json"], len(user_ids)),  # type: ignore[arg-type]
         source={"format": "mergerec", "path": str(path)},
     )
+
+
+def _check_users(split: dict[str, list[int]], n_users: int, where: str) -> None:
+    """Every user key of a split file must be one of umap's ids 0..n_users-1."""
+    bad = [user for user in split if not (user.isdigit() and int(user) < n_users)]
+    if bad:
+        raise FedmergeError(f"{where} has user {bad[0]!r}, which is not a user id of umap.json (0..{n_users - 1}); "
+                            "the archive is not a consistent MergeRec split")
 
 
 def _targets(split: dict[str, list[int]], n_users: int) -> np.ndarray:

@@ -64,6 +64,10 @@ def read_recbole(path: Path, name: str) -> DomainData:
     inter = _read_atomic(inter_path)
     if not {"user_id", "item_id"} <= set(inter.columns):
         raise FedmergeError(f"{inter_path} lacks a user_id:token or item_id:token column")
+    for column in ("user_id", "item_id"):
+        if (inter[column] == "").any():
+            line = int((inter[column] == "").to_numpy().argmax()) + 2
+            raise FedmergeError(f"{inter_path}, line {line}: empty {column}; every row needs a user_id and an item_id")
     if "timestamp" in inter.columns:
         try:
             stamps = inter["timestamp"].astype(float)
@@ -99,6 +103,11 @@ def write_recbole(domain: DomainData, directory: Path) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     inter_path, item_path = directory / f"{domain.name}.inter", directory / f"{domain.name}.item"
+    for kind, ids in (("user", domain.user_ids), ("item", domain.item_ids)):
+        bad = next((i for i in ids if i != _clean(i) or not i), None)
+        if bad is not None:
+            raise FedmergeError(f"{kind} id {bad!r} of {domain.name} is empty or holds whitespace other than single "
+                                "spaces, which RecBole's tab-separated files cannot carry")
     rows = [(domain.user_ids[user], domain.item_ids[item], float(t))
             for user, seq in enumerate(full_sequences(domain)) for t, item in enumerate(seq)]
     inter = pd.DataFrame(rows, columns=["user_id:token", "item_id:token", "timestamp:float"])
@@ -107,6 +116,9 @@ def write_recbole(domain: DomainData, directory: Path) -> list[Path]:
                          | {fields[key]: [_clean(v) for v in values] for key, values in domain.item_text.items()})
     for frame, target in ((inter, inter_path), (items, item_path)):
         tmp = target.with_name(f".{target.name}.tmp")
-        frame.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, escapechar=None)
-        tmp.replace(target)
+        try:
+            frame.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, escapechar=None)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return [inter_path, item_path]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ def _unpickle_frame(archive: zipfile.ZipFile, member: str, columns: tuple[str, .
 
 def read_seqrec_zip(path: Path, name: str, allow_pickle: bool = False) -> DomainData:
     """Import a SeqRecBenchmark ``proc.zip`` as domain `name` (leave-one-out on time order)."""
+    if not path.is_file():
+        raise FedmergeError(f"{path} is not a file; give the path of a SeqRecBenchmark proc.zip")
     digest = sha256_of(path)
     if digest not in PINNED_SHA256 and not allow_pickle:
         raise FedmergeError(f"{path} holds pickles, which run code when loaded, and its sha256 {digest} is not pinned "
@@ -45,7 +48,7 @@ def read_seqrec_zip(path: Path, name: str, allow_pickle: bool = False) -> Domain
         with zipfile.ZipFile(path) as archive:
             users = _unpickle_frame(archive, "user2item.pkl", ("UserID", "ItemID"), path)
             titles = _unpickle_frame(archive, "item2title.pkl", ("ItemID", "Title"), path)
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
         raise FedmergeError(f"{path} is not a readable zip archive (truncated or corrupt: {err}); "
                             "download it again or check --format") from err
     titles = titles.sort_values("ItemID", kind="stable")
@@ -53,6 +56,8 @@ def read_seqrec_zip(path: Path, name: str, allow_pickle: bool = False) -> Domain
     index = {int(item): pos for pos, item in enumerate(raw_items)}
     sequences = []
     for row, (items, stamps) in enumerate(zip(users["ItemID"], users.get("Timestamp", [None] * len(users)))):
+        if stamps is not None and len(stamps) != len(items):
+            raise FedmergeError(f"{path}: user row {row} has {len(items)} items but {len(stamps)} timestamps")
         order = np.argsort(np.asarray(stamps), kind="stable") if stamps is not None else range(len(items))
         try:
             sequences.append([index[int(items[i])] for i in order])
