@@ -1,0 +1,67 @@
+"""Metric rows: one schema for every command that evaluates, written as JSON and CSV.
+
+A row is ``{"model", "domain", "split", "recall@1", ..., "mrr@50", "users"}``: one model
+evaluated on one domain's split (full ranking over the domain's items).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich import box
+from rich.table import Table
+
+
+Row = dict[str, str | float | int | bool]
+PROTOCOL = ("leave-one-out (valid = second-to-last item, test = last); full ranking over all items of the "
+            "domain; seen items not excluded unless stated; ties broken by item index")
+
+
+def metric_row(model: str, domain: str, split: str, metrics: dict[str, float]) -> Row:
+    """One results row."""
+    return {"model": model, "domain": domain, "split": split, **metrics}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_metrics(rows: Sequence[Row], directory: Path) -> tuple[Path, Path]:
+    """Write ``metrics.json`` (a list of rows) and ``metrics.csv`` into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    json_path, csv_path = directory / "metrics.json", directory / "metrics.csv"
+    _atomic_write(json_path, json.dumps(list(rows), indent=2) + "\n")
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    return json_path, csv_path
+
+
+TABLE_METRICS: tuple[str, ...] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+def metrics_table(rows: Sequence[Row], metrics: Sequence[str] = TABLE_METRICS, title: str | None = None) -> Table:
+    """A rich table of a few headline metrics per row (the files hold every metric)."""
+    short = {"recall": "R", "ndcg": "N", "mrr": "MRR"}
+    table = Table(title=title, caption=f"R = recall, N = ndcg. {PROTOCOL}", caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("model", "domain", "split", "users"):
+        table.add_column(column, justify="right" if column == "users" else "left", no_wrap=True)
+    for name in metrics:
+        metric, k = name.split("@")
+        table.add_column(f"{short.get(metric, metric)}@{k}", justify="right", no_wrap=True, min_width=6)
+    for row in rows:
+        table.add_row(str(row["model"]), str(row["domain"]), str(row["split"]), f"{int(row.get('users', 0)):,}",
+                      *(f"{float(row[n]):.4f}" for n in metrics))
+    return table
