@@ -128,7 +128,10 @@ class DomainData:
         }
 
     def save(self, directory: Path) -> None:
-        """Write the domain to `directory` atomically (built in a temporary sibling, then renamed)."""
+        """Write the domain to `directory` atomically (built in a temporary sibling, then renamed).
+
+        When another process finishes writing the same folder first, its copy is kept.
+        """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -140,10 +143,13 @@ class DomainData:
             (tmp / "domain.json").write_text(json.dumps(meta))
             if directory.exists():
                 shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
+            try:
+                os.replace(tmp, directory)
+            except OSError:
+                if not (directory / "domain.json").exists():
+                    raise  # not a concurrent writer that finished first
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: Path) -> DomainData:
