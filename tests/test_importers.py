@@ -384,6 +384,62 @@ BAD_INPUTS: dict[str, Callable[[Path], tuple[Path, str, str]]] = {
 }
 
 
+
+# --------------------------------------------------------------------------------------------
+# Malformed archives that must not escape as raw exceptions (or be silently misread).
+# --------------------------------------------------------------------------------------------
+
+
+def _seqrec_corrupt_deflate(tmp: Path) -> tuple[Path, str, str]:
+    """A proc.zip whose directory is intact but whose compressed user2item.pkl bytes are garbled."""
+    path = make_seqrec(tmp / "proc.zip")
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("proc/user2item.pkl")
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data = bytearray(path.read_bytes())
+    for k in range(start + 5, start + 25):
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path, "seqrec-zip", "not a readable zip archive"
+
+
+def _seqrec_directory(tmp: Path) -> tuple[Path, str, str]:
+    (tmp / "adir").mkdir()
+    return tmp / "adir", "seqrec-zip", "is not a file"
+
+
+def _mergerec_val_user_out_of_range(tmp: Path) -> tuple[Path, str, str]:
+    members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "1": [1], "5": [2]}})
+    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec", "not a user id of umap.json"
+
+
+def _mergerec_val_user_negative(tmp: Path) -> tuple[Path, str, str]:
+    members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "-1": [1]}})
+    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec", "not a user id of umap.json"  # must not give user 2 a target
+
+
+def _seqrec_more_timestamps_than_items(tmp: Path) -> tuple[Path, str, str]:
+    users = SEQREC_USERS.copy()
+    users.at[0, "Timestamp"] = [1, 2, 3, 4, 5, 6]
+    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip", "has 4 items but 6 timestamps"
+
+
+def _seqrec_fewer_timestamps_than_items(tmp: Path) -> tuple[Path, str, str]:
+    users = SEQREC_USERS.copy()
+    users.at[0, "Timestamp"] = [1, 2]
+    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip", "has 4 items but 2 timestamps"  # must not drop items 102 and 103
+
+
+BAD_INPUTS.update({
+    "seqrec-corrupt-deflate": _seqrec_corrupt_deflate,
+    "seqrec-directory": _seqrec_directory,
+    "mergerec-val-user-out-of-range": _mergerec_val_user_out_of_range,
+    "mergerec-val-user-negative": _mergerec_val_user_negative,
+    "seqrec-more-timestamps-than-items": _seqrec_more_timestamps_than_items,
+    "seqrec-fewer-timestamps-than-items": _seqrec_fewer_timestamps_than_items,
+})
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_a_clear_error_and_leaves_no_files(case: str, tmp_path: Path, cache: Path) -> None:
     src = tmp_path / "src"
@@ -444,69 +500,6 @@ def test_reimport_replaces_the_previous_import(tmp_path: Path, cache: Path) -> N
     second = import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine")
     assert cache_files(cache) == ["imported/mine/arrays.npz", "imported/mine/domain.json"]
     assert_same_domain(load_domain("mine"), second)
-
-
-# --------------------------------------------------------------------------------------------
-# Malformed archives that once escaped as raw exceptions (or were silently misread).
-# --------------------------------------------------------------------------------------------
-
-
-def _seqrec_corrupt_deflate(tmp: Path) -> tuple[Path, str]:
-    """A proc.zip whose directory is intact but whose compressed user2item.pkl bytes are garbled."""
-    path = make_seqrec(tmp / "proc.zip")
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo("proc/user2item.pkl")
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    data = bytearray(path.read_bytes())
-    for k in range(start + 5, start + 25):
-        data[k] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return path, "seqrec-zip"
-
-
-def _seqrec_directory(tmp: Path) -> tuple[Path, str]:
-    (tmp / "adir").mkdir()
-    return tmp / "adir", "seqrec-zip"
-
-
-def _mergerec_val_user_out_of_range(tmp: Path) -> tuple[Path, str]:
-    members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "1": [1], "5": [2]}})
-    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec"
-
-
-def _mergerec_val_user_negative(tmp: Path) -> tuple[Path, str]:
-    members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "-1": [1]}})
-    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec"  # must not give user 2 a target
-
-
-def _seqrec_more_timestamps_than_items(tmp: Path) -> tuple[Path, str]:
-    users = SEQREC_USERS.copy()
-    users.at[0, "Timestamp"] = [1, 2, 3, 4, 5, 6]
-    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip"
-
-
-def _seqrec_fewer_timestamps_than_items(tmp: Path) -> tuple[Path, str]:
-    users = SEQREC_USERS.copy()
-    users.at[0, "Timestamp"] = [1, 2]
-    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip"  # must not drop items 102 and 103
-
-
-MALFORMED: dict[str, Callable[[Path], tuple[Path, str]]] = {
-    "seqrec-corrupt-deflate": _seqrec_corrupt_deflate,
-    "seqrec-directory": _seqrec_directory,
-    "mergerec-val-user-out-of-range": _mergerec_val_user_out_of_range,
-    "mergerec-val-user-negative": _mergerec_val_user_negative,
-    "seqrec-more-timestamps-than-items": _seqrec_more_timestamps_than_items,
-    "seqrec-fewer-timestamps-than-items": _seqrec_fewer_timestamps_than_items,
-}
-
-
-@pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_input_is_a_fedmerge_error(case: str, tmp_path: Path, cache: Path) -> None:
-    path, fmt = MALFORMED[case](tmp_path)
-    with pytest.raises(FedmergeError):
-        import_domain(path, fmt, "mine", allow_pickle=True)
-    assert cache_files(cache) == []
 
 
 def test_write_recbole_rejects_a_tab_in_an_id_and_leaves_nothing(tmp_path: Path) -> None:
