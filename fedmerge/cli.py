@@ -19,7 +19,7 @@ from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.models.popularity import popularity_scorer
-from fedmerge.runs.results import PROTOCOL, metric_row, metrics_table, write_metrics
+from fedmerge.runs.results import metric_row, metrics_table, write_metrics
 
 app = typer.Typer(help="Federated cross-domain sequential recommendation by model merging.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -151,5 +151,3 @@ def main() -> None:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
-
-__all__ = ["PROTOCOL", "app", "main"]

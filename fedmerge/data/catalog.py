@@ -8,7 +8,6 @@ Registered domains are downloaded once and imported once: the parsed domain is c
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from fedmerge.data.domain import DomainData
@@ -66,10 +65,3 @@ def import_domain(path: Path, fmt: str, name: str, allow_pickle: bool = False) -
     domain.save(_imported_dir(name))
     return domain
 
-
-def remove_imported(name: str) -> None:
-    """Forget the user's import `name`."""
-    target = _imported_dir(name)
-    if not target.exists():
-        raise FedmergeError(f"no imported domain {name!r}; imported domains: {', '.join(imported_names()) or 'none'}")
-    shutil.rmtree(target)

@@ -166,11 +166,6 @@ class DomainData:
         return cls(name=meta["name"], item_ids=meta["item_ids"], item_text=meta["item_text"],
                    user_ids=meta["user_ids"], source=meta.get("source", {}), **parts)
 
-    def renamed(self, name: str) -> DomainData:
-        """The same data under another domain name."""
-        return DomainData(name, self.item_ids, self.item_text, self.user_ids, self.train_offsets,
-                          self.train_items, self.valid, self.test, dict(self.source))
-
 
 def from_sequences(
     name: str,

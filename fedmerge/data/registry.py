@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from fedmerge.errors import FedmergeError
 
 UPSTREAM_BASE = "https://raw.githubusercontent.com/"
-FORMATS: tuple[str, ...] = ("mergerec", "seqrec-zip", "recbole")
 
 _MERGEREC_LICENCE = "MergeRec repository: MIT; Amazon review data: research use (McAuley et al.)"
 _SEQREC_LICENCE = "SeqRecBenchmark-Datasets repository: MIT; Amazon review data: research use (McAuley et al.)"
@@ -27,7 +26,7 @@ class DatasetSpec:
     sha256 : str
         Pinned digest; an archive that does not match is rejected.
     format : str
-        Importer name (one of :data:`FORMATS`).
+        Importer name (a key of ``fedmerge.data.importers.IMPORTERS``).
     description : str
         What the data is.
     licence : str

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from fedmerge.data.domain import DomainData, from_sequences, full_sequences

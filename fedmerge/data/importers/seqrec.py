@@ -55,7 +55,7 @@ def read_seqrec_zip(path: Path, name: str, allow_pickle: bool = False) -> Domain
     raw_items = titles["ItemID"].to_numpy()
     index = {int(item): pos for pos, item in enumerate(raw_items)}
     sequences = []
-    for row, (items, stamps) in enumerate(zip(users["ItemID"], users.get("Timestamp", [None] * len(users)))):
+    for row, (items, stamps) in enumerate(zip(users["ItemID"], users.get("Timestamp", [None] * len(users)), strict=True)):
         if stamps is not None and len(stamps) != len(items):
             raise FedmergeError(f"{path}: user row {row} has {len(items)} items but {len(stamps)} timestamps")
         order = np.argsort(np.asarray(stamps), kind="stable") if stamps is not None else range(len(items))
