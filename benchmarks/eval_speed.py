@@ -23,6 +23,14 @@ import torch
 from fedmerge.evaluate import rank_embeddings, summarize
 
 
+def _cpu() -> str:
+    """The CPU model name (Linux), or the machine type."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def _best_time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -57,7 +65,7 @@ def main() -> None:
     bare(), fedmerge_eval()  # warm-up
     t_bare, t_ours = _best_time(bare, args.repeats), _best_time(fedmerge_eval, args.repeats)
     row = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
+        "machine": f"{_cpu()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "users": args.users, "items": args.items, "dim": args.dim,
         "batch_size": args.batch_size, "bare_topk_s": round(t_bare, 3), "fedmerge_s": round(t_ours, 3),
         "bare_users_per_s": round(args.users / t_bare), "fedmerge_users_per_s": round(args.users / t_ours),

@@ -67,7 +67,7 @@ def data_download(
         raise FedmergeError("name the domains to download, or pass --all")
     for name in (list(REGISTRY) if all_ else names or []):
         path = fetch(get_spec(name))
-        console.print(f"{name}: {path}")
+        console.print(f"{name}: {path}", soft_wrap=True, highlight=False)
 
 
 @data_app.command("info")

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from fedmerge.data.registry import DatasetSpec
@@ -89,16 +90,19 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
 
 
 def _download(url: str, dest: Path, label: str, quiet: bool) -> None:
-    """Stream `url` into `dest`, with a progress bar unless `quiet`."""
+    """Stream `url` into `dest`, with a progress bar on a terminal (a plain line otherwise) unless `quiet`."""
     try:
         response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - http(s)/file only, checked above
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise FedmergeError(f"cannot download {label} from {url} ({reason}); check the network or set "
                             "FEDMERGE_MIRROR to a mirror of the archives") from err
+    console = Console(stderr=True)
+    if not quiet and not console.is_terminal:
+        console.print(f"download {label} from {url}", highlight=False, soft_wrap=True)
     with response, open(dest, "wb") as out, Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        disable=quiet, transient=True,
+        console=console, disable=quiet or not console.is_terminal, transient=True,
     ) as progress:
         length = response.headers.get("Content-Length")
         task = progress.add_task(f"download {label}", total=int(length) if length else None)
