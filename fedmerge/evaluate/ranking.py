@@ -80,7 +80,8 @@ def rank_embeddings(
     Scores are computed `batch_size` users at a time into one reused buffer.
     """
     ranks = []
-    buffer = torch.empty(min(batch_size, user_vectors.shape[0]), item_vectors.shape[0], dtype=user_vectors.dtype)
+    buffer = torch.empty(min(batch_size, user_vectors.shape[0]), item_vectors.shape[0], dtype=user_vectors.dtype,
+                         device=user_vectors.device)
     with torch.inference_mode():
         for start in range(0, user_vectors.shape[0], batch_size):
             batch = user_vectors[start : start + batch_size]
