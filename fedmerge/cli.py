@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.models.popularity import popularity_scorer
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
+from fedmerge.text import feature_table, get_encoder
 
 app = typer.Typer(help="Federated cross-domain sequential recommendation by model merging.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -114,6 +116,20 @@ def data_export(
         raise FedmergeError(f"cannot export to {fmt!r}; the only export format is recbole")
     for path in write_recbole(load_domain(name), out):
         console.print(f"wrote {path}")
+
+
+@data_app.command("features")
+def data_features(
+    names: Annotated[list[str], typer.Argument(help="Domain names.")],
+    encoder: Annotated[str, typer.Option("--encoder", help="minilm (all-MiniLM-L6-v2) or hashing.")] = "minilm",
+) -> None:
+    """Compute (or find cached) the frozen item-text feature table of each domain."""
+    text_encoder = get_encoder(encoder)
+    for name in names:
+        start = time.perf_counter()
+        table = feature_table(load_domain(name), text_encoder)
+        console.print(f"{name}: {table.shape[0]:,} items x {table.shape[1]} ({text_encoder.name}), "
+                      f"{time.perf_counter() - start:.1f} s")
 
 
 @app.command("evaluate")

@@ -15,10 +15,11 @@ import urllib.request
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
 
 from fedmerge.data.registry import DatasetSpec
 from fedmerge.errors import FedmergeError
+from fedmerge.progress import progress_bar
 
 _CHUNK = 1 << 20
 
@@ -100,9 +101,8 @@ def _download(url: str, dest: Path, label: str, quiet: bool) -> None:
     console = Console(stderr=True)
     if not quiet and not console.is_terminal:
         console.print(f"download {label} from {url}", highlight=False, soft_wrap=True)
-    with response, open(dest, "wb") as out, Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=console, disable=quiet or not console.is_terminal, transient=True,
+    with response, open(dest, "wb") as out, progress_bar(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), quiet=quiet
     ) as progress:
         length = response.headers.get("Content-Length")
         task = progress.add_task(f"download {label}", total=int(length) if length else None)

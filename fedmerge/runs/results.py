@@ -15,7 +15,6 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-
 Row = dict[str, str | float | int | bool]
 PROTOCOL = ("leave-one-out (valid = second-to-last item, test = last); full ranking over all items of the "
             "domain; seen items not excluded unless stated; ties broken by item index")

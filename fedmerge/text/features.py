@@ -1,0 +1,70 @@
+"""Per-domain item-feature tables: the frozen text encoding of every item, cached on disk.
+
+An item's text is ``title: ... brand: ... category: ...`` (the fields it has; each value cut
+to its first 32 words), as in MergeRec's text backbones. The table is cached under
+``$FEDMERGE_DATA/features/<encoder name>/<sha256 of the texts>.npy``: the same encoder on the
+same catalogue text is computed once, whichever domain name it came under.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+from fedmerge.data.domain import TEXT_FIELDS, DomainData
+from fedmerge.data.download import cache_dir
+from fedmerge.errors import FedmergeError
+from fedmerge.progress import progress_bar
+from fedmerge.text.encoders import TextEncoder
+
+_MAX_WORDS = 32
+
+
+def item_texts(domain: DomainData) -> list[str]:
+    """One text per item: ``field: value`` for each non-empty text field, joined by spaces."""
+    fields = [key for key in TEXT_FIELDS if key in domain.item_text]
+    texts = []
+    for item in range(domain.n_items):
+        parts = [f"{key}: {' '.join(value.split()[:_MAX_WORDS])}" for key in fields
+                 if (value := domain.item_text[key][item].strip())]
+        texts.append(" ".join(parts))
+    return texts
+
+
+def feature_table(domain: DomainData, encoder: TextEncoder, batch_size: int = 64, quiet: bool = False) -> np.ndarray:
+    """The (n_items, dim) float32 feature table of `domain` under `encoder`, from the cache if there.
+
+    Items without any text get a zero vector (they can only be recommended by what the model
+    learns elsewhere); a domain where no item has text is an error.
+    """
+    texts = item_texts(domain)
+    if not any(texts):
+        raise FedmergeError(f"domain {domain.name!r} has no item text (title, brand or category), so a text-based "
+                            "model cannot represent its items; import it with an item file that has titles")
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:24]
+    path = cache_dir() / "features" / encoder.name / f"{digest}.npy"
+    if path.exists():
+        table = np.load(path)
+        if table.shape == (domain.n_items, encoder.dim):
+            return table
+    table = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    # longest first, so that each batch pads to similar lengths (and the time estimate is pessimistic)
+    with_text = sorted((i for i, text in enumerate(texts) if text), key=lambda i: -len(texts[i]))
+    with progress_bar(TextColumn(f"[bold]features {domain.name}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), quiet=quiet) as progress:
+        task = progress.add_task("encode", total=len(with_text))
+        for start in range(0, len(with_text), batch_size):
+            rows = with_text[start : start + batch_size]
+            table[rows] = encoder.encode([texts[i] for i in rows])
+            progress.advance(task, len(rows))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
+    try:
+        np.save(tmp, table)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table
