@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmerge.config import load_config
 from fedmerge.data.catalog import import_domain, imported_names, load_domain
 from fedmerge.data.download import archive_path, fetch
 from fedmerge.data.importers import IMPORTERS
@@ -20,8 +21,11 @@ from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.models.popularity import popularity_scorer
+from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
 from fedmerge.text import feature_table, get_encoder
+from fedmerge.train.checkpoint import load_checkpoint
+from fedmerge.train.run import load_parts, train_run
 
 app = typer.Typer(help="Federated cross-domain sequential recommendation by model merging.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -135,28 +139,60 @@ def data_features(
 @app.command("evaluate")
 def evaluate(
     domain: Annotated[str, typer.Option("--domain", help="Domain name, or several separated by commas.")],
-    baseline: Annotated[str, typer.Option("--baseline", help=f"One of: {', '.join(BASELINES)}.")] = "popularity",
+    baseline: Annotated[str | None, typer.Option("--baseline", help=f"One of: {', '.join(BASELINES)}.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A `fedmerge train` folder.")] = None,
     split: Annotated[str, typer.Option("--split", help="valid, test, or both.")] = "both",
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Do not rank items already in the history.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1024,
     out: Annotated[Path | None, typer.Option("--out", help="Write metrics.json and metrics.csv here.")] = None,
 ) -> None:
-    """Full-ranking evaluation of a baseline on a domain's private splits."""
-    if baseline not in BASELINES:
+    """Full-ranking evaluation of a baseline or a trained checkpoint on domains' private splits."""
+    if (baseline is None) == (checkpoint is None):
+        raise FedmergeError("give either --baseline NAME or --checkpoint DIR")
+    if baseline is not None and baseline not in BASELINES:
         raise FedmergeError(f"unknown baseline {baseline!r}; use one of: {', '.join(BASELINES)}")
     splits = {"both": ["valid", "test"], "valid": ["valid"], "test": ["test"]}.get(split)
     if splits is None:
         raise FedmergeError(f"unknown split {split!r}; use valid, test or both")
+    names = _split_names(domain)
+    if checkpoint is not None:
+        model, config, _ = load_checkpoint(checkpoint)
+        label = str(checkpoint)
+        scorers = {p.domain.name: (p.domain, model_scorer(model, p.features)) for p in load_parts(names, config.model.encoder)}
+    else:
+        label = baseline
+        scorers = {name: (load_domain(name), BASELINES[baseline]) for name in names}
     rows = []
-    for name in _split_names(domain):
-        data = load_domain(name)
+    for name, (data, scorer) in scorers.items():
         for part in splits:
-            metrics = evaluate_domain(BASELINES[baseline], data, part, batch_size=batch_size, exclude_seen=exclude_seen)
-            rows.append(metric_row(baseline, name, part, metrics | {"exclude_seen": exclude_seen}))
-    console.print(metrics_table(rows, title=f"{baseline} baseline"))
+            metrics = evaluate_domain(scorer, data, part, batch_size=batch_size, exclude_seen=exclude_seen)
+            rows.append(metric_row(label, name, part, metrics | {"exclude_seen": exclude_seen}))
+    console.print(metrics_table(rows, title=f"{label}"))
     if out is not None:
         json_path, csv_path = write_metrics(rows, out)
         console.print(f"wrote {json_path} and {csv_path}")
+
+
+@app.command("train")
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to write.")],
+    domain: Annotated[str | None, typer.Option("--domain", help="The domain to fine-tune on.")] = None,
+    joint: Annotated[bool, typer.Option("--joint", help="Train one model on the pooled data of --domains.")] = False,
+    domains: Annotated[str | None, typer.Option("--domains", help="With --joint: domains separated by commas.")] = None,
+    model: Annotated[str, typer.Option("--model", help="Model kind.")] = "textseq",
+    config: Annotated[str | None, typer.Option("--config", help="TOML preset file or name in configs/.")] = "textseq",
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint instead of the seeded base.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Fine-tune a recommender on one domain's private data (or jointly on several)."""
+    if joint == (domain is not None) or (joint and not domains) or (domains and not joint):
+        raise FedmergeError("give --domain NAME, or --joint --domains A,B,...")
+    names = _split_names(domains) if joint else [domain]
+    experiment = load_config(config, [f"model.kind={model}", *(overrides or [])])
+    rows = train_run(names, experiment, out, init=init, quiet=quiet)
+    console.print(metrics_table(rows, title=f"{model} on {', '.join(names)}"))
+    console.print(f"wrote {out}")
 
 
 def main() -> None:

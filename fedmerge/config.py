@@ -1,0 +1,117 @@
+"""Experiment configuration: pydantic models loaded from TOML presets plus ``--set key=value``.
+
+Keys are dotted (``model.dim``, ``train.lr``); an unknown or ill-typed key is an error that
+names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmerge.errors import FedmergeError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ModelConfig(BaseModel):
+    """The recommender (its parameter layout depends only on this, never on the domain)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["textseq"] = "textseq"
+    encoder: Literal["minilm", "hashing"] = "minilm"
+    dim: int = Field(128, ge=8, description="item / user vector size")
+    layers: int = Field(2, ge=0)
+    heads: int = Field(2, ge=1)
+    max_len: int = Field(50, ge=1, description="most recent items a user vector sees")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    experts: int = Field(4, ge=1, description="experts of the text adaptor (mixture of whitening projections)")
+    temperature: float = Field(0.05, gt=0.0, description="softmax temperature on cosine scores")
+
+
+class TrainConfig(BaseModel):
+    """Local training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    patience: int = Field(3, ge=1, description="epochs without a better valid ndcg@10 before stopping")
+    seed: int = 0
+    eval_batch_size: int = Field(1024, ge=1)
+    max_minutes: float | None = Field(None, gt=0.0, description="stop after this much training time")
+
+
+class ExperimentConfig(BaseModel):
+    """Everything one training run needs besides the data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML/JSON literal when it parses as one, else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FedmergeError(f"--set {key}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a preset (a TOML file, or a name in ``configs/``) and apply ``key=value`` overrides.
+
+    Parameters
+    ----------
+    path : Path | str | None
+        A TOML file, the name of a preset in ``configs/`` (``textseq``), or None for defaults.
+    overrides : list[str] | None
+        ``section.key=value`` strings, e.g. ``train.lr=5e-4``.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.exists() and (CONFIG_DIR / f"{path}.toml").exists():
+            file = CONFIG_DIR / f"{path}.toml"
+        try:
+            tree = tomllib.loads(file.read_text())
+        except OSError as err:
+            presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+            raise FedmergeError(f"cannot read config {path} ({err.strerror}); give a TOML file or a preset: {presets}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise FedmergeError(f"config {file} is not valid TOML ({err})") from err
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FedmergeError(f"--set {item!r} is not key=value (e.g. --set train.lr=5e-4)")
+        _set(tree, key.strip(), _parse_value(value.strip()))
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        problem = "is not a known key" if first["type"] == "extra_forbidden" else first["msg"].lower()
+        raise FedmergeError(f"config key {key!r} {problem}"
+                            + (f" (got {first['input']!r})" if first["type"] != "extra_forbidden" else "")) from err

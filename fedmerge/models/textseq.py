@@ -1,0 +1,94 @@
+"""Text-based sequential recommender: text adaptor + SASRec-style causal transformer.
+
+Items are represented only by their frozen text features (no ID embeddings), so every
+domain's model has the same parameters whatever its catalogue, and task vectors align. An
+item's vector is the adaptor's output (a mixture of whitening projections, as in UniSRec); a
+user's vector is the causal transformer's output at the last item of the history. Scores
+are cosine similarities divided by a temperature.
+
+The untrained model already ranks by text similarity to the last item: the experts start as
+random orthogonal projections (which keep cosines roughly), the gate starts uniform, and
+every residual block's output projection starts at zero, so the transformer starts as the
+identity and the user vector is the last item's vector (the residual path from the text).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedmerge.config import ModelConfig
+
+
+class MoEAdaptor(nn.Module):
+    """Mixture of whitening projections: sum_k g_k(x) (x - b_k) W_k, gate g = softmax(x G)."""
+
+    def __init__(self, text_dim: int, dim: int, experts: int) -> None:
+        super().__init__()
+        self.centers = nn.Parameter(torch.zeros(experts, text_dim))
+        projections = torch.stack([nn.init.orthogonal_(torch.empty(text_dim, dim)) for _ in range(experts)])
+        self.projections = nn.Parameter(projections * (text_dim / dim) ** 0.5)
+        self.gate = nn.Parameter(torch.zeros(text_dim, experts))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, text_dim) features -> (N, dim) item vectors."""
+        experts = torch.einsum("nkt,ktd->nkd", features[:, None, :] - self.centers, self.projections)
+        weights = torch.softmax(features @ self.gate, dim=-1)
+        return (weights[:, :, None] * experts).sum(1)
+
+
+class TextSeqRec(nn.Module):
+    """The default recommender (see the module docstring)."""
+
+    kind = "textseq"
+
+    def __init__(self, config: ModelConfig, text_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.text_dim = text_dim
+        self.adaptor = MoEAdaptor(text_dim, config.dim, config.experts)
+        self.positions = nn.Parameter(torch.zeros(config.max_len, config.dim))
+        self.dropout = nn.Dropout(config.dropout)
+        layer = nn.TransformerEncoderLayer(config.dim, config.heads, dim_feedforward=2 * config.dim,
+                                           dropout=config.dropout, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        for block in self.blocks.layers:
+            nn.init.zeros_(block.self_attn.out_proj.weight)
+            nn.init.zeros_(block.self_attn.out_proj.bias)
+            nn.init.zeros_(block.linear2.weight)
+            nn.init.zeros_(block.linear2.bias)
+
+    def item_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, text_dim) item features -> (N, dim) unit item vectors."""
+        return F.normalize(self.adaptor(features), dim=-1)
+
+    def sequence_states(self, item_vectors: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """Hidden state after each position of right-padded histories (B, L), pad = -1 -> (B, L, dim).
+
+        Causal attention: position t sees positions <= t only, so padding on the right is never
+        seen by a real position.
+        """
+        length = histories.shape[1]
+        x = item_vectors[histories.clamp(min=0)] + self.positions[:length]
+        mask = torch.triu(torch.full((length, length), float("-inf"), device=x.device), diagonal=1)
+        return self.blocks(self.dropout(x), mask=mask, is_causal=True)
+
+    def user_vectors(self, item_vectors: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """(B, dim) unit user vectors: the state at each history's last item."""
+        states = self.sequence_states(item_vectors, histories)
+        last = (histories >= 0).sum(1).clamp(min=1) - 1
+        return F.normalize(states[torch.arange(len(histories)), last], dim=-1)
+
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Softmax cross-entropy over all items at every position of every sequence (SASRec-style).
+
+        ``inputs`` (B, L) are items 0..L-1 of each training sequence, ``targets`` (B, L) the
+        items that follow them; both right-padded with -1.
+        """
+        items = self.item_vectors(features)
+        states = self.sequence_states(items, inputs)
+        valid = targets >= 0
+        users = F.normalize(states[valid], dim=-1)
+        logits = users @ items.T / self.config.temperature
+        return F.cross_entropy(logits, targets[valid])

@@ -1,0 +1,1 @@
+"""Local training: batches, the training loop with early stopping, checkpoints."""

@@ -1,0 +1,158 @@
+"""The training loop: AdamW with warm-up, early stopping on validation ndcg@10, resumable.
+
+One loop serves a single domain and joint training over several (batches of all domains are
+interleaved; each batch is scored against its own domain's items; the stopping criterion is
+the mean validation ndcg@10 over the domains).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+from fedmerge.config import TrainConfig
+from fedmerge.data.domain import DomainData
+from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.models.scoring import model_scorer
+from fedmerge.models.textseq import TextSeqRec
+from fedmerge.progress import progress_bar
+from fedmerge.train.batches import length_batches, training_sequences
+
+
+@dataclass
+class Part:
+    """One domain's private data and its item-feature table."""
+
+    domain: DomainData
+    features: torch.Tensor
+
+
+@dataclass
+class FitResult:
+    """What training produced: the best epoch's weights and the per-epoch log."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    sequences_per_second: float = 0.0
+    stopped: str = ""
+
+
+def validation_score(model: TextSeqRec, parts: list[Part], batch_size: int) -> tuple[float, list[float]]:
+    """Mean validation ndcg@10 over the parts, and each part's."""
+    scores = [float(evaluate_domain(model_scorer(model, p.features), p.domain, "valid", batch_size)["ndcg@10"])
+              for p in parts]
+    return float(np.mean(scores)), scores
+
+
+def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
+        quiet: bool = False) -> FitResult:
+    """Train `model` in place on `parts`; return the weights of the best validation epoch.
+
+    Parameters
+    ----------
+    model : TextSeqRec
+        Starts from its current weights (theta_0 or ``--init``).
+    parts : list[Part]
+        One part per domain (several for joint training).
+    config : TrainConfig
+        Optimiser, schedule, stopping.
+    state_path : Path | None
+        Where to keep the resumable trainer state after every epoch; if the file exists,
+        training resumes from it.
+    quiet : bool
+        No progress bar.
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    sequences = [training_sequences(p.domain, model.config.max_len) for p in parts]
+    if not any(sequences):
+        raise FedmergeError("no user has two or more training items, so there is nothing to train on")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+    best, stale = validation_score(model, parts, config.eval_batch_size)[0], 0
+    result = FitResult(copy.deepcopy(model.state_dict()), 0, best)
+    result.history.append({"epoch": 0, "valid_ndcg@10": best})
+    start_epoch = 1
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["rng"]
+        torch.random.set_rng_state(state["torch_rng"])
+        result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
+        best = result.best_score
+    n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
+    deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
+    with progress_bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
+                      TimeElapsedColumn(), quiet=quiet) as progress:
+        task = progress.add_task("train", total=n_batches, epoch=start_epoch, loss=float("nan"), valid=best)
+        for epoch in range(start_epoch, config.epochs + 1):
+            began, losses, n_seqs = time.perf_counter(), [], 0
+            model.train()
+            streams = [(k, batch) for k, s in enumerate(sequences) for batch in length_batches(s, config.batch_size,
+                                                                                                   model.config.max_len, rng)]
+            progress.update(task, completed=0, epoch=epoch)
+            for index in rng.permutation(len(streams)):
+                k, (inputs, targets) = streams[index]
+                loss = model.loss(parts[k].features, inputs, targets)
+                if not torch.isfinite(loss):
+                    raise FedmergeError(f"the training loss became {loss.item()} at epoch {epoch}; "
+                                        "lower train.lr or check the item features for NaN")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                n_seqs += len(inputs)
+                progress.update(task, advance=1, loss=float(np.mean(losses[-50:])))
+            seconds = time.perf_counter() - began
+            result.train_seconds += seconds
+            score, per_domain = validation_score(model, parts, config.eval_batch_size)
+            result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score,
+                                   "seconds": seconds, "sequences_per_second": n_seqs / seconds})
+            progress.update(task, valid=score)
+            if score > best:
+                best, stale = score, 0
+                result.best_state, result.best_epoch, result.best_score = copy.deepcopy(model.state_dict()), epoch, score
+            else:
+                stale += 1
+            if state_path is not None:
+                _save_state(state_path, model, optimizer, scheduler, rng, result, stale, epoch)
+            if stale >= config.patience:
+                result.stopped = f"early stop: no better valid ndcg@10 for {stale} epochs"
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                result.stopped = f"time limit of {config.max_minutes} minutes"
+                break
+    result.stopped = result.stopped or f"{config.epochs} epochs done"
+    epochs = [h for h in result.history if "sequences_per_second" in h]
+    result.sequences_per_second = float(np.mean([h["sequences_per_second"] for h in epochs])) if epochs else 0.0
+    return result
+
+
+def _save_state(path: Path, model: TextSeqRec, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: FitResult,
+                stale: int, epoch: int) -> None:
+    """Write everything needed to resume after `epoch`, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
+                    "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale, "epoch": epoch}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,89 @@
+"""``fedmerge train``: data and features in, a checkpoint folder with metrics out.
+
+The folder holds ``base.safetensors`` (theta_0, the weights training started from),
+``model.safetensors`` (the best validation epoch), ``config.json`` (config, text size,
+domains, training facts) and ``metrics.json`` / ``metrics.csv`` (valid and test rows for the
+base and the trained model). The metrics files are written last: a folder without them is not
+a finished run. ``trainer.pt`` keeps the state to resume an interrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from fedmerge.config import ExperimentConfig
+from fedmerge.data.catalog import load_domain
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.models.scoring import model_scorer
+from fedmerge.models.textseq import TextSeqRec
+from fedmerge.runs.results import Row, metric_row, write_metrics
+from fedmerge.text import feature_table, get_encoder
+from fedmerge.train.checkpoint import build_model, load_weights, save_weights, write_json
+from fedmerge.train.loop import Part, fit
+
+
+def load_parts(names: list[str], encoder_name: str, quiet: bool = False) -> list[Part]:
+    """Each domain with its item-feature table."""
+    encoder = get_encoder(encoder_name)
+    parts = []
+    for name in names:
+        domain = load_domain(name, quiet=quiet)
+        parts.append(Part(domain, torch.from_numpy(feature_table(domain, encoder, quiet=quiet))))
+    return parts
+
+
+def evaluate_rows(model: TextSeqRec, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
+    """Valid and test rows of `model` on every part."""
+    return [metric_row(label, p.domain.name, split, evaluate_domain(model_scorer(model, p.features), p.domain, split,
+                                                                    batch_size))
+            for p in parts for split in ("valid", "test")]
+
+
+def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path | None = None,
+              quiet: bool = False) -> list[Row]:
+    """Train on `names` (one domain, or several jointly) and write the checkpoint folder `out`.
+
+    Re-running with the same `out` resumes from its ``trainer.pt`` when the config matches.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = load_parts(names, config.model.encoder, quiet=quiet)
+    model = build_model(config.model, parts[0].features.shape[1], config.train.seed)
+    if init is not None:
+        load_weights(model, Path(init) / "model.safetensors" if Path(init).is_dir() else Path(init))
+    save_weights(model, out / "base.safetensors")
+    rows = evaluate_rows(model, parts, "base", config.train.eval_batch_size)
+    state_path = out / "trainer.pt"
+    config_path = out / "config.json"
+    if state_path.exists() and (not config_path.exists() or _read_config(config_path) != config.model_dump()):
+        state_path.unlink()  # a different run's state: start afresh
+    write_json(config_path, _facts(config, parts, init))
+    result = fit(model, parts, config.train, state_path=state_path, quiet=quiet)
+    model.load_state_dict(result.best_state)
+    save_weights(model, out / "model.safetensors")
+    label = "joint" if len(parts) > 1 else config.model.kind
+    rows += evaluate_rows(model, parts, label, config.train.eval_batch_size)
+    facts = _facts(config, parts, init) | {
+        "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
+        "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
+        "history": result.history}
+    write_json(config_path, facts)
+    write_metrics(rows, out)
+    if not quiet:
+        Console(stderr=True).print(f"best epoch {result.best_epoch} ({result.stopped}); "
+                                   f"{result.train_seconds:.0f} s of training", highlight=False)
+    return rows
+
+
+def _read_config(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()).get("config", {})
+
+
+def _facts(config: ExperimentConfig, parts: list[Part], init: Path | None) -> dict:
+    return {"config": config.model_dump(), "kind": config.model.kind, "text_dim": int(parts[0].features.shape[1]),
+            "domains": [p.domain.name for p in parts], "init": str(init) if init else None}
