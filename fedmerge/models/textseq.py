@@ -33,7 +33,10 @@ class MoEAdaptor(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, text_dim) features -> (N, dim) item vectors."""
-        experts = torch.einsum("nkt,ktd->nkd", features[:, None, :] - self.centers, self.projections)
+        n_experts, text_dim, dim = self.projections.shape
+        # (x - b_k) W_k = x W_k - b_k W_k: one matrix product for all experts
+        stacked = self.projections.permute(1, 0, 2).reshape(text_dim, n_experts * dim)
+        experts = (features @ stacked).view(-1, n_experts, dim) - torch.einsum("kt,ktd->kd", self.centers, self.projections)
         weights = torch.softmax(features @ self.gate, dim=-1)
         return (weights[:, :, None] * experts).sum(1)
 

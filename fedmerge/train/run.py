@@ -9,6 +9,7 @@ a finished run. ``trainer.pt`` keeps the state to resume an interrupted run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -79,8 +80,6 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
 
 
 def _read_config(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text()).get("config", {})
 
 

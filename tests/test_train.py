@@ -1,0 +1,127 @@
+"""Configs, the text-based recommender, training, checkpoints (tiny synthetic domains, hashing features)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.data.synthetic import synthetic_domain
+from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.models.popularity import popularity_scorer
+from fedmerge.models.scoring import model_scorer
+from fedmerge.train.checkpoint import build_model, load_checkpoint, load_weights, save_weights
+from fedmerge.train.loop import Part, fit
+from fedmerge.train.run import load_parts, train_run
+
+TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
+        "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=20"]
+
+
+def tiny(*extra: str) -> ExperimentConfig:
+    return load_config("textseq", TINY + list(extra))
+
+
+def test_config_preset_overrides_and_errors() -> None:
+    config = load_config("textseq", ["train.lr=5e-4", "model.dim=64", "train.max_minutes=2.5"])
+    assert (config.train.lr, config.model.dim, config.train.max_minutes, config.model.temperature) == (5e-4, 64, 2.5, 0.05)
+    with pytest.raises(FedmergeError, match="config key 'train.lrate' is not a known key"):
+        load_config("textseq", ["train.lrate=1"])
+    with pytest.raises(FedmergeError, match="config key 'model.dim'.*got 'big'"):
+        load_config(None, ["model.dim=big"])
+    with pytest.raises(FedmergeError, match="config key 'model.dropout'"):
+        load_config(None, ["model.dropout=1.5"])
+    with pytest.raises(FedmergeError, match="not key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(FedmergeError, match="cannot read config nonexistent .*preset: textseq"):
+        load_config("nonexistent")
+
+
+def test_untrained_model_scores_by_text_similarity() -> None:
+    model = build_model(tiny().model, text_dim=64, seed=0).eval()
+    features = torch.nn.functional.normalize(torch.randn(30, 64), dim=-1)
+    items = model.item_vectors(features)
+    users = model.user_vectors(items, torch.tensor([[4, 9, 2, -1], [7, -1, -1, -1]]))
+    np.testing.assert_allclose((users * items[[2, 7]]).sum(1).detach(), [1.0, 1.0], atol=1e-5)
+
+
+def test_every_domain_gets_the_same_layout_and_base() -> None:
+    config = tiny()
+    parts = load_parts(["synth-0", "synth-1"], "hashing", quiet=True)
+    assert parts[0].domain.n_items == parts[1].domain.n_items  # same size here, but no table depends on it
+    a, b = (build_model(config.model, p.features.shape[1], seed=3) for p in parts)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not torch.equal(build_model(config.model, 64, seed=4).adaptor.projections, a.adaptor.projections)
+
+
+def test_training_lowers_loss_and_beats_popularity_and_base(tmp_path: Path, cache: Path) -> None:
+    rows = train_run(["synth-0"], tiny("train.epochs=12"), tmp_path / "run", quiet=True)
+    facts = json.loads((tmp_path / "run" / "config.json").read_text())
+    losses = [h["loss"] for h in facts["history"] if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0]
+    test = {r["model"]: r for r in rows if r["split"] == "test"}
+    popularity = evaluate_domain(popularity_scorer, synthetic_domain("synth-0"), "test")
+    assert test["textseq"]["recall@10"] > 2 * popularity["recall@10"]
+    assert test["textseq"]["recall@10"] > 1.2 * test["base"]["recall@10"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "base.safetensors", "config.json", "metrics.csv", "metrics.json", "model.safetensors", "trainer.pt"]
+
+
+def test_checkpoint_round_trip_gives_identical_scores(tmp_path: Path, cache: Path) -> None:
+    train_run(["synth-1"], tiny("train.epochs=2"), tmp_path / "run", quiet=True)
+    model, config, meta = load_checkpoint(tmp_path / "run")
+    part = load_parts(["synth-1"], config.model.encoder, quiet=True)[0]
+    again = evaluate_domain(model_scorer(model, part.features), part.domain, "test")
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    row = next(r for r in written if r["model"] == "textseq" and r["split"] == "test")
+    assert again["recall@10"] == row["recall@10"] and again["ndcg@10"] == row["ndcg@10"]
+    assert meta["domains"] == ["synth-1"] and meta["best_epoch"] >= 0
+
+
+def test_same_seed_same_metrics_and_resume_matches(tmp_path: Path, cache: Path) -> None:
+    part = load_parts(["synth-2"], "hashing", quiet=True)[0]
+    config = tiny("train.epochs=4")
+
+    def run(epochs: int, state: Path | None = None) -> dict[str, torch.Tensor]:
+        model = build_model(config.model, part.features.shape[1], seed=0)
+        fit(model, [part], config.train.model_copy(update={"epochs": epochs}), state_path=state, quiet=True)
+        return model.state_dict()
+
+    first, second = run(4), run(4)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    state = tmp_path / "trainer.pt"
+    run(2, state)  # interrupted after two epochs ...
+    resumed = run(4, state)  # ... and resumed to four
+    assert all(torch.allclose(first[k], resumed[k], atol=1e-6) for k in first)
+
+
+def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
+    small = build_model(tiny().model, 64, seed=0)
+    save_weights(small, tmp_path / "small.safetensors")
+    big = build_model(tiny("model.dim=48").model, 64, seed=0)
+    with pytest.raises(FedmergeError, match=r"tensor 'positions' has shape \(50, 32\), the model expects \(50, 48\)"):
+        load_weights(big, tmp_path / "small.safetensors")
+    deeper = build_model(tiny("model.layers=2").model, 64, seed=0)
+    with pytest.raises(FedmergeError, match="lacks tensor 'blocks.layers.1"):
+        load_weights(deeper, tmp_path / "small.safetensors")
+    with torch.no_grad():
+        small.positions[0, 0] = float("nan")
+    save_weights(small, tmp_path / "nan.safetensors")
+    with pytest.raises(FedmergeError, match="NaN"):
+        load_weights(build_model(tiny().model, 64, seed=0), tmp_path / "nan.safetensors")
+    with pytest.raises(FedmergeError, match="not a fedmerge checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_nan_loss_stops_training(cache: Path) -> None:
+    part = load_parts(["synth-0"], "hashing", quiet=True)[0]
+    broken = Part(part.domain, torch.full_like(part.features, float("nan")))
+    model = build_model(tiny().model, broken.features.shape[1], seed=0)
+    with pytest.raises(FedmergeError, match="NaN"):
+        fit(model, [broken], tiny().train, quiet=True)
