@@ -195,6 +195,21 @@ def train(
     console.print(f"wrote {out}")
 
 
+@app.command("pretrain")
+def pretrain(
+    domains: Annotated[str, typer.Option("--domains", help="Public domains outside the federation, e.g. steam,games.")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint folder: the base theta_0 for `train --init`.")],
+    config: Annotated[str | None, typer.Option("--config", help="TOML preset file or name in configs/.")] = "textseq",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Pretrain a shared base on public domains (joint training); parties then fine-tune with --init."""
+    names = _split_names(domains)
+    rows = train_run(names, load_config(config, overrides or []), out, quiet=quiet, label="pretrained")
+    console.print(metrics_table(rows, title=f"pretrained on {', '.join(names)}"))
+    console.print(f"wrote {out}; fine-tune from it with `fedmerge train --init {out}`")
+
+
 def main() -> None:
     """Entry point: a FedmergeError is reported as one line on stderr, exit code 2."""
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedmerge.config import ExperimentConfig, load_config
 from fedmerge.data.synthetic import synthetic_domain
@@ -18,6 +19,7 @@ from fedmerge.models.scoring import model_scorer
 from fedmerge.train.checkpoint import build_model, load_checkpoint, load_weights, save_weights
 from fedmerge.train.loop import Part, fit
 from fedmerge.train.run import load_parts, train_run
+from tests.test_cli import run_cli
 
 TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=20"]
@@ -125,3 +127,25 @@ def test_nan_loss_stops_training(cache: Path) -> None:
     model = build_model(tiny().model, broken.features.shape[1], seed=0)
     with pytest.raises(FedmergeError, match="NaN"):
         fit(model, [broken], tiny().train, quiet=True)
+
+
+def test_joint_and_pretrain_commands(tmp_path: Path) -> None:
+    """`train --joint` reports every domain; `pretrain` gives a base that `train --init` starts from."""
+    settings = [arg for key in TINY + ["train.epochs=2"] for arg in ("--set", key)]
+    out = run_cli("train", "--joint", "--domains", "synth-0,synth-1", "--out", str(tmp_path / "joint"), "--quiet",
+                  *settings, cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "joint" / "metrics.json").read_text())
+    assert sorted({(r["model"], r["domain"]) for r in rows}) == [
+        ("base", "synth-0"), ("base", "synth-1"), ("joint", "synth-0"), ("joint", "synth-1")]
+    out = run_cli("pretrain", "--domains", "synth-2,synth-3", "--out", str(tmp_path / "pre"), "--quiet", *settings,
+                  cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    out = run_cli("train", "--domain", "synth-0", "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "ft"),
+                  "--quiet", *settings, cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    base, start = load_file(str(tmp_path / "pre" / "model.safetensors")), load_file(str(tmp_path / "ft" / "base.safetensors"))
+    assert all(torch.equal(base[k], start[k]) for k in base)
+    bad = run_cli("train", "--domain", "synth-0", "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "bad"),
+                  "--set", "model.dim=48", *settings[:2], cache=tmp_path / "cache")
+    assert bad.returncode == 2 and "tensor" in bad.stderr and "shape" in bad.stderr

@@ -44,8 +44,10 @@ def evaluate_rows(model: TextSeqRec, parts: list[Part], label: str, batch_size: 
 
 
 def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path | None = None,
-              quiet: bool = False) -> list[Row]:
+              quiet: bool = False, label: str | None = None) -> list[Row]:
     """Train on `names` (one domain, or several jointly) and write the checkpoint folder `out`.
+
+    Metric rows are labelled `label` (default: the model kind, or ``joint`` for several domains).
 
     Re-running with the same `out` resumes from its ``trainer.pt`` when the config matches.
     """
@@ -65,7 +67,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     result = fit(model, parts, config.train, state_path=state_path, quiet=quiet)
     model.load_state_dict(result.best_state)
     save_weights(model, out / "model.safetensors")
-    label = "joint" if len(parts) > 1 else config.model.kind
+    label = label or ("joint" if len(parts) > 1 else config.model.kind)
     rows += evaluate_rows(model, parts, label, config.train.eval_batch_size)
     facts = _facts(config, parts, init) | {
         "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
