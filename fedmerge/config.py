@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
     patience: int = Field(3, ge=1, description="epochs without a better valid ndcg@10 before stopping")
     seed: int = 0
     eval_batch_size: int = Field(1024, ge=1)
-    max_minutes: float | None = Field(None, gt=0.0, description="stop after this much training time")
+    max_minutes: float | None = Field(
+        None, gt=0.0, description="stop once the training epochs (not evaluation) took this long, across resumes")
 
 
 class ExperimentConfig(BaseModel):

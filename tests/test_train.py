@@ -149,3 +149,11 @@ def test_joint_and_pretrain_commands(tmp_path: Path) -> None:
     bad = run_cli("train", "--domain", "synth-0", "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "bad"),
                   "--set", "model.dim=48", *settings[:2], cache=tmp_path / "cache")
     assert bad.returncode == 2 and "tensor" in bad.stderr and "shape" in bad.stderr
+
+
+def test_time_limit_stops_after_the_epoch_that_reaches_it(cache: Path) -> None:
+    part = load_parts(["synth-0"], "hashing", quiet=True)[0]
+    model = build_model(tiny().model, part.features.shape[1], seed=0)
+    result = fit(model, [part], tiny("train.epochs=10", "train.max_minutes=1e-6").train, quiet=True)
+    assert result.stopped == "time limit of 1e-06 minutes"
+    assert [h["epoch"] for h in result.history] == [0, 1]

@@ -95,7 +95,6 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
         result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
         best = result.best_score
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
-    deadline = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
     with progress_bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
                       TimeElapsedColumn(), quiet=quiet) as progress:
@@ -135,7 +134,7 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
             if stale >= config.patience:
                 result.stopped = f"early stop: no better valid ndcg@10 for {stale} epochs"
                 break
-            if deadline is not None and time.monotonic() > deadline:
+            if config.max_minutes is not None and result.train_seconds >= 60 * config.max_minutes:
                 result.stopped = f"time limit of {config.max_minutes} minutes"
                 break
     result.stopped = result.stopped or f"{config.epochs} epochs done"
