@@ -13,12 +13,12 @@ writes it with a CSV under ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import time
 from pathlib import Path
 
 import torch
+from report import write_row
 
 from fedmerge.evaluate import rank_embeddings, summarize
 
@@ -71,14 +71,7 @@ def main() -> None:
         "bare_users_per_s": round(args.users / t_bare), "fedmerge_users_per_s": round(args.users / t_ours),
         "ratio": round(t_bare / t_ours, 3),
     }
-    table = "| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(map(str, row.values())) + " |\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval_speed.md").write_text("# Full-ranking evaluation speed\n\n" + (__doc__ or "").split("\n\n")[1] + "\n\n" + table)
-    with open(args.out / "eval_speed.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
+    print(write_row(args.out, "eval_speed", "Full-ranking evaluation speed", (__doc__ or "").split("\n\n")[1], row))
 
 
 if __name__ == "__main__":

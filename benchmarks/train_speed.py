@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from report import write_row
 
 from fedmerge.config import load_config
 from fedmerge.train.batches import length_batches, training_sequences
@@ -60,14 +60,7 @@ def main() -> None:
            "dim": config.model.dim, "layers": config.model.layers, "threads": torch.get_num_threads(),
            "bare_seq_per_s": round(bare_rate, 1), "fedmerge_seq_per_s": round(our_rate, 1),
            "ratio": round(our_rate / bare_rate, 3)}
-    table = "| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(map(str, row.values())) + " |\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_speed.md").write_text("# Training throughput\n\n" + (__doc__ or "").split("\n\n")[1] + "\n\n" + table)
-    with open(args.out / "train_speed.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
+    print(write_row(args.out, "train_speed", "Training throughput", (__doc__ or "").split("\n\n")[1], row))
 
 
 if __name__ == "__main__":

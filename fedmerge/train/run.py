@@ -53,6 +53,8 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "metrics.csv", "model.safetensors"):  # a folder with metrics is a finished run
+        (out / stale).unlink(missing_ok=True)
     parts = load_parts(names, config.model.encoder, quiet=quiet)
     model = build_model(config.model, parts[0].features.shape[1], config.train.seed)
     if init is not None:

@@ -1,0 +1,18 @@
+"""Writing a one-row benchmark result as Markdown (with its protocol) and CSV."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def write_row(out: Path, name: str, title: str, protocol: str, row: dict[str, object]) -> str:
+    """Write ``out/name.md`` and ``out/name.csv`` for one measured row; return the Markdown table."""
+    table = "| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| " + " | ".join(map(str, row.values())) + " |\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(f"# {title}\n\n{protocol}\n\n{table}")
+    with open(out / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    return table
