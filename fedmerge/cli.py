@@ -101,7 +101,8 @@ def data_import(
     path: Annotated[Path, typer.Argument(help="Archive: MergeRec .tar.gz, SeqRecBenchmark proc.zip, or RecBole folder.")],
     fmt: Annotated[str, typer.Option("--format", help=f"One of: {', '.join(IMPORTERS)}.")],
     name: Annotated[str, typer.Option("--name", help="Domain name to use it under.")],
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Unpickle an unpinned seqrec-zip (runs its code).")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle",
+                                               help="Unpickle an unpinned seqrec-zip (runs its code).")] = False,
 ) -> None:
     """Import your own archive as domain NAME."""
     summary = import_domain(path, fmt, name, allow_pickle=allow_pickle).summary()

@@ -81,9 +81,12 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
         raise FedmergeError("no user has two or more training items, so there is nothing to train on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
-    best, stale = validation_score(model, parts, config.eval_batch_size)[0], 0
-    result = FitResult(copy.deepcopy(model.state_dict()), 0, best)
-    result.history.append({"epoch": 0, "valid_ndcg@10": best})
+    # The starting model is a candidate (epoch 0), but patience counts against the best trained
+    # epoch: the first epochs may dip below a strong text-similarity start and then pass it.
+    start_score = validation_score(model, parts, config.eval_batch_size)[0]
+    best_trained, stale = float("-inf"), 0
+    result = FitResult(copy.deepcopy(model.state_dict()), 0, start_score)
+    result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
     start_epoch = 1
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -92,13 +95,12 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         torch.random.set_rng_state(state["torch_rng"])
-        result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
-        best = result.best_score
+        result, stale, best_trained, start_epoch = state["result"], state["stale"], state["best_trained"], state["epoch"] + 1
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
     with progress_bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
                       TimeElapsedColumn(), quiet=quiet) as progress:
-        task = progress.add_task("train", total=n_batches, epoch=start_epoch, loss=float("nan"), valid=best)
+        task = progress.add_task("train", total=n_batches, epoch=start_epoch, loss=float("nan"), valid=result.best_score)
         for epoch in range(start_epoch, config.epochs + 1):
             began, losses, n_seqs = time.perf_counter(), [], 0
             model.train()
@@ -124,13 +126,11 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
             result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score,
                                    "seconds": seconds, "sequences_per_second": n_seqs / seconds})
             progress.update(task, valid=score)
-            if score > best:
-                best, stale = score, 0
+            if score > result.best_score:
                 result.best_state, result.best_epoch, result.best_score = copy.deepcopy(model.state_dict()), epoch, score
-            else:
-                stale += 1
+            best_trained, stale = (score, 0) if score > best_trained else (best_trained, stale + 1)
             if state_path is not None:
-                _save_state(state_path, model, optimizer, scheduler, rng, result, stale, epoch)
+                _save_state(state_path, model, optimizer, scheduler, rng, result, stale, best_trained, epoch)
             if stale >= config.patience:
                 result.stopped = f"early stop: no better valid ndcg@10 for {stale} epochs"
                 break
@@ -145,13 +145,14 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
 
 def _save_state(path: Path, model: TextSeqRec, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: FitResult,
-                stale: int, epoch: int) -> None:
+                stale: int, best_trained: float, epoch: int) -> None:
     """Write everything needed to resume after `epoch`, atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale, "epoch": epoch}, tmp)
+                    "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale, "best_trained": best_trained,
+                    "epoch": epoch}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
