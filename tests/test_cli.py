@@ -43,7 +43,8 @@ def test_evaluate_writes_metric_rows(tmp_path: Path) -> None:
         assert {f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (1, 5, 10, 20, 50)} <= set(row)
         assert 0 < row["ndcg@10"] <= row["recall@10"] <= row["recall@50"] <= 1 and row["users"] == 400
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header[:4] == ["model", "domain", "split", "recall@1"] and len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 5
+    assert header[:4] == ["model", "domain", "split", "recall@1"]
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 5
     assert "popularity" in out.stdout and "synth-1" in out.stdout
 
 

@@ -427,7 +427,8 @@ def _seqrec_more_timestamps_than_items(tmp: Path) -> tuple[Path, str, str]:
 def _seqrec_fewer_timestamps_than_items(tmp: Path) -> tuple[Path, str, str]:
     users = SEQREC_USERS.copy()
     users.at[0, "Timestamp"] = [1, 2]
-    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip", "has 4 items but 2 timestamps"  # must not drop items 102 and 103
+    # must not silently drop items 102 and 103
+    return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip", "has 4 items but 2 timestamps"
 
 
 BAD_INPUTS.update({

@@ -41,7 +41,8 @@ def _mirror_readme_counts() -> dict[str, tuple[int, int, int]]:
     counts = {}
     for path, users, items, inter in re.findall(r"^\| (\S+) \| [^|]+ \| ([\d,]+) / ([\d,]+) / ([\d,]+) \|",
                                                 readme.read_text(), re.M):
-        counts[path.split("/data/")[-1] if path.startswith("...") else path] = tuple(int(x.replace(",", "")) for x in (users, items, inter))
+        key = path.split("/data/")[-1] if path.startswith("...") else path
+        counts[key] = tuple(int(x.replace(",", "")) for x in (users, items, inter))
     return counts
 
 
