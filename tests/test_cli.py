@@ -51,7 +51,8 @@ def test_evaluate_writes_metric_rows(tmp_path: Path) -> None:
 def test_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     cases = [
         (("data", "info", "bookz"), "unknown domain 'bookz'; known domains: beauty"),
-        (("evaluate", "--domain", "synth-0,synth-0"), "names a domain twice"),
+        (("evaluate", "--domain", "synth-0,synth-0", "--baseline", "popularity"), "names a domain twice"),
+        (("evaluate", "--domain", "synth-0"), "give either --baseline NAME or --checkpoint DIR"),
         (("evaluate", "--domain", "synth-0", "--baseline", "oracle"), "unknown baseline 'oracle'"),
         (("data", "import", str(tmp_path / "missing.zip"), "--format", "seqrec-zip", "--name", "mine"), "does not exist"),
         (("data", "download"), "name the domains to download, or pass --all"),
