@@ -95,7 +95,8 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         torch.random.set_rng_state(state["torch_rng"])
-        result, stale, best_trained, start_epoch = state["result"], state["stale"], state["best_trained"], state["epoch"] + 1
+        result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
+        best_trained = state.get("best_trained", result.best_score)
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
     with progress_bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
