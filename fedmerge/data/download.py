@@ -19,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedCo
 
 from fedmerge.data.registry import DatasetSpec
 from fedmerge.errors import FedmergeError
+from fedmerge.files import atomic_path
 from fedmerge.progress import progress_bar
 
 _CHUNK = 1 << 20
@@ -75,8 +76,7 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
         final.unlink()
     final.parent.mkdir(parents=True, exist_ok=True)
     url = source_url(spec)
-    tmp = final.with_name(f".{final.name}.part-{os.getpid()}")
-    try:
+    with atomic_path(final) as tmp:
         _download(url, tmp, label=spec.name, quiet=quiet)
         got = sha256_of(tmp)
         if got != spec.sha256:
@@ -84,9 +84,6 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
                 f"{spec.name}: the archive from {url} has sha256 {got}, expected {spec.sha256} "
                 "(corrupt, truncated or tampered); nothing was cached: check FEDMERGE_MIRROR or retry the download"
             )
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     return final
 
 

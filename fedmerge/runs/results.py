@@ -7,13 +7,13 @@ evaluated on one domain's split (full ranking over the domain's items).
 from __future__ import annotations
 
 import csv
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich import box
 from rich.table import Table
+
+from fedmerge.files import atomic_path, write_json
 
 Row = dict[str, str | float | int | bool]
 PROTOCOL = ("leave-one-out (valid = second-to-last item, test = last); full ranking over all items of the "
@@ -25,25 +25,17 @@ def metric_row(model: str, domain: str, split: str, metrics: dict[str, float]) -
     return {"model": model, "domain": domain, "split": split, **metrics}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_metrics(rows: Sequence[Row], directory: Path) -> tuple[Path, Path]:
     """Write ``metrics.json`` (a list of rows) and ``metrics.csv`` into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     json_path, csv_path = directory / "metrics.json", directory / "metrics.csv"
-    _atomic_write(json_path, json.dumps(list(rows), indent=2) + "\n")
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
+    write_json(json_path, list(rows))
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
     return json_path, csv_path
 
 

@@ -9,7 +9,6 @@ same catalogue text is computed once, whichever domain name it came under.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -17,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from fedmerge.data.domain import TEXT_FIELDS, DomainData
 from fedmerge.data.download import cache_dir
 from fedmerge.errors import FedmergeError
+from fedmerge.files import atomic_path
 from fedmerge.progress import progress_bar
 from fedmerge.text.encoders import TextEncoder
 
@@ -61,10 +61,6 @@ def feature_table(domain: DomainData, encoder: TextEncoder, batch_size: int = 64
             table[rows] = encoder.encode([texts[i] for i in rows])
             progress.advance(task, len(rows))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npy")
-    try:
-        np.save(tmp, table)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, table)
     return table

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from fedmerge.config import ExperimentConfig, ModelConfig
 from fedmerge.errors import FedmergeError
+from fedmerge.files import atomic_path
 from fedmerge.models.textseq import TextSeqRec
 
 
@@ -28,19 +28,8 @@ def build_model(config: ModelConfig, text_dim: int, seed: int) -> TextSeqRec:
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the state dict as safetensors, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

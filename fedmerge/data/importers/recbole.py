@@ -16,6 +16,7 @@ import pandas as pd
 
 from fedmerge.data.domain import DomainData, from_sequences, full_sequences
 from fedmerge.errors import FedmergeError
+from fedmerge.files import atomic_path
 
 
 def _find(path: Path, suffix: str) -> Path | None:
@@ -114,10 +115,6 @@ def write_recbole(domain: DomainData, directory: Path) -> list[Path]:
     items = pd.DataFrame({"item_id:token": domain.item_ids}
                          | {fields[key]: [_clean(v) for v in values] for key, values in domain.item_text.items()})
     for frame, target in ((inter, inter_path), (items, item_path)):
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
+        with atomic_path(target) as tmp:
             frame.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, escapechar=None)
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
     return [inter_path, item_path]
