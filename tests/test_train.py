@@ -164,12 +164,12 @@ def test_patience_counts_trained_epochs_and_the_start_stays_a_candidate(cache: P
     import fedmerge.train.loop as loop
 
     scores = iter([0.50, 0.30, 0.35, 0.40, 0.45, 0.60, 0.55, 0.52, 0.51, 0.99])
-    monkeypatch.setattr(loop, "validation_score", lambda *args: (next(scores), []))
+    monkeypatch.setattr(loop, "validation_score", lambda *args: next(scores))
     part = load_parts(["synth-0"], "hashing", quiet=True)[0]
     model = build_model(tiny().model, part.features.shape[1], seed=0)
     result = fit(model, [part], tiny("train.epochs=20", "train.patience=3").train, quiet=True)
     assert (result.best_epoch, result.best_score) == (5, 0.60)
     assert [h["epoch"] for h in result.history][-1] == 8 and result.stopped.startswith("early stop")
     never = iter([0.50] + [0.40] * 10)
-    monkeypatch.setattr(loop, "validation_score", lambda *args: (next(never), []))
+    monkeypatch.setattr(loop, "validation_score", lambda *args: next(never))
     assert fit(model, [part], tiny("train.epochs=20", "train.patience=3").train, quiet=True).best_epoch == 0

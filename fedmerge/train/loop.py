@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from fedmerge.config import TrainConfig
 from fedmerge.data.domain import DomainData
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
+from fedmerge.files import atomic_path
 from fedmerge.models.scoring import model_scorer
 from fedmerge.models.textseq import TextSeqRec
 from fedmerge.progress import progress_bar
@@ -49,11 +49,10 @@ class FitResult:
     stopped: str = ""
 
 
-def validation_score(model: TextSeqRec, parts: list[Part], batch_size: int) -> tuple[float, list[float]]:
-    """Mean validation ndcg@10 over the parts, and each part's."""
-    scores = [float(evaluate_domain(model_scorer(model, p.features), p.domain, "valid", batch_size)["ndcg@10"])
-              for p in parts]
-    return float(np.mean(scores)), scores
+def validation_score(model: TextSeqRec, parts: list[Part], batch_size: int) -> float:
+    """Mean validation ndcg@10 over the parts."""
+    return float(np.mean([evaluate_domain(model_scorer(model, p.features), p.domain, "valid", batch_size)["ndcg@10"]
+                          for p in parts]))
 
 
 def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
@@ -81,13 +80,6 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
         raise FedmergeError("no user has two or more training items, so there is nothing to train on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
-    # The starting model is a candidate (epoch 0), but patience counts against the best trained
-    # epoch: the first epochs may dip below a strong text-similarity start and then pass it.
-    start_score = validation_score(model, parts, config.eval_batch_size)[0]
-    best_trained, stale = float("-inf"), 0
-    result = FitResult(copy.deepcopy(model.state_dict()), 0, start_score)
-    result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
-    start_epoch = 1
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -97,6 +89,13 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
         torch.random.set_rng_state(state["torch_rng"])
         result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
         best_trained = state.get("best_trained", result.best_score)
+    else:
+        # The starting model is a candidate (epoch 0), but patience counts against the best trained
+        # epoch: the first epochs may dip below a strong text-similarity start and then pass it.
+        start_score = validation_score(model, parts, config.eval_batch_size)
+        result = FitResult(copy.deepcopy(model.state_dict()), 0, start_score)
+        result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
+        best_trained, stale, start_epoch = float("-inf"), 0, 1
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
     with progress_bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
@@ -123,7 +122,7 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
                 progress.update(task, advance=1, loss=float(np.mean(losses[-50:])))
             seconds = time.perf_counter() - began
             result.train_seconds += seconds
-            score, per_domain = validation_score(model, parts, config.eval_batch_size)
+            score = validation_score(model, parts, config.eval_batch_size)
             result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score,
                                    "seconds": seconds, "sequences_per_second": n_seqs / seconds})
             progress.update(task, valid=score)
@@ -148,12 +147,8 @@ def _save_state(path: Path, model: TextSeqRec, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: FitResult,
                 stale: int, best_trained: float, epoch: int) -> None:
     """Write everything needed to resume after `epoch`, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale, "best_trained": best_trained,
-                    "epoch": epoch}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                    "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale,
+                    "best_trained": best_trained, "epoch": epoch}, tmp)

@@ -18,11 +18,12 @@ from rich.console import Console
 from fedmerge.config import ExperimentConfig
 from fedmerge.data.catalog import load_domain
 from fedmerge.evaluate import evaluate_domain
+from fedmerge.files import write_json
 from fedmerge.models.scoring import model_scorer
 from fedmerge.models.textseq import TextSeqRec
 from fedmerge.runs.results import Row, metric_row, write_metrics
 from fedmerge.text import feature_table, get_encoder
-from fedmerge.train.checkpoint import build_model, load_weights, save_weights, write_json
+from fedmerge.train.checkpoint import build_model, checkpoint_files, load_weights, save_weights
 from fedmerge.train.loop import Part, fit
 
 
@@ -37,10 +38,13 @@ def load_parts(names: list[str], encoder_name: str, quiet: bool = False) -> list
 
 
 def evaluate_rows(model: TextSeqRec, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
-    """Valid and test rows of `model` on every part."""
-    return [metric_row(label, p.domain.name, split, evaluate_domain(model_scorer(model, p.features), p.domain, split,
-                                                                    batch_size))
-            for p in parts for split in ("valid", "test")]
+    """Valid and test rows of `model` on every part (item vectors computed once per part)."""
+    rows = []
+    for part in parts:
+        scorer = model_scorer(model, part.features)
+        rows += [metric_row(label, part.domain.name, split, evaluate_domain(scorer, part.domain, split, batch_size))
+                 for split in ("valid", "test")]
+    return rows
 
 
 def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path | None = None,
@@ -58,7 +62,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     parts = load_parts(names, config.model.encoder, quiet=quiet)
     model = build_model(config.model, parts[0].features.shape[1], config.train.seed)
     if init is not None:
-        load_weights(model, Path(init) / "model.safetensors" if Path(init).is_dir() else Path(init))
+        load_weights(model, checkpoint_files(init)[0])
     save_weights(model, out / "base.safetensors")
     rows = evaluate_rows(model, parts, "base", config.train.eval_batch_size)
     state_path = out / "trainer.pt"
