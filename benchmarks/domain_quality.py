@@ -23,7 +23,7 @@ import json
 import platform
 from pathlib import Path
 
-from fedmerge.config import load_config
+from fedmerge.config import ExperimentConfig, load_config
 from fedmerge.data import load_domain
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.models.popularity import popularity_scorer
@@ -33,8 +33,17 @@ from fedmerge.train.run import evaluate_rows, load_parts, train_run
 COLUMNS = ("popularity", "base", "pretrained", "fine-tuned", "joint")
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "metrics.json").exists()
+def _complete(folder: Path, config: ExperimentConfig) -> bool:
+    """Whether `folder` holds a finished run of `config` (a finished run of another config is an error)."""
+    if not (folder / "metrics.json").exists():
+        return False
+    if json.loads((folder / "config.json").read_text())["config"] != config.model_dump():
+        raise SystemExit(f"{folder} holds a run of another config; give another --runs folder or remove it")
+    return True
+
+
+def _facts(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
 
 
 def _test_rows(folder: Path) -> dict[tuple[str, str], dict]:
@@ -54,55 +63,58 @@ def main() -> None:
     config = load_config("textseq", args.overrides)
     domains = args.domains.split(",")
     cells: dict[str, dict[str, tuple[float, float]]] = {d: {} for d in domains}
-    seconds: dict[str, float] = {}
+    facts: dict[str, dict] = {}
     for name in domains:
         metrics = evaluate_domain(popularity_scorer, load_domain(name, quiet=True), "test")
         cells[name]["popularity"] = (metrics["recall@10"], metrics["ndcg@10"])
         folder = args.runs / name
-        if not _complete(folder):
+        if not _complete(folder, config):
             train_run([name], config, folder, quiet=True)
         rows = _test_rows(folder)
         cells[name]["base"] = (rows[("base", name)]["recall@10"], rows[("base", name)]["ndcg@10"])
         cells[name]["fine-tuned"] = (rows[("textseq", name)]["recall@10"], rows[("textseq", name)]["ndcg@10"])
-        seconds[name] = json.loads((folder / "config.json").read_text())["train_seconds"]
-        _write(cells, seconds, args)
+        facts[name] = _facts(folder)
+        _write(cells, facts, args)
     if args.pretrain:
         folder = args.runs / "pretrained"
-        if not _complete(folder):
+        if not _complete(folder, config):
             train_run(args.pretrain.split(","), config, folder, quiet=True, label="pretrained")
         model, model_config, _ = load_checkpoint(folder)
-        for row in evaluate_rows(model, load_parts(domains, model_config.model.encoder, quiet=True), "pretrained"):
+        for row in evaluate_rows(model, load_parts(domains, model_config.model, quiet=True), "pretrained"):
             if row["split"] == "test":
                 cells[str(row["domain"])]["pretrained"] = (float(row["recall@10"]), float(row["ndcg@10"]))
-        _write(cells, seconds, args)
+        facts["pretrained"] = _facts(folder)
+        _write(cells, facts, args)
     if not args.skip_joint:
         folder = args.runs / "joint"
-        if not _complete(folder):
+        if not _complete(folder, config):
             train_run(domains, config, folder, quiet=True)
         for (model, name), row in _test_rows(folder).items():
             if model == "joint":
                 cells[name]["joint"] = (row["recall@10"], row["ndcg@10"])
-        seconds["joint"] = json.loads((folder / "config.json").read_text())["train_seconds"]
-        _write(cells, seconds, args)
+        facts["joint"] = _facts(folder)
+        _write(cells, facts, args)
 
 
-def _write(cells: dict[str, dict[str, tuple[float, float]]], seconds: dict[str, float], args: argparse.Namespace) -> None:
+def _write(cells: dict[str, dict[str, tuple[float, float]]], facts: dict[str, dict], args: argparse.Namespace) -> None:
     """Write the table so far as Markdown and CSV."""
-    header = "| domain | " + " | ".join(f"{c} R@10 | {c} N@10" for c in COLUMNS) + " | fine-tune time (min) |"
-    lines = [header, "|---" * (2 + 2 * len(COLUMNS)) + "|"]
+    header = ("| domain | " + " | ".join(f"{c} R@10 | {c} N@10" for c in COLUMNS)
+              + " | fine-tune time (min) | epochs (best) | stopped by |")
+    lines = [header, "|---" * (5 + 2 * len(COLUMNS)) + "|"]
     records = []
     for name, row in cells.items():
         values = [f"{row[c][0]:.4f} | {row[c][1]:.4f}" if c in row else "– | –" for c in COLUMNS]
-        minutes = f"{seconds[name] / 60:.1f}" if name in seconds else "–"
-        lines.append(f"| {name} | " + " | ".join(values) + f" | {minutes} |")
+        lines.append(f"| {name} | " + " | ".join(values) + " | " + _run_cells(facts.get(name)) + " |")
         records.append({"domain": name, **{f"{c}_{m}": row[c][i] for c in COLUMNS if c in row
                                            for i, m in enumerate(("recall@10", "ndcg@10"))},
-                        "train_seconds": seconds.get(name)})
+                        "train_seconds": facts.get(name, {}).get("train_seconds")})
+    others = [f"- {kind} ({', '.join(facts[kind]['domains'])}): " + _run_cells(facts[kind]).replace(" | ", "; ")
+              for kind in ("pretrained", "joint") if kind in facts]
     protocol = (__doc__ or "").split("\n\n")[1]
-    joint = f"Joint training time: {seconds['joint'] / 60:.1f} min.\n" if "joint" in seconds else ""
+    others_text = ("Other runs (training minutes; epochs run (best); stopped by):\n" + "\n".join(others) + "\n") if others else ""
     text = (f"# Per-domain quality\n\n{protocol}\n\nMachine: {platform.machine()}, {platform.python_version()}; "
             f"settings: {' '.join(args.overrides) or 'preset defaults'}; pretrain domains: {args.pretrain}.\n\n"
-            + "\n".join(lines) + "\n\n" + joint)
+            + "\n".join(lines) + "\n\n" + others_text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "domain_quality.md").write_text(text)
     with open(args.out / "domain_quality.csv", "w", newline="") as handle:
@@ -110,6 +122,14 @@ def _write(cells: dict[str, dict[str, tuple[float, float]]], seconds: dict[str, 
         writer.writeheader()
         writer.writerows(records)
     print(text)
+
+
+def _run_cells(facts: dict | None) -> str:
+    """Training minutes | epochs run (best epoch) | why training stopped."""
+    if facts is None:
+        return "– | – | –"
+    epochs = sum(1 for h in facts["history"] if "loss" in h)
+    return f"{facts['train_seconds'] / 60:.1f} | {epochs} ({facts['best_epoch']}) | {facts['stopped']}"
 
 
 if __name__ == "__main__":

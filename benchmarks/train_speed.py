@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     config = load_config("textseq", ["train.epochs=1", *args.overrides])
-    part = load_parts([args.domain], config.model.encoder, quiet=True)[0]
+    part = load_parts([args.domain], config.model, quiet=True)[0]
     base = build_model(config.model, part.features.shape[1], config.train.seed)
     sequences = training_sequences(part.domain, config.model.max_len)
     batches = list(length_batches(sequences, config.train.batch_size, config.model.max_len, np.random.default_rng(0)))

@@ -20,6 +20,7 @@ from fedmerge.data.importers.recbole import write_recbole
 from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
+from fedmerge.models import MODELS
 from fedmerge.models.popularity import popularity_scorer
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
@@ -159,7 +160,7 @@ def evaluate(
     if checkpoint is not None:
         model, config, _ = load_checkpoint(checkpoint)
         label = str(checkpoint)
-        scorers = {p.domain.name: (p.domain, model_scorer(model, p.features)) for p in load_parts(names, config.model.encoder)}
+        scorers = {p.domain.name: (p.domain, model_scorer(model, p.features)) for p in load_parts(names, config.model)}
     else:
         label = baseline
         scorers = {name: (load_domain(name), BASELINES[baseline]) for name in names}
@@ -180,8 +181,9 @@ def train(
     domain: Annotated[str | None, typer.Option("--domain", help="The domain to fine-tune on.")] = None,
     joint: Annotated[bool, typer.Option("--joint", help="Train one model on the pooled data of --domains.")] = False,
     domains: Annotated[str | None, typer.Option("--domains", help="With --joint: domains separated by commas.")] = None,
-    model: Annotated[str, typer.Option("--model", help="Model kind.")] = "textseq",
-    config: Annotated[str | None, typer.Option("--config", help="TOML preset file or name in configs/.")] = "textseq",
+    model: Annotated[str, typer.Option("--model", help="Model kind: textseq or textenc.")] = "textseq",
+    config: Annotated[str | None, typer.Option("--config", help="TOML file or preset name in configs/ "
+                                                "(default: the preset named like --model).")] = None,
     init: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint instead of the seeded base.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
@@ -189,8 +191,10 @@ def train(
     """Fine-tune a recommender on one domain's private data (or jointly on several)."""
     if joint == (domain is not None) or (joint and not domains) or (domains and not joint):
         raise FedmergeError("give --domain NAME, or --joint --domains A,B,...")
+    if model not in MODELS:
+        raise FedmergeError(f"unknown model kind {model!r}; use one of: {', '.join(MODELS)}")
     names = _split_names(domains) if joint else [domain]
-    experiment = load_config(config, [f"model.kind={model}", *(overrides or [])])
+    experiment = load_config(config or model, [f"model.kind={model}", *(overrides or [])])
     rows = train_run(names, experiment, out, init=init, quiet=quiet)
     console.print(metrics_table(rows, title=f"{model} on {', '.join(names)}"))
     console.print(f"wrote {out}")

@@ -23,15 +23,20 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["textseq"] = "textseq"
-    encoder: Literal["minilm", "hashing"] = "minilm"
-    dim: int = Field(128, ge=8, description="item / user vector size")
+    kind: Literal["textseq", "textenc"] = "textseq"
+    encoder: Literal["minilm", "hashing"] = Field("minilm", description="textseq: the frozen encoder of the item features")
+    dim: int = Field(128, ge=8, description="item / user vector size (textenc: only when not pretrained)")
     layers: int = Field(2, ge=0)
     heads: int = Field(2, ge=1)
     max_len: int = Field(50, ge=1, description="most recent items a user vector sees")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     experts: int = Field(4, ge=1, description="experts of the text adaptor (mixture of whitening projections)")
     temperature: float = Field(0.05, gt=0.0, description="softmax temperature on cosine scores")
+    pretrained: bool = Field(True, description="textenc: start from all-MiniLM-L6-v2 (else a seeded dim/layers/heads BERT)")
+    item_tokens: int = Field(32, ge=1, description="textenc: tokens kept of each item's text")
+    history_tokens: int = Field(256, ge=8, description="textenc: tokens kept of a user's history text")
+    code_tables: int = Field(8, ge=0, description="textseq: hashed text-code embedding tables added to item vectors")
+    code_bits: int = Field(12, ge=1, le=20, description="textseq: bits of each text code (2**bits rows per table)")
 
 
 class TrainConfig(BaseModel):
@@ -47,6 +52,8 @@ class TrainConfig(BaseModel):
     patience: int = Field(3, ge=1, description="epochs without a better valid ndcg@10 before stopping")
     seed: int = 0
     eval_batch_size: int = Field(1024, ge=1)
+    text_weights: list[float] = Field(
+        [0.0, 0.1, 0.2, 0.3, 0.5], description="textseq: raw text-similarity weights tried on validation after training")
     max_minutes: float | None = Field(
         None, gt=0.0, description="stop once the training epochs (not evaluation) took this long, across resumes")
 

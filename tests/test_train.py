@@ -40,7 +40,7 @@ def test_config_preset_overrides_and_errors() -> None:
         load_config(None, ["model.dropout=1.5"])
     with pytest.raises(FedmergeError, match="not key=value"):
         load_config(None, ["train.lr"])
-    with pytest.raises(FedmergeError, match="cannot read config nonexistent .*preset: textseq"):
+    with pytest.raises(FedmergeError, match="cannot read config nonexistent .*presets?: textenc, textseq"):
         load_config("nonexistent")
 
 
@@ -50,11 +50,26 @@ def test_untrained_model_scores_by_text_similarity() -> None:
     items = model.item_vectors(features)
     users = model.user_vectors(items, torch.tensor([[4, 9, 2, -1], [7, -1, -1, -1]]))
     np.testing.assert_allclose((users * items[[2, 7]]).sum(1).detach(), [1.0, 1.0], atol=1e-5)
+    histories = torch.tensor([[4, 9, 2, -1], [7, -1, -1, -1]])
+    np.testing.assert_allclose(model.scores(features, items, histories).detach(), (users @ items.T).detach(), atol=1e-6)
+    model.text_weight.fill_(0.5)  # fused raw text cosine to the last item
+    fused = model.scores(features, items, histories).detach()
+    np.testing.assert_allclose(fused - users.detach() @ items.detach().T, 0.5 * features[[2, 7]] @ features.T, atol=1e-5)
+
+
+def test_text_codes_hash_similar_texts_alike_and_start_at_zero() -> None:
+    model = build_model(tiny().model, text_dim=64, seed=0)
+    base = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
+    near, far = base + 0.01 * torch.randn(1, 64), torch.randn(1, 64)
+    bits = [torch.einsum("nt,ktb->nkb", x, model.codes.planes) > 0 for x in (base, near, far)]
+    assert (bits[0] == bits[1]).float().mean() > 0.95 and (bits[0] == bits[2]).float().mean() < 0.8
+    assert not model.codes.rows.weight.any()
+    assert torch.equal(build_model(tiny().model, 64, seed=0).codes.planes, model.codes.planes)
 
 
 def test_every_domain_gets_the_same_layout_and_base() -> None:
     config = tiny()
-    parts = load_parts(["synth-0", "synth-1"], "hashing", quiet=True)
+    parts = load_parts(["synth-0", "synth-1"], tiny().model, quiet=True)
     assert parts[0].domain.n_items == parts[1].domain.n_items  # same size here, but no table depends on it
     a, b = (build_model(config.model, p.features.shape[1], seed=3) for p in parts)
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
@@ -78,7 +93,7 @@ def test_training_lowers_loss_and_beats_popularity_and_base(tmp_path: Path, cach
 def test_checkpoint_round_trip_gives_identical_scores(tmp_path: Path, cache: Path) -> None:
     train_run(["synth-1"], tiny("train.epochs=2"), tmp_path / "run", quiet=True)
     model, config, meta = load_checkpoint(tmp_path / "run")
-    part = load_parts(["synth-1"], config.model.encoder, quiet=True)[0]
+    part = load_parts(["synth-1"], config.model, quiet=True)[0]
     again = evaluate_domain(model_scorer(model, part.features), part.domain, "test")
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     row = next(r for r in written if r["model"] == "textseq" and r["split"] == "test")
@@ -87,7 +102,7 @@ def test_checkpoint_round_trip_gives_identical_scores(tmp_path: Path, cache: Pat
 
 
 def test_same_seed_same_metrics_and_resume_matches(tmp_path: Path, cache: Path) -> None:
-    part = load_parts(["synth-2"], "hashing", quiet=True)[0]
+    part = load_parts(["synth-2"], tiny().model, quiet=True)[0]
     config = tiny("train.epochs=4")
 
     def run(epochs: int, state: Path | None = None) -> dict[str, torch.Tensor]:
@@ -122,7 +137,7 @@ def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_training(cache: Path) -> None:
-    part = load_parts(["synth-0"], "hashing", quiet=True)[0]
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
     broken = Part(part.domain, torch.full_like(part.features, float("nan")))
     model = build_model(tiny().model, broken.features.shape[1], seed=0)
     with pytest.raises(FedmergeError, match="NaN"):
@@ -152,7 +167,7 @@ def test_joint_and_pretrain_commands(tmp_path: Path) -> None:
 
 
 def test_time_limit_stops_after_the_epoch_that_reaches_it(cache: Path) -> None:
-    part = load_parts(["synth-0"], "hashing", quiet=True)[0]
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
     model = build_model(tiny().model, part.features.shape[1], seed=0)
     result = fit(model, [part], tiny("train.epochs=10", "train.max_minutes=1e-6").train, quiet=True)
     assert result.stopped == "time limit of 1e-06 minutes"
@@ -165,7 +180,7 @@ def test_patience_counts_trained_epochs_and_the_start_stays_a_candidate(cache: P
 
     scores = iter([0.50, 0.30, 0.35, 0.40, 0.45, 0.60, 0.55, 0.52, 0.51, 0.99])
     monkeypatch.setattr(loop, "validation_score", lambda *args: next(scores))
-    part = load_parts(["synth-0"], "hashing", quiet=True)[0]
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
     model = build_model(tiny().model, part.features.shape[1], seed=0)
     result = fit(model, [part], tiny("train.epochs=20", "train.patience=3").train, quiet=True)
     assert (result.best_epoch, result.best_score) == (5, 0.60)
@@ -173,3 +188,14 @@ def test_patience_counts_trained_epochs_and_the_start_stays_a_candidate(cache: P
     never = iter([0.50] + [0.40] * 10)
     monkeypatch.setattr(loop, "validation_score", lambda *args: next(never))
     assert fit(model, [part], tiny("train.epochs=20", "train.patience=3").train, quiet=True).best_epoch == 0
+
+
+def test_text_weight_is_chosen_on_validation(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedmerge.train.loop as loop
+
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
+    model = build_model(tiny().model, part.features.shape[1], seed=0)
+    monkeypatch.setattr(loop, "validation_score", lambda m, *args: 1.0 - abs(float(m.text_weight) - 0.2))
+    tried = loop.fit_text_weight(model, [part], [0.0, 0.1, 0.2, 0.3], 64)
+    assert float(model.text_weight) == pytest.approx(0.2) and tried[0.0] == pytest.approx(0.8)
+    assert loop.fit_text_weight(model, [part], [], 64) == {} and float(model.text_weight) == pytest.approx(0.2)

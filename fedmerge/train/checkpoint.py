@@ -13,15 +13,15 @@ from safetensors.torch import load_file, save_file
 from fedmerge.config import ExperimentConfig, ModelConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path
-from fedmerge.models.textseq import TextSeqRec
+from fedmerge.models import MODELS, Recommender
 
 
-def build_model(config: ModelConfig, text_dim: int, seed: int) -> TextSeqRec:
+def build_model(config: ModelConfig, text_dim: int, seed: int) -> Recommender:
     """The seeded base model theta_0 of `config`: the same for every domain with the same seed."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return TextSeqRec(config, text_dim)
+        return MODELS[config.kind](config, text_dim)
     finally:
         torch.random.set_rng_state(generator_state)
 
@@ -60,7 +60,7 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     return weights, weights.parent / "config.json"
 
 
-def load_checkpoint(path: Path) -> tuple[TextSeqRec, ExperimentConfig, dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[Recommender, ExperimentConfig, dict[str, Any]]:
     """A trained model from a checkpoint folder (or its ``model.safetensors``), its config and facts."""
     weights, config_path = checkpoint_files(path)
     if not weights.exists() or not config_path.exists():

@@ -22,8 +22,8 @@ from fedmerge.data.domain import DomainData
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.files import atomic_path
+from fedmerge.models import Recommender, TextSeqRec
 from fedmerge.models.scoring import model_scorer
-from fedmerge.models.textseq import TextSeqRec
 from fedmerge.progress import progress_bar
 from fedmerge.train.batches import length_batches, training_sequences
 
@@ -49,19 +49,19 @@ class FitResult:
     stopped: str = ""
 
 
-def validation_score(model: TextSeqRec, parts: list[Part], batch_size: int) -> float:
+def validation_score(model: Recommender, parts: list[Part], batch_size: int) -> float:
     """Mean validation ndcg@10 over the parts."""
     return float(np.mean([evaluate_domain(model_scorer(model, p.features), p.domain, "valid", batch_size)["ndcg@10"]
                           for p in parts]))
 
 
-def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
+def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
         quiet: bool = False) -> FitResult:
     """Train `model` in place on `parts`; return the weights of the best validation epoch.
 
     Parameters
     ----------
-    model : TextSeqRec
+    model : Recommender
         Starts from its current weights (theta_0 or ``--init``).
     parts : list[Part]
         One part per domain (several for joint training).
@@ -143,7 +143,26 @@ def fit(model: TextSeqRec, parts: list[Part], config: TrainConfig, state_path: P
     return result
 
 
-def _save_state(path: Path, model: TextSeqRec, optimizer: torch.optim.Optimizer,
+def fit_text_weight(model: Recommender, parts: list[Part], weights: list[float], batch_size: int) -> dict[float, float]:
+    """Set a textseq model's ``text_weight`` to the candidate with the best mean valid ndcg@10.
+
+    Learned scores rank well the items that training saw often; the raw text similarity to the
+    last item also ranks items that it saw rarely (later, rarer items dominate the test split of
+    a time-ordered leave-one-out). Adding it with a small weight after training, chosen on
+    validation, keeps both; training with it from the start held the model back. Returns the
+    valid ndcg@10 of every candidate (empty for other kinds or no candidates).
+    """
+    if not isinstance(model, TextSeqRec) or not weights:
+        return {}
+    scores = {}
+    for weight in weights:
+        model.text_weight.fill_(weight)
+        scores[weight] = validation_score(model, parts, batch_size)
+    model.text_weight.fill_(max(scores, key=scores.get))
+    return scores
+
+
+def _save_state(path: Path, model: Recommender, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: FitResult,
                 stale: int, best_trained: float, epoch: int) -> None:
     """Write everything needed to resume after `epoch`, atomically."""

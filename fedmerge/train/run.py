@@ -15,29 +15,37 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fedmerge.config import ExperimentConfig
+from fedmerge.config import ExperimentConfig, ModelConfig
 from fedmerge.data.catalog import load_domain
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.files import write_json
+from fedmerge.models import Recommender
 from fedmerge.models.scoring import model_scorer
-from fedmerge.models.textseq import TextSeqRec
 from fedmerge.runs.results import Row, metric_row, write_metrics
 from fedmerge.text import feature_table, get_encoder
+from fedmerge.text.tokens import token_table
 from fedmerge.train.checkpoint import build_model, checkpoint_files, load_weights, save_weights
-from fedmerge.train.loop import Part, fit
+from fedmerge.train.loop import Part, fit, fit_text_weight
 
 
-def load_parts(names: list[str], encoder_name: str, quiet: bool = False) -> list[Part]:
-    """Each domain with its item-feature table."""
-    encoder = get_encoder(encoder_name)
+def load_parts(names: list[str], config: ModelConfig, quiet: bool = False) -> list[Part]:
+    """Each domain with the item table its model reads.
+
+    ``textseq``: the frozen encoder's feature table (n_items, text_dim); ``textenc``: the token
+    table (n_items, item_tokens).
+    """
     parts = []
     for name in names:
         domain = load_domain(name, quiet=quiet)
-        parts.append(Part(domain, torch.from_numpy(feature_table(domain, encoder, quiet=quiet))))
+        if config.kind == "textenc":
+            table = token_table(domain, config.item_tokens)
+        else:
+            table = feature_table(domain, get_encoder(config.encoder), quiet=quiet)
+        parts.append(Part(domain, torch.from_numpy(table)))
     return parts
 
 
-def evaluate_rows(model: TextSeqRec, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
+def evaluate_rows(model: Recommender, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
     """Valid and test rows of `model` on every part (item vectors computed once per part)."""
     rows = []
     for part in parts:
@@ -59,7 +67,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "metrics.csv", "model.safetensors"):  # a folder with metrics is a finished run
         (out / stale).unlink(missing_ok=True)
-    parts = load_parts(names, config.model.encoder, quiet=quiet)
+    parts = load_parts(names, config.model, quiet=quiet)
     model = build_model(config.model, parts[0].features.shape[1], config.train.seed)
     if init is not None:
         load_weights(model, checkpoint_files(init)[0])
@@ -72,13 +80,15 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     write_json(config_path, _facts(config, parts, init))
     result = fit(model, parts, config.train, state_path=state_path, quiet=quiet)
     model.load_state_dict(result.best_state)
+    text_weights = fit_text_weight(model, parts, config.train.text_weights, config.train.eval_batch_size)
     save_weights(model, out / "model.safetensors")
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
     rows += evaluate_rows(model, parts, label, config.train.eval_batch_size)
     facts = _facts(config, parts, init) | {
         "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
-        "history": result.history}
+        "history": result.history, "text_weight": float(getattr(model, "text_weight", 0.0)),
+        "valid_ndcg@10_by_text_weight": {str(w): v for w, v in text_weights.items()}}
     write_json(config_path, facts)
     write_metrics(rows, out)
     if not quiet:

@@ -1,0 +1,109 @@
+"""Text-encoder recommender (BLaIR-style): the sentence encoder itself is fine-tuned.
+
+An item's vector is the encoding of its text; a user's vector is the encoding of the texts of
+the history's items, most recent first, ``[CLS] t_n [SEP] t_n-1 [SEP] ...`` cut at
+``history_tokens``. Both are mean-pooled over tokens and L2-normalised; scores are cosines
+(divided by the temperature in the loss). Training uses an in-batch softmax: each training
+sequence's last item is its target, the other targets of the batch are the negatives.
+
+The encoder starts from all-MiniLM-L6-v2 (``pretrained = true``), or is a seeded BERT of the
+config's ``dim``, ``layers`` and ``heads`` with the same tokenizer (tiny configs for tests).
+Its parameters depend only on the config, never on the domain, so task vectors align.
+A GPU is the intended home; on CPU the pretrained encoder trains slowly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedmerge.config import ModelConfig
+from fedmerge.text.tokens import load_tokenizer, minilm_folder
+
+ENCODE_BATCH = 256
+
+
+class TextEncRec(nn.Module):
+    """The text-encoder recommender (see the module docstring).
+
+    ``features`` everywhere is the domain's (n_items, item_tokens) token table
+    (:func:`fedmerge.text.tokens.token_table`).
+    """
+
+    kind = "textenc"
+
+    def __init__(self, config: ModelConfig, text_dim: int) -> None:
+        from transformers import BertConfig, BertModel
+
+        super().__init__()
+        if text_dim != config.item_tokens:
+            raise ValueError(f"token table width {text_dim} != model.item_tokens {config.item_tokens}")
+        self.config = config
+        self.text_dim = text_dim
+        tokenizer = load_tokenizer()
+        self.cls, self.sep, self.pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        if config.pretrained:
+            self.encoder = BertModel.from_pretrained(minilm_folder(), local_files_only=True, add_pooling_layer=False)
+        else:
+            self.encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=config.dim,
+                                                num_hidden_layers=config.layers, num_attention_heads=config.heads,
+                                                intermediate_size=2 * config.dim, pad_token_id=self.pad,
+                                                max_position_embeddings=max(config.history_tokens, config.item_tokens + 2)),
+                                     add_pooling_layer=False)
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids (pad-padded) -> (B, hidden) unit vectors, mean-pooled over real tokens."""
+        mask = (ids != self.pad).long()
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0), dim=-1)
+
+    def item_ids(self, features: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``[CLS] text [SEP]`` token ids of `items`."""
+        rows = features[items]
+        lengths = (rows != self.pad).sum(1)
+        out = torch.full((len(items), rows.shape[1] + 2), self.pad, dtype=torch.long)
+        out[:, 0] = self.cls
+        out[:, 1:-1] = rows
+        out[torch.arange(len(items)), lengths + 1] = self.sep
+        return out[:, : int(lengths.max()) + 2]
+
+    def history_ids(self, features: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """Token ids of right-padded histories (B, L), pad = -1: most recent item's text first."""
+        rows = []
+        for history in histories:
+            tokens = [self.cls]
+            for item in reversed(history[history >= 0][-self.config.max_len:].tolist()):
+                text = features[item]
+                tokens += text[text != self.pad].tolist() + [self.sep]
+                if len(tokens) >= self.config.history_tokens:
+                    break
+            rows.append(tokens[: self.config.history_tokens])
+        out = torch.full((len(rows), max(map(len, rows))), self.pad, dtype=torch.long)
+        for row, tokens in enumerate(rows):
+            out[row, : len(tokens)] = torch.tensor(tokens)
+        return out
+
+    def item_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) unit vectors of every item, encoded in batches."""
+        items = torch.arange(len(features))
+        return torch.cat([self.encode(self.item_ids(features, items[start : start + ENCODE_BATCH]))
+                          for start in range(0, len(items), ENCODE_BATCH)])
+
+    def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """(B, N) cosines of each history against all items; ``items`` is ``item_vectors(features)``."""
+        return self.encode(self.history_ids(features, histories)) @ items.T
+
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """In-batch softmax cross-entropy: each sequence's last target against the batch's other targets.
+
+        A batch target equal to the row's own target is not counted as a negative.
+        """
+        last = (targets >= 0).sum(1) - 1
+        target = targets[torch.arange(len(targets)), last]
+        users = self.encode(self.history_ids(features, inputs))
+        items = self.encode(self.item_ids(features, target))
+        logits = users @ items.T / self.config.temperature
+        duplicate = (target[:, None] == target[None, :]) & ~torch.eye(len(target), dtype=torch.bool)
+        return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), torch.arange(len(target)))
