@@ -54,6 +54,7 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(1024, ge=1)
     text_weights: list[float] = Field(
         [0.0, 0.1, 0.2, 0.3, 0.5], description="textseq: raw text-similarity weights tried on validation after training")
+    device: str = Field("cpu", description="torch device to train and evaluate on: cpu, cuda, cuda:1, mps")
     max_minutes: float | None = Field(
         None, gt=0.0, description="stop once the training epochs (not evaluation) took this long, across resumes")
 

@@ -199,3 +199,14 @@ def test_text_weight_is_chosen_on_validation(cache: Path, monkeypatch: pytest.Mo
     tried = loop.fit_text_weight(model, [part], [0.0, 0.1, 0.2, 0.3], 64)
     assert float(model.text_weight) == pytest.approx(0.2) and tried[0.0] == pytest.approx(0.8)
     assert loop.fit_text_weight(model, [part], [], 64) == {} and float(model.text_weight) == pytest.approx(0.2)
+
+
+def test_unusable_device_is_named() -> None:
+    from fedmerge.train.loop import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(FedmergeError, match="not a torch device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(FedmergeError, match="train.device is 'cuda'.*set train.device=cpu"):
+            resolve_device("cuda")

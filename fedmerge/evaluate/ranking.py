@@ -20,7 +20,7 @@ def _mask_seen(scores: torch.Tensor, domain: DomainData, users: np.ndarray, spli
     rows = np.repeat(np.arange(len(users)), [len(h) for h in histories])
     cols = np.concatenate(histories) if histories else np.empty(0, dtype=np.int64)
     keep = scores.gather(1, targets[:, None])
-    scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+    scores[torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)] = -torch.inf
     scores.scatter_(1, targets[:, None], keep)
 
 
@@ -61,12 +61,12 @@ def evaluate_domain(
     with torch.inference_mode():
         for start in range(0, len(users), batch_size):
             batch = users[start : start + batch_size]
-            targets = torch.from_numpy(all_targets[batch])
             scores = scorer(domain, batch, split)
+            targets = torch.from_numpy(all_targets[batch]).to(scores.device)
             if exclude_seen:
                 scores = scores.clone()
                 _mask_seen(scores, domain, batch, split, targets)
-            ranks.append(rank_targets(scores, targets))
+            ranks.append(rank_targets(scores, targets).cpu())
     metrics = summarize(torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long), ks)
     metrics["users"] = len(users)
     return metrics

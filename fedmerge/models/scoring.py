@@ -15,14 +15,16 @@ def model_scorer(model: Recommender, features: torch.Tensor) -> Scorer:
     """A scorer that ranks every item by the model's score for each user's history.
 
     ``features`` is the domain's model input table (see :func:`fedmerge.train.run.load_parts`).
-    Item vectors are computed once; the model is put in eval mode.
+    Item vectors are computed once, on the model's device; the model is put in eval mode.
     """
     model.eval()
+    device = next(model.parameters()).device
+    features = features.to(device)
     with torch.inference_mode():
         items = model.item_vectors(features)
 
     def score(domain: DomainData, users: np.ndarray, split: str) -> torch.Tensor:
-        histories = pad_right([domain.history(int(u), split) for u in users], model.config.max_len)
+        histories = pad_right([domain.history(int(u), split) for u in users], model.config.max_len).to(device)
         with torch.inference_mode():
             return model.scores(features, items, histories)
 

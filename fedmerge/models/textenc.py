@@ -54,14 +54,15 @@ class TextEncRec(nn.Module):
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids (pad-padded) -> (B, hidden) unit vectors, mean-pooled over real tokens."""
+        ids = ids.to(self.encoder.device)
         mask = (ids != self.pad).long()
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0), dim=-1)
 
     def item_ids(self, features: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``[CLS] text [SEP]`` token ids of `items`."""
-        rows = features[items]
+        """``[CLS] text [SEP]`` token ids of `items` (on the CPU)."""
+        rows = features.cpu()[items.cpu()]
         lengths = (rows != self.pad).sum(1)
         out = torch.full((len(items), rows.shape[1] + 2), self.pad, dtype=torch.long)
         out[:, 0] = self.cls
@@ -70,9 +71,9 @@ class TextEncRec(nn.Module):
         return out[:, : int(lengths.max()) + 2]
 
     def history_ids(self, features: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
-        """Token ids of right-padded histories (B, L), pad = -1: most recent item's text first."""
-        rows = []
-        for history in histories:
+        """Token ids (on the CPU) of right-padded histories (B, L), pad = -1: most recent item's text first."""
+        features, rows = features.cpu(), []
+        for history in histories.cpu():
             tokens = [self.cls]
             for item in reversed(history[history >= 0][-self.config.max_len:].tolist()):
                 text = features[item]
@@ -100,10 +101,11 @@ class TextEncRec(nn.Module):
 
         A batch target equal to the row's own target is not counted as a negative.
         """
-        last = (targets >= 0).sum(1) - 1
-        target = targets[torch.arange(len(targets)), last]
+        targets = targets.cpu()
+        target = targets[torch.arange(len(targets)), (targets >= 0).sum(1) - 1]
         users = self.encode(self.history_ids(features, inputs))
         items = self.encode(self.item_ids(features, target))
         logits = users @ items.T / self.config.temperature
         duplicate = (target[:, None] == target[None, :]) & ~torch.eye(len(target), dtype=torch.bool)
-        return F.cross_entropy(logits.masked_fill(duplicate, float("-inf")), torch.arange(len(target)))
+        labels = torch.arange(len(target), device=logits.device)
+        return F.cross_entropy(logits.masked_fill(duplicate.to(logits.device), float("-inf")), labels)

@@ -1,15 +1,17 @@
-"""Text-based sequential recommender: text adaptor + SASRec-style causal transformer.
+"""Text-based sequential recommender: text adaptor + text codes + SASRec-style causal transformer.
 
 Items are represented only by their frozen text features (no ID embeddings), so every
 domain's model has the same parameters whatever its catalogue, and task vectors align. An
-item's vector is the adaptor's output (a mixture of whitening projections, as in UniSRec); a
-user's vector is the causal transformer's output at the last item of the history. Scores
-are cosine similarities divided by a temperature.
+item's vector is the adaptor's output (a mixture of whitening projections, as in UniSRec)
+plus the embeddings of its locality-sensitive text codes (:class:`TextCodes`); a user's
+vector is the causal transformer's output at the last item of the history. Scores are cosine
+similarities (divided by a temperature in the loss), plus ``text_weight`` times the raw text
+cosine to the last item, a weight chosen on validation after training (0 before).
 
 The untrained model already ranks by text similarity to the last item: the experts start as
-random orthogonal projections (which keep cosines roughly), the gate starts uniform, and
-every residual block's output projection starts at zero, so the transformer starts as the
-identity and the user vector is the last item's vector (the residual path from the text).
+random orthogonal projections (which keep cosines roughly), the gate starts uniform, the code
+rows at zero, and every residual block's output projection at zero, so the transformer starts
+as the identity and the user vector is the last item's vector (the residual path from the text).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def build_model(config: ModelConfig, text_dim: int, seed: int) -> Recommender:
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write the state dict as safetensors, atomically."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -55,6 +55,18 @@ def validation_score(model: Recommender, parts: list[Part], batch_size: int) -> 
                           for p in parts]))
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device `name` (``train.device``), or an error naming the key when it is unusable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise FedmergeError(f"train.device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from err
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise FedmergeError(f"train.device is {name!r} but this torch sees no such device; set train.device=cpu")
+    return device
+
+
 def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
         quiet: bool = False) -> FitResult:
     """Train `model` in place on `parts`; return the weights of the best validation epoch.
@@ -62,7 +74,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     Parameters
     ----------
     model : Recommender
-        Starts from its current weights (theta_0 or ``--init``).
+        Starts from its current weights (theta_0 or ``--init``); moved to ``config.device``.
     parts : list[Part]
         One part per domain (several for joint training).
     config : TrainConfig
@@ -73,6 +85,9 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     quiet : bool
         No progress bar.
     """
+    device = resolve_device(config.device)
+    model.to(device)
+    features = [p.features.to(device) for p in parts]
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     sequences = [training_sequences(p.domain, model.config.max_len) for p in parts]
@@ -81,12 +96,12 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
-        torch.random.set_rng_state(state["torch_rng"])
+        torch.random.set_rng_state(state["torch_rng"].cpu())
         result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
         best_trained = state.get("best_trained", result.best_score)
     else:
@@ -109,7 +124,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
             progress.update(task, completed=0, epoch=epoch)
             for index in rng.permutation(len(streams)):
                 k, (inputs, targets) = streams[index]
-                loss = model.loss(parts[k].features, inputs, targets)
+                loss = model.loss(features[k], inputs.to(device), targets.to(device))
                 if not torch.isfinite(loss):
                     raise FedmergeError(f"the training loss became {loss.item()} at epoch {epoch}; "
                                         "lower train.lr or check the item features for NaN")

@@ -1,0 +1,203 @@
+"""Training-free merges behind one registry (name -> params model + function), as in mergekit.
+
+Every method turns the task vectors tau_k into processed vectors tau~_k and initial
+coefficients w_k, so that the merged model is theta_0 + sum_k w_k tau~_k. The same pair is the
+starting point of learned coefficients (:mod:`fedmerge.merge.learn`): with w fixed, it *is*
+the training-free merge.
+
+Trimming (TIES, magnitude pruning, DARE-TIES) keeps the top ``density`` fraction of each
+vector's entries by magnitude, either over the whole flattened vector (``scope = "global"``,
+as MergeRec does) or within each tensor (``scope = "tensor"``, as the TIES paper's code does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merge.vectors import StateDict, combine, flatten, task_vector, unflatten
+
+Scope = Literal["global", "tensor"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Processed task vectors tau~_k and their initial coefficients w_k."""
+
+    vectors: list[StateDict]
+    weights: list[float]
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AverageParams(Params):
+    weights: list[float] | None = Field(None, description="one weight per model (default: 1/K each)")
+
+
+class TaskArithmeticParams(Params):
+    lam: float = Field(0.2, description="lambda: the same coefficient for every task vector")
+
+
+class TiesParams(Params):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task vector")
+    scope: Scope = "global"
+    lam: float = Field(1.0, description="scale of the merged vector (1 = TIES)")
+
+
+class DareParams(Params):
+    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop rate; kept entries are scaled by 1/(1-p)")
+    seed: int = 0
+    then: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    lam: float = Field(0.2, description="lambda of the method applied after dropping")
+    density: float = Field(1.0, gt=0.0, le=1.0, description="with then = ties: TIES density")
+    scope: Scope = "global"
+
+
+class MagnitudeParams(Params):
+    density: float = Field(0.2, gt=0.0, le=1.0)
+    scope: Scope = "global"
+    lam: float = 0.2
+
+
+class BreadcrumbsParams(Params):
+    density: float = Field(0.9, gt=0.0, le=1.0, description="fraction of entries kept per tensor")
+    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of the largest entries dropped as outliers")
+    lam: float = 0.2
+
+
+class ModelStockParams(Params):
+    pass
+
+
+def _trim(vector: StateDict, density: float, scope: Scope) -> StateDict:
+    """Keep the top `density` fraction of entries by magnitude (over the whole vector or per tensor)."""
+    if density >= 1.0:
+        return dict(vector)
+    if scope == "tensor":
+        return {k: _keep_top(v, density) for k, v in vector.items()}
+    return unflatten(_keep_top(flatten(vector), density), vector)
+
+
+def _keep_top(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    keep = max(1, round(density * tensor.numel()))
+    if keep >= tensor.numel():
+        return tensor.clone()
+    threshold = tensor.abs().reshape(-1).kthvalue(tensor.numel() - keep + 1).values
+    return torch.where(tensor.abs() >= threshold, tensor, torch.zeros_like(tensor))
+
+
+def _disjoint(vectors: list[StateDict]) -> list[StateDict]:
+    """TIES sign election and disjoint mean: tau~_k = tau_k * [sign agrees] / (number agreeing)."""
+    out: list[StateDict] = [{} for _ in vectors]
+    for key in vectors[0]:
+        stack = torch.stack([v[key] for v in vectors])
+        sign = torch.sign(stack.sum(0))
+        agree = (torch.sign(stack) == sign) & (stack != 0)
+        count = agree.sum(0).clamp(min=1)
+        for k in range(len(vectors)):
+            out[k][key] = torch.where(agree[k], stack[k], torch.zeros_like(stack[k])) / count
+    return out
+
+
+def average(vectors: list[StateDict], params: AverageParams) -> Prepared:
+    weights = params.weights or [1.0 / len(vectors)] * len(vectors)
+    if len(weights) != len(vectors):
+        raise FedmergeError(f"average: {len(weights)} weights for {len(vectors)} models; give one weight per model")
+    return Prepared(list(vectors), list(weights))
+
+
+def task_arithmetic(vectors: list[StateDict], params: TaskArithmeticParams) -> Prepared:
+    return Prepared(list(vectors), [params.lam] * len(vectors))
+
+
+def ties(vectors: list[StateDict], params: TiesParams) -> Prepared:
+    return Prepared(_disjoint([_trim(v, params.density, params.scope) for v in vectors]), [params.lam] * len(vectors))
+
+
+def dare(vectors: list[StateDict], params: DareParams) -> Prepared:
+    generator = torch.Generator().manual_seed(params.seed)
+    dropped = [{k: t * (torch.rand(t.shape, generator=generator) >= params.p) / (1 - params.p) for k, t in v.items()}
+               for v in vectors]
+    if params.then == "ties":
+        return ties(dropped, TiesParams(density=params.density, scope=params.scope, lam=params.lam))
+    return task_arithmetic(dropped, TaskArithmeticParams(lam=params.lam))
+
+
+def magnitude(vectors: list[StateDict], params: MagnitudeParams) -> Prepared:
+    return Prepared([_trim(v, params.density, params.scope) for v in vectors], [params.lam] * len(vectors))
+
+
+def breadcrumbs(vectors: list[StateDict], params: BreadcrumbsParams) -> Prepared:
+    """Per tensor, drop the largest `gamma` fraction (outliers) and the smallest entries, keeping `density`."""
+    def crumbs(tensor: torch.Tensor) -> torch.Tensor:
+        upper = _keep_top(tensor, min(1.0, params.density + params.gamma))
+        outliers = _keep_top(tensor, params.gamma) if params.gamma > 0 else torch.zeros_like(tensor)
+        return torch.where(outliers != 0, torch.zeros_like(tensor), upper)
+
+    return Prepared([{k: crumbs(t) for k, t in v.items()} for v in vectors], [params.lam] * len(vectors))
+
+
+def model_stock(vectors: list[StateDict], params: ModelStockParams) -> Prepared:
+    """Model Stock: per tensor, theta_0 + t * mean(tau), t = K cos / (1 + (K - 1) cos), cos = mean pairwise cosine."""
+    n = len(vectors)
+    out: list[StateDict] = [{} for _ in vectors]
+    for key in vectors[0]:
+        flat = torch.stack([v[key].reshape(-1) for v in vectors])
+        unit = torch.nn.functional.normalize(flat, dim=1)
+        cos = ((unit @ unit.T).sum() - n) / max(1, n * (n - 1)) if n > 1 else torch.tensor(1.0)
+        ratio = (n * cos / (1 + (n - 1) * cos)).clamp(0.0, 1.0)
+        for k in range(n):
+            out[k][key] = vectors[k][key] * ratio / n
+    return Prepared(out, [1.0] * n)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered training-free merge."""
+
+    params: type[Params]
+    prepare: Callable[[list[StateDict], Params], Prepared]
+
+
+METHODS: dict[str, Method] = {
+    "average": Method(AverageParams, average),
+    "task_arithmetic": Method(TaskArithmeticParams, task_arithmetic),
+    "ties": Method(TiesParams, ties),
+    "dare": Method(DareParams, dare),
+    "magnitude": Method(MagnitudeParams, magnitude),
+    "breadcrumbs": Method(BreadcrumbsParams, breadcrumbs),
+    "model_stock": Method(ModelStockParams, model_stock),
+}
+
+
+def method_params(name: str, values: dict | None = None) -> Params:
+    """Validated parameters of method `name`; an unknown method or key is named in the error."""
+    if name not in METHODS:
+        raise FedmergeError(f"unknown merge method {name!r}; use one of: {', '.join(METHODS)}")
+    try:
+        return METHODS[name].params.model_validate(values or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        problem = "is not a parameter of this method" if first["type"] == "extra_forbidden" else first["msg"].lower()
+        raise FedmergeError(f"merge method {name!r}: {key!r} {problem}") from err
+
+
+def prepare(name: str, vectors: list[StateDict], params: Params | dict | None = None) -> Prepared:
+    """Run method `name` on task vectors (params: a validated model, a dict, or None for defaults)."""
+    if not isinstance(params, Params):
+        params = method_params(name, params)
+    return METHODS[name].prepare(vectors, params)
+
+
+def merge(base: StateDict, models: list[StateDict], name: str, params: Params | dict | None = None) -> StateDict:
+    """The training-free merge `name` of fine-tuned `models` that all started from `base`."""
+    prepared = prepare(name, [task_vector(base, m) for m in models], params)
+    return combine(base, prepared.vectors, prepared.weights)
