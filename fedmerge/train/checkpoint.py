@@ -54,9 +54,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def checkpoint_files(path: Path) -> tuple[Path, Path]:
-    """(weights, config.json) for a checkpoint folder or its weights file."""
+    """(weights, config.json) for a checkpoint folder or its weights file.
+
+    A folder's weights are its ``model.safetensors`` (``fedmerge train``), else its
+    ``merged.safetensors`` (``fedmerge merge``).
+    """
     path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = path
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.exists() and (path / "merged.safetensors").exists():
+            weights = path / "merged.safetensors"
     return weights, weights.parent / "config.json"
 
 
@@ -64,8 +72,8 @@ def load_checkpoint(path: Path) -> tuple[Recommender, ExperimentConfig, dict[str
     """A trained model from a checkpoint folder (or its ``model.safetensors``), its config and facts."""
     weights, config_path = checkpoint_files(path)
     if not weights.exists() or not config_path.exists():
-        raise FedmergeError(f"{path} is not a fedmerge checkpoint (needs model.safetensors and config.json); "
-                            "give the --out folder of `fedmerge train`")
+        raise FedmergeError(f"{path} is not a fedmerge checkpoint (needs config.json beside model.safetensors or "
+                            "merged.safetensors); give the --out folder of `fedmerge train` or `fedmerge merge`")
     meta = json.loads(config_path.read_text())
     config = ExperimentConfig.model_validate(meta["config"])
     model = build_model(config.model, meta["text_dim"], config.train.seed)

@@ -1,0 +1,180 @@
+"""Learned merge coefficients (MergeRec): theta = theta_0 + sum_k w_k tau~_k, only w is trained.
+
+``w`` is task-wise (one scalar per domain) or layer-wise (one per domain per parameter group:
+each transformer block, and one group for everything else: adaptor, text codes, positions,
+embeddings). The merged parameters are built functionally at every step
+(``torch.func.functional_call``), so no model copies pile up. As in MergeRec, the candidate
+item vectors of each domain are computed once with the initial merged model and kept fixed;
+the vectors of the pseudo-users' own history items are recomputed with the current
+coefficients, so every group receives gradients.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from fedmerge.merge.losses import LOSSES
+from fedmerge.merge.methods import Prepared
+from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers
+from fedmerge.merge.teacher import Teacher
+from fedmerge.merge.vectors import StateDict, combine
+from fedmerge.models import Recommender
+from fedmerge.progress import progress_bar
+
+_BLOCK = re.compile(r"(?:blocks\.layers|encoder\.layer)\.(\d+)\.")
+
+
+class LearnConfig(BaseModel):
+    """Learning the merge coefficients on pseudo-users (MergeRec's published defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none", "task-wise", "layer-wise"] = "task-wise"
+    loss: Literal["mergerec", "adamerging", "kd", "ce"] = "mergerec"
+    temperature: float = Field(0.05, gt=0.0)
+    kd_weight: float = Field(2.5, ge=0.0, description="beta * T^2, the weight of the KL term")
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(500, ge=0)
+    held_out: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of pseudo-users held out; best w is restored")
+    eval_every: int = Field(50, ge=1)
+    teacher_top_k: int = Field(200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)")
+    seed: int = 0
+    pseudo: PseudoConfig = PseudoConfig()
+
+
+@dataclass
+class ServerDomain:
+    """What the server holds for one domain: public item table, pseudo-users and their teacher scores."""
+
+    name: str
+    features: torch.Tensor
+    users: PseudoUsers
+    teacher: Teacher | None
+    held_out: PseudoUsers | None = None
+    held_out_teacher: Teacher | None = None
+
+
+@dataclass
+class LearnResult:
+    """The learned coefficients (K, groups), the merged weights, and the per-step log."""
+
+    weights: torch.Tensor
+    merged: StateDict
+    groups: list[str]
+    log: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+
+
+def parameter_groups(keys: list[str], layer_wise: bool) -> tuple[dict[str, int], list[str]]:
+    """Group index of every key, and the group names: one group, or one per block plus "others"."""
+    if not layer_wise:
+        return {k: 0 for k in keys}, ["all"]
+    blocks = sorted({int(m.group(1)) for k in keys if (m := _BLOCK.search(k))})
+    index = {b: i + 1 for i, b in enumerate(blocks)}
+    return ({k: index[int(m.group(1))] if (m := _BLOCK.search(k)) else 0 for k in keys},
+            ["others"] + [f"block {b}" for b in blocks])
+
+
+class _Student(nn.Module):
+    """Scores with the current parameters; the history items' own vectors are recomputed."""
+
+    def __init__(self, model: Recommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, fixed_items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        seen = histories[histories >= 0].unique()
+        items = fixed_items.index_put((seen,), self.model.item_vectors(features[seen]))
+        return self.model.scores(features, items, histories)
+
+
+def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, domains: list[ServerDomain],
+                       config: LearnConfig, quiet: bool = False) -> LearnResult:
+    """Learn w on the domains' pseudo-users; return the final (or best held-out) coefficients and merged weights.
+
+    ``model`` is any instance of the merged models' architecture; its weights are overwritten
+    with the initial merge (which scores the fixed candidate items).
+    """
+    keys = list(prepared.vectors[0])
+    group_of, group_names = parameter_groups(keys, config.mode == "layer-wise")
+    initial = torch.tensor(prepared.weights, dtype=torch.float32)
+    weights = nn.Parameter(initial[:, None].repeat(1, len(group_names)))
+    result = LearnResult(weights.detach().clone(), combine(base, prepared.vectors, prepared.weights), group_names)
+    if config.mode == "none" or config.steps == 0:
+        return result
+    student = _Student(model).eval()
+    model.load_state_dict(result.merged)
+    with torch.inference_mode():
+        fixed = [model.item_vectors(d.features).clone() for d in domains]
+    loss_fn = LOSSES[config.loss]
+    optimizer = torch.optim.Adam([weights], lr=config.lr)
+    rng = np.random.default_rng(config.seed)
+    pool = np.concatenate([np.stack([np.full(len(d.users.items), k), np.arange(len(d.users.items))], 1)
+                           for k, d in enumerate(domains)])
+    best = (float("inf"), None)
+
+    def merged_params() -> StateDict:
+        return {f"model.{k}": v for k, v in build_merged(base, prepared.vectors, weights, group_of).items()}
+
+    def batch_loss(params: StateDict, picks: np.ndarray, held: bool) -> torch.Tensor:
+        total = torch.zeros(())
+        for k in np.unique(picks[:, 0]):
+            d = domains[k]
+            users, teacher = (d.held_out, d.held_out_teacher) if held else (d.users, d.teacher)
+            rows = torch.from_numpy(picks[picks[:, 0] == k, 1])
+            scores = torch.func.functional_call(student, params, (d.features, fixed[k], users.histories[rows]))
+            target = teacher.dense(rows) if teacher is not None else None
+            total = total + loss_fn(scores, target, users.items[rows], config.temperature, config.kd_weight) * len(rows)
+        return total / len(picks)
+
+    held_pool = np.concatenate([np.stack([np.full(len(d.held_out.items), k), np.arange(len(d.held_out.items))], 1)
+                                for k, d in enumerate(domains) if d.held_out is not None] or [np.empty((0, 2), int)])
+    with progress_bar(TextColumn("[bold]learning merge coefficients"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), quiet=quiet) as progress:
+        task = progress.add_task("learn", total=config.steps, loss=float("nan"))
+        for step in range(1, config.steps + 1):
+            picks = pool[rng.choice(len(pool), size=min(config.batch_size, len(pool)), replace=False)]
+            loss = batch_loss(merged_params(), picks, held=False)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            entry = {"step": step, "loss": loss.item(), "weights": weights.detach().tolist()}
+            if len(held_pool) and (step % config.eval_every == 0 or step == config.steps):
+                with torch.no_grad():
+                    entry["held_out_loss"] = _chunked_loss(batch_loss, merged_params(), held_pool)
+                if entry["held_out_loss"] < best[0]:
+                    best = (entry["held_out_loss"], (step, weights.detach().clone()))
+            result.log.append(entry)
+            progress.update(task, advance=1, loss=entry["loss"])
+    final = weights.detach().clone()
+    if best[1] is not None:
+        result.best_step, final = best[1]
+    result.weights = final
+    with torch.no_grad():
+        result.merged = build_merged(base, prepared.vectors, final, group_of)
+    return result
+
+
+def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tensor, group_of: dict[str, int]) -> StateDict:
+    """theta_0 + sum_k weights[k, group(key)] * vectors[k][key] (differentiable in `weights`)."""
+    merged = dict(base)
+    for key in vectors[0]:
+        merged[key] = base[key] + sum(weights[k, group_of[key]] * v[key] for k, v in enumerate(vectors))
+    return merged
+
+
+def _chunked_loss(batch_loss: Callable[[StateDict, np.ndarray, bool], torch.Tensor], params: StateDict,
+                  pool: np.ndarray, chunk: int = 256) -> float:
+    """Mean loss over all of `pool` (held-out pseudo-users), in chunks."""
+    return float(sum(batch_loss(params, pool[i : i + chunk], True).item() * len(pool[i : i + chunk])
+                     for i in range(0, len(pool), chunk)) / len(pool))

@@ -1,0 +1,100 @@
+"""Pseudo-users (MergeRec): virtual histories built from a domain's public catalogue only.
+
+Every item i (or a subset) becomes a virtual user with history ``[i]`` whose "own item" is i.
+Subsets: a seeded random sample, or the items nearest to k-means centroids of the item
+features. Beyond the paper, ``walk_length > 1`` extends each history by walking the teacher's
+item-item scores (each next item drawn from the current item's top neighbours), giving
+multi-item pseudo-sequences; the own item is then the walk's last item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Selection = Literal["all", "random", "kmeans"]
+
+
+class PseudoConfig(BaseModel):
+    """How the server builds pseudo-users for each domain."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    selection: Selection = "all"
+    count: int = Field(1000, ge=1, description="random / kmeans: pseudo-users per domain (capped at the catalogue)")
+    walk_length: int = Field(1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)")
+    walk_top: int = Field(10, ge=1, description="walks step to one of the current item's top teacher neighbours")
+    seed: int = 0
+
+
+@dataclass
+class PseudoUsers:
+    """One domain's pseudo-users: right-padded histories (P, L), pad -1, and each one's own item (P,)."""
+
+    histories: torch.Tensor
+    items: torch.Tensor
+
+
+def select_items(features: torch.Tensor, config: PseudoConfig) -> torch.Tensor:
+    """The items that start pseudo-users: all of them, a random subset, or those nearest k-means centroids."""
+    n = len(features)
+    if config.selection == "all" or config.count >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.selection == "random":
+        return torch.randperm(n, generator=generator)[: config.count].sort().values
+    return _kmeans_items(features.float(), config.count, generator)
+
+
+def _kmeans_items(features: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 20) -> torch.Tensor:
+    """Items nearest to the centroids of a seeded k-means (Lloyd) on the features, one per centroid, distinct."""
+    centroids = features[torch.randperm(len(features), generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(features, centroids).argmin(1)
+        for c in range(k):
+            members = features[assign == c]
+            if len(members):
+                centroids[c] = members.mean(0)
+    distances = torch.cdist(centroids, features)
+    chosen: list[int] = []
+    taken = torch.zeros(len(features), dtype=torch.bool)
+    for c in range(k):
+        row = distances[c].masked_fill(taken, float("inf"))
+        item = int(row.argmin())
+        chosen.append(item)
+        taken[item] = True
+    return torch.tensor(sorted(chosen))
+
+
+def one_item_users(items: torch.Tensor) -> PseudoUsers:
+    """History ``[i]`` for each item i."""
+    return PseudoUsers(items[:, None].clone(), items.clone())
+
+
+def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed: int) -> PseudoUsers:
+    """Histories of `length` items: from each start, step to a random one of the current item's `neighbours`.
+
+    ``neighbours`` is (n_items, top) item indices (the teacher's best-scored items for ``[i]``,
+    the item itself excluded).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    walks = [starts]
+    for _ in range(length - 1):
+        pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
+        walks.append(neighbours[walks[-1], pick])
+    histories = torch.stack(walks, 1)
+    return PseudoUsers(histories, histories[:, -1].clone())
+
+
+def split_held_out(users: PseudoUsers, fraction: float, seed: int) -> tuple[PseudoUsers, PseudoUsers | None]:
+    """A seeded (train, held-out) split of pseudo-users; no held-out part when `fraction` is 0."""
+    if fraction <= 0 or len(users.items) < 2:
+        return users, None
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(users.items)))
+    cut = max(1, int(round(fraction * len(order))))
+    held, kept = order[:cut], order[cut:]
+    return PseudoUsers(users.histories[kept], users.items[kept]), PseudoUsers(users.histories[held], users.items[held])

@@ -1,0 +1,104 @@
+"""``fedmerge merge``: base + fine-tuned checkpoints in, a merged checkpoint with metrics out.
+
+The server side only: it reads weights and each domain's public item table, builds
+pseudo-users and teacher scores from them, and learns the merge coefficients. Each domain's
+private splits are used only to evaluate the result, as the parties do in the federation.
+Writes ``merged.safetensors`` + ``config.json`` (a checkpoint ``fedmerge evaluate`` reads),
+``coefficients.json`` and, last, ``metrics.json`` / ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from fedmerge.config import ExperimentConfig
+from fedmerge.errors import FedmergeError
+from fedmerge.files import write_json
+from fedmerge.merge.learn import LearnConfig, LearnResult, ServerDomain, learn_coefficients
+from fedmerge.merge.losses import NEEDS_TEACHER
+from fedmerge.merge.methods import Params, prepare
+from fedmerge.merge.pseudo import PseudoUsers, one_item_users, select_items, split_held_out, walk_users
+from fedmerge.merge.teacher import neighbours, teacher_scores
+from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
+from fedmerge.models import Recommender
+from fedmerge.runs.results import Row, write_metrics
+from fedmerge.train.checkpoint import build_model, checkpoint_files, load_checkpoint, save_weights
+from fedmerge.train.loop import Part
+from fedmerge.train.run import evaluate_rows, load_parts
+
+
+def read_weights(path: Path) -> StateDict:
+    """A safetensors file, or the weights of a checkpoint folder."""
+    weights, _ = checkpoint_files(path)
+    if not weights.exists():
+        raise FedmergeError(f"{path} has no weights; give a model.safetensors / base.safetensors or a train folder")
+    return load_file(str(weights))
+
+
+def server_domain(part: Part, teacher_model: Recommender, config: LearnConfig) -> ServerDomain:
+    """Pseudo-users of one domain (from its public items) with the fine-tuned model's teacher scores."""
+    pseudo = config.pseudo
+    starts = select_items(part.features, pseudo)
+    if pseudo.walk_length > 1:
+        near = neighbours(teacher_model, part.features, pseudo.walk_top, config.temperature)
+        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed)
+    else:
+        users = one_item_users(starts)
+    users, held = split_held_out(users, config.held_out, config.seed)
+    need = config.loss in NEEDS_TEACHER
+
+    def teach(group: PseudoUsers | None):  # noqa: ANN202
+        if group is None or not need:
+            return None
+        return teacher_scores(teacher_model, part.features, group, config.teacher_top_k, config.temperature)
+
+    return ServerDomain(part.domain.name, part.features, users, teach(users), held, teach(held))
+
+
+def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], method: str, params: Params,
+              learn: LearnConfig, out: Path, quiet: bool = False) -> tuple[list[Row], LearnResult]:
+    """Merge the fine-tuned checkpoints (one per domain, same base) and evaluate on every domain."""
+    if len(model_paths) != len(domains):
+        raise FedmergeError(f"{len(model_paths)} models for {len(domains)} domains; give one --models entry per domain")
+    if len(set(domains)) != len(domains):
+        raise FedmergeError("a domain is listed twice in --domains; each domain contributes one model")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "metrics.csv"):
+        (out / stale).unlink(missing_ok=True)
+    members = [load_checkpoint(p) for p in model_paths]
+    config: ExperimentConfig = members[0][1]
+    for path, (_, other, _) in zip(model_paths[1:], members[1:], strict=True):
+        if other.model != config.model:
+            raise FedmergeError(f"{path} was trained with another model config than {model_paths[0]}; "
+                                "merge models of one config")
+    base = read_weights(base_path)
+    states = [m.state_dict() for m, _, _ in members]
+    check_aligned(base, states, domains)
+    started = time.perf_counter()
+    prepared = prepare(method, [task_vector(base, s) for s in states], params)
+    parts = load_parts(domains, config.model, quiet=quiet)
+    server = [server_domain(p, m, learn) for p, (m, _, _) in zip(parts, members, strict=True)] \
+        if learn.mode != "none" else []
+    skeleton = build_model(config.model, members[0][2]["text_dim"], config.train.seed)
+    result = learn_coefficients(skeleton, base, prepared, server, learn, quiet=quiet)
+    seconds = time.perf_counter() - started
+    skeleton.load_state_dict(result.merged)
+    save_weights(skeleton, out / "merged.safetensors")
+    write_json(out / "config.json", {"config": config.model_dump(), "kind": config.model.kind,
+                                     "text_dim": members[0][2]["text_dim"], "domains": domains})
+    write_json(out / "coefficients.json", {
+        "method": method, "params": params.model_dump(), "learn": learn.model_dump(), "groups": result.groups,
+        "initial": prepared.weights, "weights": result.weights.tolist(), "best_step": result.best_step,
+        "merge_seconds": round(seconds, 2), "teacher_bytes": sum(d.teacher.nbytes for d in server if d.teacher),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "domains": domains, "models": [str(p) for p in model_paths], "base": str(base_path), "log": result.log})
+    label = f"{method}" + ("" if learn.mode == "none" else f"+{learn.mode}:{learn.loss}")
+    rows = evaluate_rows(skeleton, parts, label, config.train.eval_batch_size)
+    write_metrics(rows, out)
+    return rows, result
+

@@ -1,0 +1,75 @@
+"""Teacher scores: each domain's fine-tuned model scores all of its items for each pseudo-user.
+
+Computed once, in chunks of pseudo-users. A dense (pseudo-users x items) table is ~5 GB at
+35k items, so by default only each row's top ``top_k`` scores are kept, plus one *floor*
+value standing for every other item: the floor is chosen so that the tail keeps its exact
+total softmax mass at temperature T, ``(N - k) exp(floor / T) = sum_tail exp(s / T)``. The
+top-k probabilities of the rebuilt row are then exact, and only how the (small) tail mass
+spreads over tail items is approximated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedmerge.merge.pseudo import PseudoUsers
+from fedmerge.models import Recommender
+
+
+@dataclass
+class Teacher:
+    """Top-k teacher scores (P, k) with their item indices, a floor per row, and the catalogue size."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    floor: torch.Tensor
+    n_items: int
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), n_items) scores rebuilt from the stored top-k and the floor."""
+        out = self.floor[rows, None].expand(len(rows), self.n_items).clone()
+        return out.scatter_(1, self.indices[rows], self.values[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (self.values, self.indices, self.floor))
+
+
+def teacher_scores(model: Recommender, features: torch.Tensor, users: PseudoUsers, top_k: int,
+                   temperature: float, batch_size: int = 1024) -> Teacher:
+    """Score every item for every pseudo-user with `model` (eval mode, no gradients).
+
+    ``top_k`` <= 0 or >= the catalogue keeps the dense table (floor unused).
+    """
+    model.eval()
+    n_items = len(features)
+    keep = n_items if top_k <= 0 else min(top_k, n_items)
+    values, indices, floors = [], [], []
+    with torch.inference_mode():
+        items = model.item_vectors(features)
+        for start in range(0, len(users.items), batch_size):
+            scores = model.scores(features, items, users.histories[start : start + batch_size]).float().cpu()
+            top = scores.topk(keep, dim=1)
+            values.append(top.values)
+            indices.append(top.indices)
+            floors.append(_tail_floor(scores, top.indices, temperature) if keep < n_items
+                          else torch.zeros(len(scores)))
+    return Teacher(torch.cat(values), torch.cat(indices), torch.cat(floors), n_items)
+
+
+def _tail_floor(scores: torch.Tensor, top: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row, the score that, given to every non-top item, keeps the tail's softmax mass at `temperature`."""
+    tail = scores.scatter(1, top, float("-inf")) / temperature
+    return temperature * (torch.logsumexp(tail, dim=1) - math.log(scores.shape[1] - top.shape[1]))
+
+
+def neighbours(model: Recommender, features: torch.Tensor, top: int, temperature: float) -> torch.Tensor:
+    """(n_items, top) each item's best-scored other items by `model` for the one-item history ``[i]``."""
+    n = len(features)
+    items = torch.arange(n)
+    found = teacher_scores(model, features, PseudoUsers(items[:, None], items), min(n, top + 1), temperature).indices
+    last_if_self = (found == items[:, None]).float().argsort(dim=1, stable=True)  # the item itself moves to the end
+    return found.gather(1, last_if_self)[:, : min(top, n - 1)]

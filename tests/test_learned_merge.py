@@ -1,0 +1,144 @@
+"""Pseudo-users, teachers, learned merge coefficients and `fedmerge merge`, on tiny models of synthetic domains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.merge import prepare, task_vector
+from fedmerge.merge.learn import LearnConfig, build_merged, learn_coefficients, parameter_groups
+from fedmerge.merge.methods import method_params
+from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
+from fedmerge.merge.run import merge_run, server_domain
+from fedmerge.merge.teacher import neighbours, teacher_scores
+from fedmerge.models.scoring import model_scorer
+from fedmerge.train.checkpoint import build_model, load_checkpoint
+from fedmerge.train.run import load_parts, train_run
+from tests.test_train import tiny
+
+DOMAINS = ["synth-0", "synth-1", "synth-2"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Three tiny textseq models fine-tuned from one seeded base, one per synthetic domain."""
+    root = tmp_path_factory.mktemp("finetuned")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMERGE_DATA", str(root / "cache"))
+        for name in DOMAINS:
+            train_run([name], tiny("train.epochs=8"), root / name, quiet=True)
+        parts = load_parts(DOMAINS, tiny().model, quiet=True)
+    models = [load_checkpoint(root / name)[0] for name in DOMAINS]
+    base = load_file(str(root / DOMAINS[0] / "base.safetensors"))
+    return {"root": root, "parts": parts, "models": models, "base": base}
+
+
+def _server(finetuned: dict, config: LearnConfig) -> list:
+    return [server_domain(p, m, config) for p, m in zip(finetuned["parts"], finetuned["models"], strict=True)]
+
+
+def test_sparse_teacher_keeps_top_k_probabilities_and_tail_mass(finetuned: dict) -> None:
+    part, model = finetuned["parts"][0], finetuned["models"][0]
+    users = one_item_users(torch.arange(30))
+    dense = teacher_scores(model, part.features, users, top_k=0, temperature=0.05)
+    sparse = teacher_scores(model, part.features, users, top_k=20, temperature=0.05)
+    rows = torch.arange(30)
+    p_full = torch.softmax(dense.dense(rows) / 0.05, 1)
+    p_sparse = torch.softmax(sparse.dense(rows) / 0.05, 1)
+    top = sparse.indices
+    torch.testing.assert_close(p_sparse.gather(1, top), p_full.gather(1, top), rtol=1e-4, atol=1e-6)
+    assert sparse.nbytes < dense.nbytes / 4
+
+
+def test_pseudo_user_selections_and_walks(finetuned: dict) -> None:
+    part, model = finetuned["parts"][0], finetuned["models"][0]
+    n = len(part.features)
+    assert torch.equal(select_items(part.features, PseudoConfig()), torch.arange(n))
+    chosen = select_items(part.features, PseudoConfig(selection="random", count=50, seed=1))
+    assert len(chosen.unique()) == 50 and torch.equal(chosen, select_items(part.features, PseudoConfig(selection="random",
+                                                                                                       count=50, seed=1)))
+    centroids = select_items(part.features, PseudoConfig(selection="kmeans", count=16))
+    assert len(centroids.unique()) == 16
+    near = neighbours(model, part.features, top=5, temperature=0.05)
+    assert near.shape == (n, 5) and not (near == torch.arange(n)[:, None]).any()
+    walks = walk_users(torch.arange(10), near, length=4, seed=0)
+    assert walks.histories.shape == (10, 4) and torch.equal(walks.items, walks.histories[:, -1])
+    assert all(int(walks.histories[i, t + 1]) in near[int(walks.histories[i, t])].tolist() for i in range(10) for t in range(3))
+    train, held = split_held_out(one_item_users(torch.arange(100)), 0.2, seed=0)
+    assert (len(train.items), len(held.items)) == (80, 20) and not set(train.items.tolist()) & set(held.items.tolist())
+
+
+def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned: dict) -> None:
+    base, models = finetuned["base"], finetuned["models"]
+    prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
+    config = LearnConfig(steps=80, held_out=0.25, eval_every=10, lr=1e-2)
+    skeleton = build_model(tiny().model, 64, seed=0)
+    result = learn_coefficients(skeleton, base, prepared, _server(finetuned, config), config, quiet=True)
+    held = [e["held_out_loss"] for e in result.log if "held_out_loss" in e]
+    assert len(held) == 8 and min(held[1:]) < held[0]
+    assert not torch.equal(result.weights, torch.full((3, 1), 0.3))
+    expected = build_merged(base, prepared.vectors, result.weights, parameter_groups(list(prepared.vectors[0]), False)[0])
+    assert all(torch.equal(result.merged[k], expected[k]) for k in base)  # the merge is theta_0 + sum_k w_k tau~_k
+
+
+def test_layer_wise_with_equal_groups_matches_task_wise(finetuned: dict) -> None:
+    base, models = finetuned["base"], finetuned["models"]
+    prepared = prepare("ties", [task_vector(base, m.state_dict()) for m in models], {"density": 0.5})
+    keys = list(prepared.vectors[0])
+    layer_groups, names = parameter_groups(keys, True)
+    assert names == ["others", "block 0"] and layer_groups["blocks.layers.0.linear1.weight"] == 1
+    task_groups, _ = parameter_groups(keys, False)
+    w = torch.tensor([[0.7], [1.1], [0.4]])
+    one = build_merged(base, prepared.vectors, w, task_groups)
+    many = build_merged(base, prepared.vectors, w.repeat(1, len(names)), layer_groups)
+    assert all(torch.equal(one[k], many[k]) for k in base)
+    losses = []
+    for mode in ("task-wise", "layer-wise"):
+        config = LearnConfig(mode=mode, steps=1)
+        skeleton = build_model(tiny().model, 64, seed=0)
+        losses.append(learn_coefficients(skeleton, base, prepared, _server(finetuned, config), config, quiet=True).log[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
+    root = finetuned["root"]
+    rows, _ = merge_run(root / DOMAINS[0] / "base.safetensors", [root / d for d in DOMAINS], DOMAINS, "ties",
+                        method_params("ties"), LearnConfig(steps=100), tmp_path / "merged", quiet=True)
+    merged = {r["domain"]: r["recall@10"] for r in rows if r["split"] == "test"}
+    for part in finetuned["parts"]:
+        singles = [evaluate_domain(model_scorer(m, part.features), part.domain, "test")["recall@10"] for m in finetuned["models"]]
+        assert merged[part.domain.name] > min(singles), (part.domain.name, merged, singles)
+    coefficients = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
+    assert len(coefficients["log"]) == 100 and coefficients["teacher_bytes"] > 0
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "coefficients.json", "config.json", "merged.safetensors", "metrics.csv", "metrics.json"]
+    model, _, _ = load_checkpoint(tmp_path / "merged")  # a merge folder is a checkpoint `evaluate` can read
+    again = evaluate_domain(model_scorer(model, finetuned["parts"][1].features), finetuned["parts"][1].domain, "test")
+    assert again["recall@10"] == merged["synth-1"]
+
+
+def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
+    root, base = finetuned["root"], finetuned["root"] / DOMAINS[0] / "base.safetensors"
+    params = method_params("average")
+    with pytest.raises(FedmergeError, match="2 models for 3 domains"):
+        merge_run(base, [root / d for d in DOMAINS[:2]], DOMAINS, "average", params, LearnConfig(), tmp_path / "a")
+    with pytest.raises(FedmergeError, match="listed twice"):
+        merge_run(base, [root / d for d in DOMAINS[:2]], ["synth-0", "synth-0"], "average", params, LearnConfig(), tmp_path / "b")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    weights = load_file(str(root / "synth-1" / "model.safetensors"))
+    weights["positions"][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"))
+    (broken / "config.json").write_text((root / "synth-1" / "config.json").read_text())
+    with pytest.raises(FedmergeError, match="NaN"):
+        merge_run(base, [root / "synth-0", broken], DOMAINS[:2], "average", params, LearnConfig(), tmp_path / "c")
+    assert not (tmp_path / "c" / "metrics.json").exists()
