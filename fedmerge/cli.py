@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmerge.config import load_config
+from fedmerge.config import apply_overrides, load_config, validate
 from fedmerge.data.catalog import import_domain, imported_names, load_domain
 from fedmerge.data.download import archive_path, fetch
 from fedmerge.data.importers import IMPORTERS
@@ -20,6 +20,9 @@ from fedmerge.data.importers.recbole import write_recbole
 from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
+from fedmerge.merge import METHODS, method_params
+from fedmerge.merge.learn import LearnConfig
+from fedmerge.merge.run import merge_run
 from fedmerge.models import MODELS
 from fedmerge.models.popularity import popularity_scorer
 from fedmerge.models.scoring import model_scorer
@@ -213,6 +216,34 @@ def pretrain(
     rows = train_run(names, load_config(config, overrides or []), out, quiet=quiet, label="pretrained")
     console.print(metrics_table(rows, title=f"pretrained on {', '.join(names)}"))
     console.print(f"wrote {out}; fine-tune from it with `fedmerge train --init {out}`")
+
+
+@app.command("merge")
+def merge(
+    base: Annotated[Path, typer.Option("--base", help="theta_0: base.safetensors of a train folder, or a pretrain folder.")],
+    models: Annotated[list[str], typer.Option("--models", help="Fine-tuned train folders, one per domain, "
+                                                                 "comma-separated or repeated.")],
+    domains: Annotated[str, typer.Option("--domains", help="The models' domains, in the same order.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for merged.safetensors, coefficients.json, metrics.")],
+    method: Annotated[str, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)}.")] = "ties",
+    learn: Annotated[str, typer.Option("--learn", help="none, task-wise or layer-wise coefficients.")] = "task-wise",
+    loss: Annotated[str, typer.Option("--loss", help="mergerec, adamerging, kd or ce.")] = "mergerec",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="method.KEY=V (merge method), learn.KEY=V, "
+                                                                      "learn.pseudo.KEY=V.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Merge fine-tuned domain models (server side: weights and public item tables only)."""
+    tree = apply_overrides({"method": {}, "learn": {"mode": learn, "loss": loss}}, overrides or [])
+    unknown = sorted(set(tree) - {"method", "learn"})
+    if unknown:
+        raise FedmergeError(f"--set {unknown[0]}.*: merge settings are method.KEY or learn.KEY")
+    params = method_params(method, tree["method"])
+    learn_config = validate(LearnConfig, tree["learn"], prefix="learn.")
+    paths = [Path(p.strip()) for item in models for p in item.split(",") if p.strip()]
+    rows, result = merge_run(base, paths, _split_names(domains), method, params, learn_config, out, quiet=quiet)
+    console.print(metrics_table(rows, title=f"{method} merge ({learn}{'' if learn == 'none' else ', ' + loss})"))
+    console.print(f"coefficients {[[round(w, 3) for w in row] for row in result.weights.tolist()]} "
+                  f"({', '.join(result.groups)}); wrote {out}")
 
 
 def main() -> None:

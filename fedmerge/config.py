@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedmerge.errors import FedmergeError
 
+M = TypeVar("M", bound=BaseModel)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -111,16 +112,26 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
             raise FedmergeError(f"cannot read config {path} ({err.strerror}); give a TOML file or a preset: {presets}") from err
         except tomllib.TOMLDecodeError as err:
             raise FedmergeError(f"config {file} is not valid TOML ({err})") from err
-    for item in overrides or []:
+    return validate(ExperimentConfig, apply_overrides(tree, overrides or []))
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``section.key=value`` of `overrides` in the nested dict `tree` (in place; returned)."""
+    for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise FedmergeError(f"--set {item!r} is not key=value (e.g. --set train.lr=5e-4)")
         _set(tree, key.strip(), _parse_value(value.strip()))
+    return tree
+
+
+def validate(model: type[M], tree: dict[str, Any], prefix: str = "") -> M:
+    """`tree` validated as `model`; the first unknown or ill-typed key is named (``prefix.key``) in the error."""
     try:
-        return ExperimentConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
+        key = prefix + ".".join(str(part) for part in first["loc"])
         problem = "is not a known key" if first["type"] == "extra_forbidden" else first["msg"].lower()
         raise FedmergeError(f"config key {key!r} {problem}"
                             + (f" (got {first['input']!r})" if first["type"] != "extra_forbidden" else "")) from err

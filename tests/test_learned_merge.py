@@ -20,6 +20,7 @@ from fedmerge.merge.teacher import neighbours, teacher_scores
 from fedmerge.models.scoring import model_scorer
 from fedmerge.train.checkpoint import build_model, load_checkpoint
 from fedmerge.train.run import load_parts, train_run
+from tests.test_cli import run_cli
 from tests.test_train import tiny
 
 DOMAINS = ["synth-0", "synth-1", "synth-2"]
@@ -142,3 +143,19 @@ def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monke
     with pytest.raises(FedmergeError, match="NaN"):
         merge_run(base, [root / "synth-0", broken], DOMAINS[:2], "average", params, LearnConfig(), tmp_path / "c")
     assert not (tmp_path / "c" / "metrics.json").exists()
+
+
+def test_merge_command(finetuned: dict, tmp_path: Path) -> None:
+    root = finetuned["root"]
+    common = ["--base", str(root / "synth-0" / "base.safetensors"), "--models", f"{root / 'synth-0'},{root / 'synth-1'}",
+              "--domains", "synth-0,synth-1", "--quiet"]
+    out = run_cli("merge", *common, "--method", "task_arithmetic", "--learn", "none", "--set", "method.lam=0.5",
+                  "--out", str(tmp_path / "m"), cache=root / "cache")
+    assert out.returncode == 0, out.stderr
+    coefficients = json.loads((tmp_path / "m" / "coefficients.json").read_text())
+    assert coefficients["weights"] == [[0.5], [0.5]] and coefficients["params"] == {"lam": 0.5}
+    bad = run_cli("merge", *common, "--set", "learn.stpes=3", "--out", str(tmp_path / "bad"), cache=root / "cache")
+    assert bad.returncode == 2 and "'learn.stpes' is not a known key" in bad.stderr
+    other = run_cli("merge", "--base", str(root / "synth-1" / "model.safetensors"), *common[2:], "--out",
+                    str(tmp_path / "o"), cache=root / "cache")
+    assert other.returncode == 2 and "fine-tuned from another base" in other.stderr

@@ -106,8 +106,8 @@ def test_bad_models_and_params_are_named() -> None:
         check_aligned(base, [{k: v for k, v in models[0].items() if k != "positions"}])
     with pytest.raises(FedmergeError, match="unknown merge method 'mean'.*ties"):
         method_params("mean")
-    with pytest.raises(FedmergeError, match="'densty' is not a parameter"):
+    with pytest.raises(FedmergeError, match="'method.densty' is not a known key"):
         method_params("ties", {"densty": 0.2})
-    with pytest.raises(FedmergeError, match="'density'"):
+    with pytest.raises(FedmergeError, match="'method.density'"):
         method_params("ties", {"density": 1.5})
     assert task_vector(base, base)["positions"].abs().sum() == 0

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from fedmerge.config import validate
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict, combine, flatten, task_vector, unflatten
 
@@ -181,13 +182,7 @@ def method_params(name: str, values: dict | None = None) -> Params:
     """Validated parameters of method `name`; an unknown method or key is named in the error."""
     if name not in METHODS:
         raise FedmergeError(f"unknown merge method {name!r}; use one of: {', '.join(METHODS)}")
-    try:
-        return METHODS[name].params.model_validate(values or {})
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        problem = "is not a parameter of this method" if first["type"] == "extra_forbidden" else first["msg"].lower()
-        raise FedmergeError(f"merge method {name!r}: {key!r} {problem}") from err
+    return validate(METHODS[name].params, values or {}, prefix="method.")
 
 
 def prepare(name: str, vectors: list[StateDict], params: Params | dict | None = None) -> Prepared:

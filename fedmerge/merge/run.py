@@ -13,6 +13,7 @@ import resource
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from fedmerge.config import ExperimentConfig
@@ -79,6 +80,11 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], meth
     base = read_weights(base_path)
     states = [m.state_dict() for m, _, _ in members]
     check_aligned(base, states, domains)
+    for path, name in zip(model_paths, domains, strict=True):
+        start = Path(path) / "base.safetensors"
+        if start.exists() and any(not torch.equal(t, base[k]) for k, t in load_file(str(start)).items() if k in base):
+            raise FedmergeError(f"the {name} model ({path}) was fine-tuned from another base than {base_path}; "
+                                "task vectors are only meaningful from a common base")
     started = time.perf_counter()
     prepared = prepare(method, [task_vector(base, s) for s in states], params)
     parts = load_parts(domains, config.model, quiet=quiet)
