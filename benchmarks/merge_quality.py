@@ -1,0 +1,190 @@
+"""Merging benchmark: fine-tuned, joint, training-free merges and learned (MergeRec) merges.
+
+Protocol: each domain's test split (leave-one-out; MergeRec domains use their published split),
+full ranking over all items of the domain, seen items not excluded; recall@10 and ndcg@10,
+mean +- std over seeds. Per seed and base regime, every domain is fine-tuned from the same
+base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain`` on the
+``--pretrain`` domains with that seed), then merged. *fine-tuned (own)* is each domain's model
+on its own domain; *joint* one model trained on the pooled data (the non-private reference);
+*task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
+density 0.2 (global), *dare* p = 0.5 then TIES; *adamerging* and *mergerec* learn coefficients
+on pseudo-users (500 steps, TIES init). *Unseen*: merge all domains but one (MergeRec
+task-wise) and test on the one left out, against theta_0 and every single fine-tuned model.
+
+Runs are kept under ``--runs`` and reused when complete, so the benchmark can be built up
+over several sessions.
+
+    python benchmarks/merge_quality.py [--domains beauty,sports,toys,pantry] [--seeds 0,1,2]
+        [--bases seeded,pretrained] [--pretrain steam,games] [--runs runs/merge] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.merge import method_params
+from fedmerge.merge.learn import LearnConfig
+from fedmerge.merge.run import merge_run
+from fedmerge.train.checkpoint import load_checkpoint
+from fedmerge.train.run import evaluate_rows, load_parts, train_run
+
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+MERGES = {  # name -> (method, params, learn mode, loss)
+    "average": ("average", {}, "none", "mergerec"),
+    "ties": ("ties", {}, "none", "mergerec"),
+    "dare": ("dare", {"p": 0.5, "then": "ties", "density": 0.2, "lam": 1.0}, "none", "mergerec"),
+    "adamerging": ("ties", {}, "task-wise", "adamerging"),
+    "mergerec task-wise": ("ties", {}, "task-wise", "mergerec"),
+    "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec"),
+}
+
+
+def _rows(folder: Path) -> list[dict]:
+    return json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else []
+
+
+def _cells(rows: list[dict], label: str, split: str = "test") -> dict[str, tuple[float, float]]:
+    return {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in rows if r["model"] == label and r["split"] == split}
+
+
+def _train(names: list[str], config: ExperimentConfig, folder: Path, init: Path | None, label: str | None = None) -> None:
+    if not (folder / "metrics.json").exists():
+        train_run(names, config, folder, init=init, quiet=True, label=label)
+
+
+def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str, params: dict, mode: str, loss: str,
+           steps: int) -> list[dict]:
+    if not (folder / "metrics.json").exists():
+        merge_run(base, [runs / d for d in domains], domains, method, method_params(method, params),
+                  LearnConfig(mode=mode, loss=loss, steps=steps), folder, quiet=True)
+    return _rows(folder)
+
+
+def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str) -> list[dict]:
+    """Rows of the checkpoint in `folder` on every domain of `names` (cached as cross.json)."""
+    cache = folder / "cross.json"
+    if not cache.exists():
+        model, _, _ = load_checkpoint(folder)
+        cache.write_text(json.dumps(evaluate_rows(model, load_parts(names, config.model, quiet=True), label)))
+    return json.loads(cache.read_text())
+
+
+def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float]]]:
+    """All table cells of one base regime and seed: {row label: {domain: (recall@10, ndcg@10)}}."""
+    config = load_config("textseq", [*args.overrides, f"train.seed={seed}"])
+    runs = args.runs / base_kind / f"seed{seed}"
+    init = None
+    if base_kind == "pretrained":
+        init = args.runs / f"pretrained-seed{seed}"
+        _train(args.pretrain.split(","), config, init, None, label="pretrained")
+    for name in args.domains:
+        _train([name], config, runs / name, init)
+    _train(args.domains, config, runs / "joint", init)
+    base = runs / args.domains[0] / "base.safetensors"
+    table: dict[str, dict[str, tuple[float, float]]] = {"theta_0": {}, "fine-tuned (own)": {}}
+    for name in args.domains:
+        own = _rows(runs / name)
+        table["theta_0"] |= _cells(own, "base")
+        table["fine-tuned (own)"] |= _cells(own, "textseq")
+        for other, cell in _cells(_cross(runs / name, args.domains, config, name), name).items():
+            table.setdefault(f"fine-tuned on {name}", {})[other] = cell
+    table["joint"] = _cells(_rows(runs / "joint"), "joint")
+    valid = {lam: _merge(runs / f"merge-ta-{lam}", base, runs, args.domains, "task_arithmetic", {"lam": lam}, "none",
+                         "mergerec", args.steps) for lam in LAMBDAS}
+    best = max(LAMBDAS, key=lambda lam: np.mean([c[1] for c in _cells(valid[lam], "task_arithmetic", "valid").values()]))
+    table[f"task_arithmetic (lambda {best} on valid)"] = _cells(valid[best], "task_arithmetic")
+    for label, (method, params, mode, loss) in MERGES.items():
+        rows = _merge(runs / f"merge-{label.replace(' ', '-')}", base, runs, args.domains, method, params, mode, loss,
+                      args.steps)
+        table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in rows if r["split"] == "test"}
+    table["unseen: mergerec of the others"] = {}
+    for unseen in args.domains:
+        seen = [d for d in args.domains if d != unseen]
+        folder = runs / f"unseen-{unseen}"
+        _merge(folder, base, runs, seen, "ties", {}, "task-wise", "mergerec", args.steps)
+        table["unseen: mergerec of the others"] |= _cells(_cross(folder, [unseen], config, "merged"), "merged")
+    return table
+
+
+def _summary(tables: list[dict], domains: list[str]) -> list[dict]:
+    """Mean and std over seeds of every cell, plus the average over domains."""
+    out = []
+    for label in tables[0]:
+        record: dict[str, object] = {"model": label}
+        for metric, index in (("recall@10", 0), ("ndcg@10", 1)):
+            per_seed = [[t[label][d][index] for d in domains if d in t[label]] for t in tables]
+            for d in domains:
+                values = [t[label][d][index] for t in tables if d in t[label]]
+                if values:
+                    record[f"{d} {metric}"] = (float(np.mean(values)), float(np.std(values)))
+            if all(len(s) == len(domains) for s in per_seed):
+                averages = [float(np.mean(s)) for s in per_seed]
+                record[f"average {metric}"] = (float(np.mean(averages)), float(np.std(averages)))
+        out.append(record)
+    return out
+
+
+def _markdown(records: list[dict], domains: list[str]) -> str:
+    columns = [f"{d} {m}" for d in [*domains, "average"] for m in ("recall@10", "ndcg@10")]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in records:
+        cells = [f"{r[c][0]:.4f} ± {r[c][1]:.4f}" if c in r else "–" for c in columns]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (regime, records) in zip(axes[0], results.items(), strict=True):
+        shown = [r for r in records if "average recall@10" in r and not r["model"].startswith(("fine-tuned on", "unseen"))]
+        ax.barh([r["model"] for r in shown], [r["average recall@10"][0] for r in shown],
+                xerr=[r["average recall@10"][1] for r in shown])
+        ax.set_title(f"{regime} base: average test recall@10")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", type=lambda s: s.split(","), default=["beauty", "sports", "toys", "pantry"])
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--bases", type=lambda s: s.split(","), default=["seeded", "pretrained"])
+    parser.add_argument("--pretrain", default="steam,games")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    results = {kind: _summary([run_seed(kind, seed, args) for seed in args.seeds], args.domains) for kind in args.bases}
+    protocol = (__doc__ or "").split("\n\n")[1]
+    text = (f"# Merging quality\n\n{protocol}\n\nMachine: {platform.machine()}, Python {platform.python_version()}; "
+            f"seeds {args.seeds}; settings: {' '.join(args.overrides) or 'preset defaults'}.\n")
+    for kind, records in results.items():
+        text += f"\n## {kind} base\n\n{_markdown(records, args.domains)}\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "merge_quality.md").write_text(text)
+    with open(args.out / "merge_quality.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["base", "model", "column", "mean", "std"])
+        for kind, records in results.items():
+            for r in records:
+                writer.writerows([kind, r["model"], k, *v] for k, v in r.items() if k != "model")
+    _plot(results, args.out / "merge_quality.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
