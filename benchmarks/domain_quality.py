@@ -100,7 +100,7 @@ def _write(cells: dict[str, dict[str, tuple[float, float]]], facts: dict[str, di
     """Write the table so far as Markdown and CSV."""
     header = ("| domain | " + " | ".join(f"{c} R@10 | {c} N@10" for c in COLUMNS)
               + " | fine-tune time (min) | epochs (best) | stopped by |")
-    lines = [header, "|---" * (5 + 2 * len(COLUMNS)) + "|"]
+    lines = [header, "|---" * (4 + 2 * len(COLUMNS)) + "|"]
     records = []
     for name, row in cells.items():
         values = [f"{row[c][0]:.4f} | {row[c][1]:.4f}" if c in row else "– | –" for c in COLUMNS]

@@ -52,7 +52,7 @@ def test_sparse_teacher_keeps_top_k_probabilities_and_tail_mass(finetuned: dict)
     rows = torch.arange(30)
     p_full = torch.softmax(dense.dense(rows) / 0.05, 1)
     p_sparse = torch.softmax(sparse.dense(rows) / 0.05, 1)
-    top = sparse.indices
+    top = sparse.indices.long()
     torch.testing.assert_close(p_sparse.gather(1, top), p_full.gather(1, top), rtol=1e-4, atol=1e-6)
     assert sparse.nbytes < dense.nbytes / 4
 

@@ -210,3 +210,10 @@ def test_unusable_device_is_named() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(FedmergeError, match="train.device is 'cuda'.*set train.device=cpu"):
             resolve_device("cuda")
+
+
+def test_last_target_scheme_keeps_one_target_per_sequence() -> None:
+    from fedmerge.train.batches import last_targets_only
+
+    targets = torch.tensor([[3, 4, 5, -1], [7, -1, -1, -1], [1, 2, 3, 4]])
+    assert last_targets_only(targets).tolist() == [[-1, -1, 5, -1], [7, -1, -1, -1], [-1, -1, -1, 4]]

@@ -21,7 +21,7 @@ from fedmerge.models import Recommender
 
 @dataclass
 class Teacher:
-    """Top-k teacher scores (P, k) with their item indices, a floor per row, and the catalogue size."""
+    """Top-k teacher scores (P, k) with their item indices (int32), a floor per row, and the catalogue size."""
 
     values: torch.Tensor
     indices: torch.Tensor
@@ -31,7 +31,7 @@ class Teacher:
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
         """(len(rows), n_items) scores rebuilt from the stored top-k and the floor."""
         out = self.floor[rows, None].expand(len(rows), self.n_items).clone()
-        return out.scatter_(1, self.indices[rows], self.values[rows])
+        return out.scatter_(1, self.indices[rows].long(), self.values[rows])
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +54,7 @@ def teacher_scores(model: Recommender, features: torch.Tensor, users: PseudoUser
             scores = model.scores(features, items, users.histories[start : start + batch_size]).float().cpu()
             top = scores.topk(keep, dim=1)
             values.append(top.values)
-            indices.append(top.indices)
+            indices.append(top.indices.int())
             floors.append(_tail_floor(scores, top.indices, temperature) if keep < n_items
                           else torch.zeros(len(scores)))
     return Teacher(torch.cat(values), torch.cat(indices), torch.cat(floors), n_items)
@@ -70,6 +70,6 @@ def neighbours(model: Recommender, features: torch.Tensor, top: int, temperature
     """(n_items, top) each item's best-scored other items by `model` for the one-item history ``[i]``."""
     n = len(features)
     items = torch.arange(n)
-    found = teacher_scores(model, features, PseudoUsers(items[:, None], items), min(n, top + 1), temperature).indices
+    found = teacher_scores(model, features, PseudoUsers(items[:, None], items), min(n, top + 1), temperature).indices.long()
     last_if_self = (found == items[:, None]).float().argsort(dim=1, stable=True)  # the item itself moves to the end
     return found.gather(1, last_if_self)[:, : min(top, n - 1)]

@@ -43,3 +43,12 @@ def length_batches(
     for index in rng.permutation(len(batches)):
         seqs = [sequences[i] for i in batches[index]]
         yield pad_right([s[:-1] for s in seqs], max_len), pad_right([s[1:] for s in seqs], max_len)
+
+
+def last_targets_only(targets: torch.Tensor) -> torch.Tensor:
+    """`targets` (B, L) with every position but each row's last real one set to -1 (padding)."""
+    out = torch.full_like(targets, -1)
+    rows = torch.arange(len(targets))
+    last = (targets >= 0).sum(1) - 1
+    out[rows, last] = targets[rows, last]
+    return out

@@ -25,7 +25,7 @@ from fedmerge.files import atomic_path
 from fedmerge.models import Recommender, TextSeqRec
 from fedmerge.models.scoring import model_scorer
 from fedmerge.progress import progress_bar
-from fedmerge.train.batches import length_batches, training_sequences
+from fedmerge.train.batches import last_targets_only, length_batches, training_sequences
 
 
 @dataclass
@@ -124,6 +124,8 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
             progress.update(task, completed=0, epoch=epoch)
             for index in rng.permutation(len(streams)):
                 k, (inputs, targets) = streams[index]
+                if config.targets == "last":
+                    targets = last_targets_only(targets)
                 loss = model.loss(features[k], inputs.to(device), targets.to(device))
                 if not torch.isfinite(loss):
                     raise FedmergeError(f"the training loss became {loss.item()} at epoch {epoch}; "
