@@ -23,7 +23,7 @@ from fedmerge.merge.learn import LearnConfig, LearnResult, ServerDomain, learn_c
 from fedmerge.merge.losses import NEEDS_TEACHER
 from fedmerge.merge.methods import Params, prepare
 from fedmerge.merge.pseudo import PseudoUsers, one_item_users, select_items, split_held_out, walk_users
-from fedmerge.merge.teacher import neighbours, teacher_scores
+from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
 from fedmerge.models import Recommender
 from fedmerge.runs.results import Row, write_metrics
@@ -52,7 +52,7 @@ def server_domain(part: Part, teacher_model: Recommender, config: LearnConfig) -
     users, held = split_held_out(users, config.held_out, config.seed)
     need = config.loss in NEEDS_TEACHER
 
-    def teach(group: PseudoUsers | None):  # noqa: ANN202
+    def teach(group: PseudoUsers | None) -> Teacher | None:
         if group is None or not need:
             return None
         return teacher_scores(teacher_model, part.features, group, config.teacher_top_k, config.temperature)
