@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from fedmerge.config import ModelConfig
 from fedmerge.text.tokens import load_tokenizer, minilm_folder
+from fedmerge.train.batches import last_positions
 
 ENCODE_BATCH = 256
 
@@ -102,7 +103,7 @@ class TextEncRec(nn.Module):
         A batch target equal to the row's own target is not counted as a negative.
         """
         targets = targets.cpu()
-        target = targets[torch.arange(len(targets)), (targets >= 0).sum(1) - 1]
+        target = targets[torch.arange(len(targets)), last_positions(targets)]
         users = self.encode(self.history_ids(features, inputs))
         items = self.encode(self.item_ids(features, target))
         logits = users @ items.T / self.config.temperature

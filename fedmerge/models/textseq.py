@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmerge.config import ModelConfig
+from fedmerge.train.batches import last_positions
 
 
 class MoEAdaptor(nn.Module):
@@ -110,15 +111,14 @@ class TextSeqRec(nn.Module):
     def user_vectors(self, item_vectors: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         """(B, dim) unit user vectors: the state at each history's last item."""
         states = self.sequence_states(item_vectors, histories)
-        last = (histories >= 0).sum(1).clamp(min=1) - 1
-        return F.normalize(states[torch.arange(len(histories)), last], dim=-1)
+        return F.normalize(states[torch.arange(len(histories)), last_positions(histories)], dim=-1)
 
     def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         """(B, N) cosine scores of right-padded histories (B, L) against all N items, before the temperature.
 
         ``items`` is ``item_vectors(features)``, computed once by the caller.
         """
-        last = histories.gather(1, ((histories >= 0).sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+        last = histories[torch.arange(len(histories)), last_positions(histories)]
         return self.user_vectors(items, histories) @ items.T + self.text_scores(features, last)
 
     def text_scores(self, features: torch.Tensor, last: torch.Tensor) -> torch.Tensor | float:

@@ -45,10 +45,14 @@ def length_batches(
         yield pad_right([s[:-1] for s in seqs], max_len), pad_right([s[1:] for s in seqs], max_len)
 
 
+def last_positions(padded: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each right-padded row's last real entry (pad = -1; 0 for an all-padding row)."""
+    return ((padded >= 0).sum(1) - 1).clamp(min=0)
+
+
 def last_targets_only(targets: torch.Tensor) -> torch.Tensor:
     """`targets` (B, L) with every position but each row's last real one set to -1 (padding)."""
     out = torch.full_like(targets, -1)
-    rows = torch.arange(len(targets))
-    last = (targets >= 0).sum(1) - 1
+    rows, last = torch.arange(len(targets)), last_positions(targets)
     out[rows, last] = targets[rows, last]
     return out
