@@ -119,8 +119,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     loss_fn = LOSSES[config.loss]
     optimizer = torch.optim.Adam([weights], lr=config.lr)
     rng = np.random.default_rng(config.seed)
-    pool = np.concatenate([np.stack([np.full(len(d.users.items), k), np.arange(len(d.users.items))], 1)
-                           for k, d in enumerate(domains)])
+    pool = _pool([d.users for d in domains])
     best = (float("inf"), None)
 
     def merged_params() -> StateDict:
@@ -137,8 +136,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
             total = total + loss_fn(scores, target, users.items[rows], config.temperature, config.kd_weight) * len(rows)
         return total / len(picks)
 
-    held_pool = np.concatenate([np.stack([np.full(len(d.held_out.items), k), np.arange(len(d.held_out.items))], 1)
-                                for k, d in enumerate(domains) if d.held_out is not None] or [np.empty((0, 2), int)])
+    held_pool = _pool([d.held_out for d in domains])
     with progress_bar(TextColumn("[bold]learning merge coefficients"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), quiet=quiet) as progress:
         task = progress.add_task("learn", total=config.steps, loss=float("nan"))
@@ -171,6 +169,12 @@ def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tenso
     for key in vectors[0]:
         merged[key] = base[key] + sum(weights[k, group_of[key]] * v[key] for k, v in enumerate(vectors))
     return merged
+
+
+def _pool(groups: list[PseudoUsers | None]) -> np.ndarray:
+    """(n, 2) rows of (domain index, pseudo-user index) over every domain's group (None: none)."""
+    rows = [np.stack([np.full(len(g.items), k), np.arange(len(g.items))], 1) for k, g in enumerate(groups) if g is not None]
+    return np.concatenate(rows) if rows else np.empty((0, 2), dtype=np.int64)
 
 
 def _chunked_loss(batch_loss: Callable[[StateDict, np.ndarray, bool], torch.Tensor], params: StateDict,

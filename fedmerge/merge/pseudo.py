@@ -55,10 +55,9 @@ def _kmeans_items(features: torch.Tensor, k: int, generator: torch.Generator, it
     centroids = features[torch.randperm(len(features), generator=generator)[:k]].clone()
     for _ in range(iterations):
         assign = torch.cdist(features, centroids).argmin(1)
-        for c in range(k):
-            members = features[assign == c]
-            if len(members):
-                centroids[c] = members.mean(0)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, features)
+        counts = torch.bincount(assign, minlength=k)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # an empty cluster keeps its centroid
     distances = torch.cdist(centroids, features)
     chosen: list[int] = []
     taken = torch.zeros(len(features), dtype=torch.bool)
