@@ -23,7 +23,9 @@ import json
 import platform
 from pathlib import Path
 
-from fedmerge.config import ExperimentConfig, load_config
+from report import finished_run
+
+from fedmerge.config import load_config
 from fedmerge.data import load_domain
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.models.popularity import popularity_scorer
@@ -31,15 +33,6 @@ from fedmerge.train.checkpoint import load_checkpoint
 from fedmerge.train.run import evaluate_rows, load_parts, train_run
 
 COLUMNS = ("popularity", "base", "pretrained", "fine-tuned", "joint")
-
-
-def _complete(folder: Path, config: ExperimentConfig) -> bool:
-    """Whether `folder` holds a finished run of `config` (a finished run of another config is an error)."""
-    if not (folder / "metrics.json").exists():
-        return False
-    if json.loads((folder / "config.json").read_text())["config"] != config.model_dump():
-        raise SystemExit(f"{folder} holds a run of another config; give another --runs folder or remove it")
-    return True
 
 
 def _facts(folder: Path) -> dict:
@@ -68,7 +61,7 @@ def main() -> None:
         metrics = evaluate_domain(popularity_scorer, load_domain(name, quiet=True), "test")
         cells[name]["popularity"] = (metrics["recall@10"], metrics["ndcg@10"])
         folder = args.runs / name
-        if not _complete(folder, config):
+        if not finished_run(folder, config):
             train_run([name], config, folder, quiet=True)
         rows = _test_rows(folder)
         cells[name]["base"] = (rows[("base", name)]["recall@10"], rows[("base", name)]["ndcg@10"])
@@ -77,7 +70,7 @@ def main() -> None:
         _write(cells, facts, args)
     if args.pretrain:
         folder = args.runs / "pretrained"
-        if not _complete(folder, config):
+        if not finished_run(folder, config):
             train_run(args.pretrain.split(","), config, folder, quiet=True, label="pretrained")
         model, model_config, _ = load_checkpoint(folder)
         for row in evaluate_rows(model, load_parts(domains, model_config.model, quiet=True), "pretrained"):
@@ -87,7 +80,7 @@ def main() -> None:
         _write(cells, facts, args)
     if not args.skip_joint:
         folder = args.runs / "joint"
-        if not _complete(folder, config):
+        if not finished_run(folder, config):
             train_run(domains, config, folder, quiet=True)
         for (model, name), row in _test_rows(folder).items():
             if model == "joint":

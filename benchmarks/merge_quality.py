@@ -27,6 +27,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
+from report import finished_run
 
 from fedmerge.config import ExperimentConfig, load_config
 from fedmerge.merge import method_params
@@ -55,7 +56,7 @@ def _cells(rows: list[dict], label: str, split: str = "test") -> dict[str, tuple
 
 
 def _train(names: list[str], config: ExperimentConfig, folder: Path, init: Path | None, label: str | None = None) -> None:
-    if not (folder / "metrics.json").exists():
+    if not finished_run(folder, config):
         train_run(names, config, folder, init=init, quiet=True, label=label)
 
 

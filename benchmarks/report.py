@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+
+from fedmerge.config import ExperimentConfig
 
 
 def write_row(out: Path, name: str, title: str, protocol: str, row: dict[str, object]) -> str:
@@ -16,3 +19,12 @@ def write_row(out: Path, name: str, title: str, protocol: str, row: dict[str, ob
         writer.writeheader()
         writer.writerow(row)
     return table
+
+
+def finished_run(folder: Path, config: ExperimentConfig) -> bool:
+    """Whether `folder` holds a finished training run of `config` (a finished run of another config is an error)."""
+    if not (folder / "metrics.json").exists():
+        return False
+    if json.loads((folder / "config.json").read_text())["config"] != config.model_dump():
+        raise SystemExit(f"{folder} holds a run of another config; give another --runs folder or remove it")
+    return True
