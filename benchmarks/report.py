@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from fedmerge.config import ExperimentConfig
+from fedmerge.train.run import same_config
 
 
 def write_row(out: Path, name: str, title: str, protocol: str, row: dict[str, object]) -> str:
@@ -25,6 +25,6 @@ def finished_run(folder: Path, config: ExperimentConfig) -> bool:
     """Whether `folder` holds a finished training run of `config` (a finished run of another config is an error)."""
     if not (folder / "metrics.json").exists():
         return False
-    if json.loads((folder / "config.json").read_text())["config"] != config.model_dump():
+    if not same_config(folder / "config.json", config):
         raise SystemExit(f"{folder} holds a run of another config; give another --runs folder or remove it")
     return True

@@ -217,3 +217,17 @@ def test_last_target_scheme_keeps_one_target_per_sequence() -> None:
 
     targets = torch.tensor([[3, 4, 5, -1], [7, -1, -1, -1], [1, 2, 3, 4]])
     assert last_targets_only(targets).tolist() == [[-1, -1, 5, -1], [7, -1, -1, -1], [-1, -1, -1, 4]]
+
+
+def test_a_run_of_the_same_config_is_recognised_across_added_keys(tmp_path: Path) -> None:
+    from fedmerge.train.run import same_config
+
+    config = tiny()
+    stored = config.model_dump()
+    del stored["train"]["targets"]  # a run written before the key existed: its default is what it did
+    (tmp_path / "config.json").write_text(json.dumps({"config": stored}))
+    assert same_config(tmp_path / "config.json", config)
+    assert not same_config(tmp_path / "config.json", tiny("train.lr=1e-2"))
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"train": {"gone": 1}}}))
+    assert not same_config(tmp_path / "config.json", config)
+    assert not same_config(tmp_path / "missing.json", config)

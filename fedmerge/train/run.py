@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
 from fedmerge.config import ExperimentConfig, ModelConfig
@@ -75,7 +76,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     rows = evaluate_rows(model, parts, "base", config.train.eval_batch_size)
     state_path = out / "trainer.pt"
     config_path = out / "config.json"
-    if state_path.exists() and (not config_path.exists() or _read_config(config_path) != config.model_dump()):
+    if state_path.exists() and not same_config(config_path, config):
         state_path.unlink()  # a different run's state: start afresh
     write_json(config_path, _facts(config, parts, init))
     result = fit(model, parts, config.train, state_path=state_path, quiet=quiet)
@@ -97,8 +98,18 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     return rows
 
 
-def _read_config(path: Path) -> dict:
-    return json.loads(path.read_text()).get("config", {})
+def same_config(path: Path, config: ExperimentConfig) -> bool:
+    """Whether the run described by `path` (a config.json) used `config`.
+
+    The stored config is validated first, so a key added to the config since (with a default
+    that keeps the old behaviour) does not make an old run look different.
+    """
+    if not path.exists():
+        return False
+    try:
+        return ExperimentConfig.model_validate(json.loads(path.read_text()).get("config", {})) == config
+    except ValidationError:
+        return False
 
 
 def _facts(config: ExperimentConfig, parts: list[Part], init: Path | None) -> dict:
