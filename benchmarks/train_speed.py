@@ -46,7 +46,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
         start = time.perf_counter()
         for inputs, targets in batches:
-            loss = model.loss(part.features, inputs, targets)
+            loss = model.loss(part.features, inputs, targets, config.train.negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

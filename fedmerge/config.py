@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(1024, ge=1)
     targets: Literal["all", "last"] = Field(
         "all", description="train on every position of each sequence (every prefix), or on its last item only")
+    negatives: int | None = Field(
+        None, ge=1, description="textseq: sampled softmax over this many uniform negatives per batch when the "
+        "catalogue is larger (None: full softmax over all items)")
     text_weights: list[float] = Field(
         [0.0, 0.1, 0.2, 0.3, 0.5], description="textseq: raw text-similarity weights tried on validation after training")
     device: str = Field("cpu", description="torch device to train and evaluate on: cpu, cuda, cuda:1, mps")

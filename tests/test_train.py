@@ -231,3 +231,21 @@ def test_a_run_of_the_same_config_is_recognised_across_added_keys(tmp_path: Path
     (tmp_path / "config.json").write_text(json.dumps({"config": {"train": {"gone": 1}}}))
     assert not same_config(tmp_path / "config.json", config)
     assert not same_config(tmp_path / "missing.json", config)
+
+
+def test_sampled_softmax_estimates_the_full_loss_and_trains(tmp_path: Path, cache: Path) -> None:
+    config = tiny("model.temperature=1.0")
+    model = build_model(config.model, text_dim=32, seed=0).eval()
+    features = torch.randn(2000, 32)
+    generator = torch.Generator().manual_seed(0)
+    inputs, targets = (torch.randint(0, 2000, (8, 10), generator=generator) for _ in range(2))
+    inputs[0, 5:], targets[0, 5:] = -1, -1
+    full = model.loss(features, inputs, targets).item()
+    assert model.loss(features, inputs, targets, negatives=2000).item() == full  # not smaller than the catalogue
+    sampled = [model.loss(features, inputs, targets, negatives=500).item() for _ in range(20)]
+    assert abs(np.mean(sampled) - full) < 0.01 * full and np.std(sampled) > 0  # log-Q corrected estimate
+    rows = train_run(["synth-0"], tiny("train.epochs=12", "train.negatives=50"), tmp_path / "run", quiet=True)
+    test = {r["model"]: r for r in rows if r["split"] == "test"}
+    popularity = evaluate_domain(popularity_scorer, synthetic_domain("synth-0"), "test")  # 200 items
+    assert test["textseq"]["recall@10"] > 2 * popularity["recall@10"]
+    assert test["textseq"]["recall@10"] > 1.2 * test["base"]["recall@10"]

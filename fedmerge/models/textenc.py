@@ -97,10 +97,12 @@ class TextEncRec(nn.Module):
         """(B, N) cosines of each history against all items; ``items`` is ``item_vectors(features)``."""
         return self.encode(self.history_ids(features, histories)) @ items.T
 
-    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+             negatives: int | None = None) -> torch.Tensor:
         """In-batch softmax cross-entropy: each sequence's last target against the batch's other targets.
 
-        A batch target equal to the row's own target is not counted as a negative.
+        A batch target equal to the row's own target is not counted as a negative. The negatives
+        are always the batch's targets, so ``negatives`` (the textseq sampled softmax) is unused.
         """
         targets = targets.cpu()
         target = targets[torch.arange(len(targets)), last_positions(targets)]

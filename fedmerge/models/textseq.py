@@ -16,6 +16,8 @@ as the identity and the user vector is the last item's vector (the residual path
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -121,8 +123,10 @@ class TextSeqRec(nn.Module):
         last = histories[torch.arange(len(histories)), last_positions(histories)]
         return self.user_vectors(items, histories) @ items.T + self.text_scores(features, last)
 
-    def text_scores(self, features: torch.Tensor, last: torch.Tensor) -> torch.Tensor | float:
-        """The fused text prior: ``text_weight`` x raw text cosine between each `last` item and every item.
+    def text_scores(self, features: torch.Tensor, last: torch.Tensor,
+                    candidates: torch.Tensor | None = None) -> torch.Tensor | float:
+        """The fused text prior: ``text_weight`` x raw text cosine between each `last` item and every
+        item (or every item of ``candidates``).
 
         ``text_weight`` is not trained: it is 0 until chosen on validation after training
         (:func:`fedmerge.train.loop.fit_text_weight`).
@@ -130,17 +134,39 @@ class TextSeqRec(nn.Module):
         if not self.text_weight:
             return 0.0
         unit = F.normalize(features, dim=-1)
-        return self.text_weight * (unit[last] @ unit.T)
+        return self.text_weight * (unit[last] @ (unit if candidates is None else unit[candidates]).T)
 
-    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Softmax cross-entropy over all items at every position of every sequence (SASRec-style).
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+             negatives: int | None = None) -> torch.Tensor:
+        """Softmax cross-entropy at every position of every sequence (SASRec-style).
 
         ``inputs`` (B, L) are items 0..L-1 of each training sequence, ``targets`` (B, L) the
-        items that follow them; both right-padded with -1.
+        items that follow them; both right-padded with -1. The softmax runs over all items, or,
+        when ``negatives`` is smaller than the catalogue, over each target and ``negatives``
+        items drawn uniformly (shared by the batch) with the log-Q correction ``log(N / negatives)``,
+        so the loss still estimates the full softmax; item vectors are then computed only for
+        the items the batch touches.
         """
-        items = self.item_vectors(features)
-        states = self.sequence_states(items, inputs)
         valid = targets >= 0
-        users = F.normalize(states[valid], dim=-1)
-        logits = (users @ items.T + self.text_scores(features, inputs[valid])) / self.config.temperature
-        return F.cross_entropy(logits, targets[valid])
+        if negatives is None or negatives >= len(features):
+            items = self.item_vectors(features)
+            users = F.normalize(self.sequence_states(items, inputs)[valid], dim=-1)
+            logits = (users @ items.T + self.text_scores(features, inputs[valid])) / self.config.temperature
+            return F.cross_entropy(logits, targets[valid])
+        sampled = torch.randint(len(features), (negatives,), device=inputs.device)
+        needed, local = torch.unique(torch.cat([inputs.flatten(), targets.flatten(), sampled]).clamp(min=0),
+                                     return_inverse=True)
+        local_inputs = torch.where(inputs >= 0, local[:inputs.numel()].view_as(inputs), -1)
+        items = self.item_vectors(features[needed])
+        users = F.normalize(self.sequence_states(items, local_inputs)[valid], dim=-1)
+        last, target = inputs[valid], targets[valid]
+        positive = (users * items[local[inputs.numel():2 * inputs.numel()].view_as(targets)[valid]]).sum(-1)
+        negative = users @ items[local[2 * inputs.numel():]].T
+        text = self.text_scores(features, last, sampled)
+        if torch.is_tensor(text):
+            unit = F.normalize(features, dim=-1)
+            positive = positive + self.text_weight * (unit[last] * unit[target]).sum(-1)
+        negative = (negative + text) / self.config.temperature + math.log(len(features) / negatives)
+        logits = torch.cat([positive[:, None] / self.config.temperature,
+                            negative.masked_fill(sampled[None, :] == target[:, None], float("-inf"))], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))

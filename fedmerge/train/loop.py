@@ -126,7 +126,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
                 k, (inputs, targets) = streams[index]
                 if config.targets == "last":
                     targets = last_targets_only(targets)
-                loss = model.loss(features[k], inputs.to(device), targets.to(device))
+                loss = model.loss(features[k], inputs.to(device), targets.to(device), config.negatives)
                 if not torch.isfinite(loss):
                     raise FedmergeError(f"the training loss became {loss.item()} at epoch {epoch}; "
                                         "lower train.lr or check the item features for NaN")
