@@ -240,10 +240,39 @@ def merge(
     params = method_params(method, tree["method"])
     learn_config = validate(LearnConfig, tree["learn"], prefix="learn.")
     paths = [Path(p.strip()) for item in models for p in item.split(",") if p.strip()]
-    rows, result = merge_run(base, paths, _split_names(domains), method, params, learn_config, out, quiet=quiet)
+    rows, outcome = merge_run(base, paths, _split_names(domains), method, params, learn_config, out, quiet=quiet)
     console.print(metrics_table(rows, title=f"{method} merge ({learn}{'' if learn == 'none' else ', ' + loss})"))
-    console.print(f"coefficients {[[round(w, 3) for w in row] for row in result.weights.tolist()]} "
-                  f"({', '.join(result.groups)}); wrote {out}")
+    weights, groups = outcome.coefficients["weights"], outcome.coefficients["groups"]
+    console.print(f"coefficients {[[round(w, 3) for w in row] for row in weights]} ({', '.join(groups)}); wrote {out}")
+
+
+@app.command("simulate")
+def simulate(
+    domains: Annotated[str | None, typer.Option("--domains", help="Domains, one party each (or parties_per_domain).")] = None,
+    config: Annotated[str, typer.Option("--config", help="TOML file or preset in configs/ (simulate, simulate-paper).")]
+    = "simulate",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key: rounds=2, train.max_minutes=5, "
+                                                                      "merge.learn.steps=200, ...")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="flower (Flower simulation on Ray) or inprocess.")] = "flower",
+    out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/simulate"),
+) -> None:
+    """Run the federation: parties fine-tune privately, the server merges, every party evaluates."""
+    from fedmerge.pipeline import InProcess
+    from fedmerge.pipeline import simulate as run_simulation
+    from fedmerge.protocol import FederationConfig
+
+    settings = [*(overrides or []), *([f"domains={json.dumps(_split_names(domains))}"] if domains else [])]
+    federation = load_config(config, settings, FederationConfig)
+    if backend == "inprocess":
+        transport = InProcess(federation)
+    elif backend == "flower":
+        from server.app import flower_backend
+
+        transport = flower_backend(federation)
+    else:
+        raise FedmergeError(f"unknown backend {backend!r}; use flower or inprocess")
+    run_simulation(federation, transport, out, console)
+    console.print(f"wrote {out} (report.md, metrics.csv, metrics.png, merged.safetensors)")
 
 
 def main() -> None:

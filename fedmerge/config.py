@@ -95,7 +95,8 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None,
+                schema: type[M] = ExperimentConfig) -> M:  # type: ignore[assignment]
     """Load a preset (a TOML file, or a name in ``configs/``) and apply ``key=value`` overrides.
 
     Parameters
@@ -104,6 +105,8 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         A TOML file, the name of a preset in ``configs/`` (``textseq``), or None for defaults.
     overrides : list[str] | None
         ``section.key=value`` strings, e.g. ``train.lr=5e-4``.
+    schema : type
+        The pydantic model the result is validated as (an experiment, or a federation run).
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -117,7 +120,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
             raise FedmergeError(f"cannot read config {path} ({err.strerror}); give a TOML file or a preset: {presets}") from err
         except tomllib.TOMLDecodeError as err:
             raise FedmergeError(f"config {file} is not valid TOML ({err})") from err
-    return validate(ExperimentConfig, apply_overrides(tree, overrides or []))
+    return validate(schema, apply_overrides(tree, overrides or []))
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

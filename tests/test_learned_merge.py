@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import prepare, task_vector
-from fedmerge.merge.learn import LearnConfig, build_merged, learn_coefficients, parameter_groups
+from fedmerge.merge.learn import LearnConfig, build_merged, learn_coefficients, parameter_groups, server_domain
 from fedmerge.merge.methods import method_params
 from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
-from fedmerge.merge.run import merge_run, server_domain
+from fedmerge.merge.run import merge_run
 from fedmerge.merge.teacher import neighbours, teacher_scores
 from fedmerge.models.scoring import model_scorer
 from fedmerge.train.checkpoint import build_model, load_checkpoint
@@ -41,7 +41,8 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _server(finetuned: dict, config: LearnConfig) -> list:
-    return [server_domain(p, m, config) for p, m in zip(finetuned["parts"], finetuned["models"], strict=True)]
+    return [server_domain(p.domain.name, p.features, m, config)
+            for p, m in zip(finetuned["parts"], finetuned["models"], strict=True)]
 
 
 def test_sparse_teacher_keeps_top_k_probabilities_and_tail_mass(finetuned: dict) -> None:

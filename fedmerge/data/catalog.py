@@ -30,6 +30,12 @@ def imported_names() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "domain.json").exists()) if root.exists() else []
 
 
+def check_domain_name(name: str) -> None:
+    """Raise the unknown-domain error for a name that is neither registered, synthetic nor imported."""
+    if not is_synthetic(name) and name not in imported_names():
+        get_spec(name)
+
+
 def load_domain(name: str, quiet: bool = False) -> DomainData:
     """Load domain `name`, downloading and importing it on first use.
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +201,14 @@ def full_sequences(domain: DomainData) -> list[np.ndarray]:
     """Each user's whole sequence (train, then valid and test targets where present)."""
     return [np.append(domain.history(user, "test"), domain.test[user]) if domain.test[user] >= 0
             else domain.history(user, "test") for user in range(domain.n_users)]
+
+
+def user_subset(domain: DomainData, users: np.ndarray) -> DomainData:
+    """The same catalogue with only `users` (indices, kept in the given order) and their splits."""
+    users = np.asarray(users, dtype=np.int64)
+    starts, ends = domain.train_offsets[users], domain.train_offsets[users + 1]
+    items = [domain.train_items[s:e] for s, e in zip(starts, ends, strict=True)]
+    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+    return replace(domain, user_ids=[domain.user_ids[u] for u in users], train_offsets=offsets,
+                   train_items=np.concatenate(items) if items else np.empty(0, dtype=np.int64),
+                   valid=domain.valid[users], test=domain.test[users])

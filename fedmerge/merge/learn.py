@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from fedmerge.merge.losses import LOSSES
+from fedmerge.merge.losses import LOSSES, NEEDS_TEACHER
 from fedmerge.merge.methods import Prepared
-from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers
-from fedmerge.merge.teacher import Teacher
+from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers, one_item_users, select_items, split_held_out, walk_users
+from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
 from fedmerge.progress import progress_bar
@@ -182,3 +182,23 @@ def _chunked_loss(batch_loss: Callable[[StateDict, np.ndarray, bool], torch.Tens
     """Mean loss over all of `pool` (held-out pseudo-users), in chunks."""
     return float(sum(batch_loss(params, pool[i : i + chunk], True).item() * len(pool[i : i + chunk])
                      for i in range(0, len(pool), chunk)) / len(pool))
+
+
+def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender, config: LearnConfig) -> ServerDomain:
+    """Pseudo-users of one domain (from its public item table) with the fine-tuned model's teacher scores."""
+    pseudo = config.pseudo
+    starts = select_items(features, pseudo)
+    if pseudo.walk_length > 1:
+        near = neighbours(teacher_model, features, pseudo.walk_top, config.temperature)
+        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed)
+    else:
+        users = one_item_users(starts)
+    users, held = split_held_out(users, config.held_out, config.seed)
+    need = config.loss in NEEDS_TEACHER
+
+    def teach(group: PseudoUsers | None) -> Teacher | None:
+        if group is None or not need:
+            return None
+        return teacher_scores(teacher_model, features, group, config.teacher_top_k, config.temperature)
+
+    return ServerDomain(name, features, users, teach(users), held, teach(held))

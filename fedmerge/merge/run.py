@@ -10,7 +10,6 @@ Writes ``merged.safetensors`` + ``config.json`` (a checkpoint ``fedmerge evaluat
 from __future__ import annotations
 
 import resource
-import time
 from pathlib import Path
 
 import torch
@@ -19,16 +18,12 @@ from safetensors.torch import load_file
 from fedmerge.config import ExperimentConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
-from fedmerge.merge.learn import LearnConfig, LearnResult, ServerDomain, learn_coefficients
-from fedmerge.merge.losses import NEEDS_TEACHER
-from fedmerge.merge.methods import Params, prepare
-from fedmerge.merge.pseudo import PseudoUsers, one_item_users, select_items, split_held_out, walk_users
-from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
-from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
-from fedmerge.models import Recommender
+from fedmerge.merge.learn import LearnConfig
+from fedmerge.merge.methods import Params
+from fedmerge.merge.vectors import StateDict, check_aligned
+from fedmerge.protocol import MergeConfig, MergeOutcome, TrainReply, server_merge
 from fedmerge.runs.results import Row, write_metrics
 from fedmerge.train.checkpoint import build_model, checkpoint_files, load_checkpoint, save_weights
-from fedmerge.train.loop import Part
 from fedmerge.train.run import evaluate_rows, load_parts
 
 
@@ -40,28 +35,8 @@ def read_weights(path: Path) -> StateDict:
     return load_file(str(weights))
 
 
-def server_domain(part: Part, teacher_model: Recommender, config: LearnConfig) -> ServerDomain:
-    """Pseudo-users of one domain (from its public items) with the fine-tuned model's teacher scores."""
-    pseudo = config.pseudo
-    starts = select_items(part.features, pseudo)
-    if pseudo.walk_length > 1:
-        near = neighbours(teacher_model, part.features, pseudo.walk_top, config.temperature)
-        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed)
-    else:
-        users = one_item_users(starts)
-    users, held = split_held_out(users, config.held_out, config.seed)
-    need = config.loss in NEEDS_TEACHER
-
-    def teach(group: PseudoUsers | None) -> Teacher | None:
-        if group is None or not need:
-            return None
-        return teacher_scores(teacher_model, part.features, group, config.teacher_top_k, config.temperature)
-
-    return ServerDomain(part.domain.name, part.features, users, teach(users), held, teach(held))
-
-
 def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], method: str, params: Params,
-              learn: LearnConfig, out: Path, quiet: bool = False) -> tuple[list[Row], LearnResult]:
+              learn: LearnConfig, out: Path, quiet: bool = False) -> tuple[list[Row], MergeOutcome]:
     """Merge the fine-tuned checkpoints (one per domain, same base) and evaluate on every domain."""
     if len(model_paths) != len(domains):
         raise FedmergeError(f"{len(model_paths)} models for {len(domains)} domains; give one --models entry per domain")
@@ -85,26 +60,22 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], meth
         if start.exists() and any(not torch.equal(t, base[k]) for k, t in load_file(str(start)).items() if k in base):
             raise FedmergeError(f"the {name} model ({path}) was fine-tuned from another base than {base_path}; "
                                 "task vectors are only meaningful from a common base")
-    started = time.perf_counter()
-    prepared = prepare(method, [task_vector(base, s) for s in states], params)
     parts = load_parts(domains, config.model, quiet=quiet)
-    server = [server_domain(p, m, learn) for p, (m, _, _) in zip(parts, members, strict=True)] \
-        if learn.mode != "none" else []
+    replies = [TrainReply(name, state, part.features, {}) for name, state, part in zip(domains, states, parts, strict=True)]
+    outcome = server_merge(base, replies, config.model, config.train.seed,
+                           MergeConfig(method=method, params=params.model_dump(), learn=learn), quiet=quiet)
     skeleton = build_model(config.model, members[0][2]["text_dim"], config.train.seed)
-    result = learn_coefficients(skeleton, base, prepared, server, learn, quiet=quiet)
-    seconds = time.perf_counter() - started
-    skeleton.load_state_dict(result.merged)
+    skeleton.load_state_dict(outcome.merged)
     save_weights(skeleton, out / "merged.safetensors")
     write_json(out / "config.json", {"config": config.model_dump(), "kind": config.model.kind,
                                      "text_dim": members[0][2]["text_dim"], "domains": domains})
-    write_json(out / "coefficients.json", {
-        "method": method, "params": params.model_dump(), "learn": learn.model_dump(), "groups": result.groups,
-        "initial": prepared.weights, "weights": result.weights.tolist(), "best_step": result.best_step,
-        "merge_seconds": round(seconds, 2), "teacher_bytes": sum(d.teacher.nbytes for d in server if d.teacher),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "domains": domains, "models": [str(p) for p in model_paths], "base": str(base_path), "log": result.log})
+    coefficients = outcome.coefficients | {"merge_seconds": round(outcome.seconds, 2),
+                                           "teacher_bytes": outcome.teacher_bytes,
+                                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                           "models": [str(p) for p in model_paths], "base": str(base_path)}
+    write_json(out / "coefficients.json", coefficients)
     label = f"{method}" + ("" if learn.mode == "none" else f"+{learn.mode}:{learn.loss}")
     rows = evaluate_rows(skeleton, parts, label, config.train.eval_batch_size)
     write_metrics(rows, out)
-    return rows, result
+    return rows, outcome
 

@@ -1,0 +1,224 @@
+"""The federation's steps, written once as plain functions over small typed values.
+
+A *party* holds one domain's private users (or one shard of them, when a domain is split
+across several parties): it trains from the weights it receives and evaluates weights on its
+private splits. The *server* averages the parties of one domain (FedAvg), merges the domains
+(training-free initialisation, then learned coefficients on pseudo-users) and aggregates the
+parties' metrics. :mod:`fedmerge.pipeline` calls these functions in one process; ``clients/``
+and ``server/`` call the very same functions from Flower handlers. Between the two sides pass
+only weights, item-feature tables (public catalogue), configs and aggregate metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedmerge.config import ModelConfig, TrainConfig
+from fedmerge.data.domain import user_subset
+from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.merge import method_params
+from fedmerge.merge.learn import LearnConfig, learn_coefficients, server_domain
+from fedmerge.merge.methods import prepare
+from fedmerge.merge.vectors import StateDict, check_aligned, combine, task_vector
+from fedmerge.models.scoring import model_scorer
+from fedmerge.runs.results import Row, metric_row
+from fedmerge.train.checkpoint import build_model
+from fedmerge.train.loop import Part, fit, fit_text_weight
+from fedmerge.train.run import load_parts
+
+SPLITS = ("valid", "test")
+
+
+class MergeConfig(BaseModel):
+    """The server's merge: a training-free initialisation, then (optionally) learned coefficients."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "ties"
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (see `fedmerge merge`)")
+    learn: LearnConfig = LearnConfig()
+
+    @model_validator(mode="after")
+    def _known_method(self) -> MergeConfig:
+        method_params(self.method, self.params)  # raises a FedmergeError naming the bad method or parameter
+        return self
+
+
+class FederationConfig(BaseModel):
+    """One federated run: which domains, how many parties, the model, local training and the merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domains: list[str] = Field(default_factory=list, description="one or more registered domains, each once")
+    parties_per_domain: int = Field(1, ge=1, description="parties each domain's users are split across (FedAvg inside)")
+    rounds: int = Field(1, ge=1, description="merging rounds; round r > 1 starts from round r - 1's merged model")
+    min_parties: int | None = Field(None, ge=1, description="parties that must reply per round (default: all)")
+    seed: int = 0
+    base: str | None = Field(None, description="base weights theta_0 (a safetensors file or checkpoint folder); "
+                             "default: the seeded init of the model config")
+    client_cpus: float = Field(1.0, gt=0.0, description="CPUs per simulated party (Ray)")
+    client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated party (fractions allowed)")
+    timeout_minutes: float = Field(120.0, gt=0.0, description="how long the server waits for the parties of a round")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        if len(set(self.domains)) != len(self.domains):
+            twice = sorted({d for d in self.domains if self.domains.count(d) > 1})
+            raise FedmergeError(f"domain {twice[0]!r} is listed twice; give each domain once")
+        if self.min_parties is not None and self.min_parties > self.n_parties:
+            raise FedmergeError(f"min_parties = {self.min_parties} but the run has only {self.n_parties} parties "
+                                f"({len(self.domains)} domains x {self.parties_per_domain}); lower min_parties")
+        return self
+
+    @property
+    def n_parties(self) -> int:
+        return len(self.domains) * self.parties_per_domain
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    """Who party `party` is: shard `shard` of `shards` of domain `domain`'s users."""
+
+    party: int
+    domain: str
+    shard: int
+    shards: int
+
+
+def party_specs(config: FederationConfig) -> list[PartySpec]:
+    """Party ids 0..n-1, domain by domain."""
+    n = config.parties_per_domain
+    return [PartySpec(i * n + s, d, s, n) for i, d in enumerate(config.domains) for s in range(n)]
+
+
+def party_data(spec: PartySpec, config: FederationConfig, quiet: bool = True) -> Part:
+    """The party's private data: its domain, or its shard of the users (seeded, disjoint), with the item table."""
+    part = load_parts([spec.domain], config.model, quiet=quiet)[0]
+    if spec.shards == 1:
+        return part
+    if part.domain.n_users < spec.shards:
+        raise FedmergeError(f"domain {spec.domain!r} has {part.domain.n_users} users, fewer than its "
+                            f"{spec.shards} parties; lower parties_per_domain")
+    order = np.random.default_rng(config.seed).permutation(part.domain.n_users)
+    return Part(user_subset(part.domain, np.sort(order[spec.shard :: spec.shards])), part.features)
+
+
+@dataclass
+class TrainReply:
+    """What a party sends after local training: weights, its public item table, aggregate facts."""
+
+    domain: str
+    weights: StateDict
+    features: torch.Tensor
+    metrics: dict[str, float]
+
+
+def base_weights(config: FederationConfig, text_dim: int) -> StateDict:
+    """theta_0: the seeded init of the model config (``config.base`` is read by the caller)."""
+    return {k: v.detach().clone() for k, v in build_model(config.model, text_dim, config.seed).state_dict().items()}
+
+
+def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: bool = True) -> TrainReply:
+    """Fine-tune from `start` on the party's training split (the same loop as ``fedmerge train``)."""
+    model = build_model(config.model, part.features.shape[1], config.seed)
+    model.load_state_dict(start)
+    began = time.perf_counter()
+    result = fit(model, [part], config.train, quiet=quiet)
+    model.load_state_dict(result.best_state)
+    fit_text_weight(model, [part], config.train.text_weights, config.train.eval_batch_size)
+    metrics = {"users": float(part.domain.n_users), "n_items": float(part.domain.n_items),
+               "best_epoch": float(result.best_epoch), "best_valid_ndcg@10": float(result.best_score),
+               "train_seconds": float(result.train_seconds), "seconds": time.perf_counter() - began}
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainReply(part.domain.name, weights, part.features.cpu(), metrics)
+
+
+def party_evaluate(part: Part, weights: StateDict, config: FederationConfig) -> dict[str, dict[str, float]]:
+    """Aggregate metrics of `weights` on the party's private valid and test splits: {split: metrics}."""
+    model = build_model(config.model, part.features.shape[1], config.seed)
+    model.load_state_dict(weights)
+    scorer = model_scorer(model, part.features)
+    return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
+                                                            config.train.eval_batch_size).items()}
+            for split in SPLITS}
+
+
+def check_reply(reply: TrainReply, base: StateDict, party: str) -> None:
+    """Reject a reply whose weights do not match theta_0's layout or are not finite (names the party)."""
+    check_aligned(base, [reply.weights], [party])
+    if reply.features.ndim != 2 or not torch.isfinite(reply.features).all():
+        raise FedmergeError(f"{party} sent an item table of shape {tuple(reply.features.shape)} with non-finite "
+                            "values or the wrong rank; it is rejected")
+
+
+def average_parties(replies: list[TrainReply]) -> TrainReply:
+    """FedAvg of one domain's parties, weighted by their number of users (integer buffers: the first's)."""
+    if len(replies) == 1:
+        return replies[0]
+    users = torch.tensor([r.metrics["users"] for r in replies], dtype=torch.float64)
+    share = (users / users.sum()).tolist()
+    weights = {k: sum(s * r.weights[k] for s, r in zip(share, replies, strict=True)).to(v.dtype)
+               if v.is_floating_point() else v for k, v in replies[0].weights.items()}
+    metrics = {"users": float(users.sum()), "n_items": replies[0].metrics["n_items"], "parties": float(len(replies)),
+               "train_seconds": max(r.metrics["train_seconds"] for r in replies)}
+    return TrainReply(replies[0].domain, weights, replies[0].features, metrics)
+
+
+@dataclass
+class MergeOutcome:
+    """The server's merge: the training-free initialisation, the learned merge and its coefficients."""
+
+    initial: StateDict
+    merged: StateDict
+    coefficients: dict[str, Any]
+    seconds: float
+    teacher_bytes: int
+
+
+def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig, seed: int, merge: MergeConfig,
+                 quiet: bool = True) -> MergeOutcome:
+    """Merge one model per domain: task vectors, the init method, then coefficients learned on pseudo-users.
+
+    ``seed`` seeds the skeleton models (their weights are always overwritten).
+    """
+    started = time.perf_counter()
+    names = [r.domain for r in replies]
+    check_aligned(base, [r.weights for r in replies], names)
+    params = method_params(merge.method, merge.params)
+    prepared = prepare(merge.method, [task_vector(base, r.weights) for r in replies], params)
+    server = []
+    if merge.learn.mode != "none":
+        for reply in replies:
+            teacher = build_model(model, reply.features.shape[1], seed)
+            teacher.load_state_dict(reply.weights)
+            server.append(server_domain(reply.domain, reply.features, teacher, merge.learn))
+    skeleton = build_model(model, replies[0].features.shape[1], seed)
+    result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
+    coefficients = {"method": merge.method, "params": params.model_dump(), "learn": merge.learn.model_dump(),
+                    "domains": names, "groups": result.groups, "initial": prepared.weights,
+                    "weights": result.weights.tolist(), "best_step": result.best_step, "log": result.log}
+    initial = combine(base, prepared.vectors, prepared.weights)
+    return MergeOutcome(initial, result.merged, coefficients, time.perf_counter() - started,
+                        sum(d.teacher.nbytes for d in server if d.teacher))
+
+
+def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]]) -> list[Row]:
+    """Metric rows per domain and split from the parties' metrics (user-weighted means of their shards)."""
+    rows = []
+    for domain in dict.fromkeys(spec.domain for spec, _ in results):
+        for split in SPLITS:
+            shards = [m[split] for spec, m in results if spec.domain == domain]
+            users = sum(m["users"] for m in shards)
+            merged = {k: sum(m[k] * m["users"] for m in shards) / max(users, 1.0) for k in shards[0] if k != "users"}
+            rows.append(metric_row(label, domain, split, merged | {"users": int(users)}))
+    return rows

@@ -1,0 +1,111 @@
+"""A federated run's directory: status, resolved config, event log, results, report, plot, merged model.
+
+``run.json`` says ``running`` from the start and ``complete``, ``failed`` or ``interrupted``
+at the end; the results files (``metrics.json`` / ``metrics.csv``, ``report.md``,
+``metrics.png``, ``merged.safetensors``, ``coefficients.json``) are written only when the run
+completed, so a folder without ``"status": "complete"`` never presents partial results.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from safetensors.torch import save_file
+
+from fedmerge.files import atomic_path, write_json
+from fedmerge.merge.vectors import StateDict
+from fedmerge.runs.results import PROTOCOL, Row, write_metrics
+
+RESULT_FILES = ("metrics.json", "metrics.csv", "report.md", "metrics.png", "merged.safetensors", "coefficients.json")
+
+
+class RunDir:
+    """Creates the folder, keeps ``run.json`` and the event log, and writes the results at the end."""
+
+    def __init__(self, out: Path, config: dict[str, Any], console: Console | None = None) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in RESULT_FILES:
+            (self.out / stale).unlink(missing_ok=True)
+        self.events = self.out / "events.jsonl"
+        self.events.write_text("")
+        self.console = console
+        self.started = time.time()
+        self.status: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "machine": f"{platform.machine()}, Python {platform.python_version()}"}
+        write_json(self.out / "config.json", config)
+        write_json(self.out / "run.json", self.status)
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one event (with the seconds since the start) to ``events.jsonl`` and show it."""
+        record = {"t": round(time.time() - self.started, 2), "event": event, **fields}
+        with open(self.events, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.console is not None:
+            details = ", ".join(f"{k} {v}" for k, v in fields.items() if k != "weights")
+            self.console.print(f"[dim]{record['t']:>8.1f} s[/dim] {event.replace('_', ' ')}: {details}", highlight=False)
+
+    def finish(self, status: str, **facts: Any) -> None:
+        """Record the final status (``complete``, ``failed`` or ``interrupted``) and facts."""
+        self.status |= {"status": status, "seconds": round(time.time() - self.started, 2), **facts}
+        write_json(self.out / "run.json", self.status)
+
+    def write_results(self, rows: list[Row], merged: StateDict, coefficients: dict[str, Any], report: str) -> None:
+        """The results files (before ``finish("complete")``)."""
+        with atomic_path(self.out / "merged.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in merged.items()}, str(tmp))
+        write_json(self.out / "coefficients.json", coefficients)
+        (self.out / "report.md").write_text(report)
+        plot_rows(rows, self.out / "metrics.png")
+        write_metrics(rows, self.out)
+
+
+def markdown_table(rows: list[Row], split: str = "test", metrics: tuple[str, ...] = ("recall@10", "ndcg@10")) -> str:
+    """Models x domains table of `metrics` on `split` (one row per model, the last round's rows)."""
+    last = max((int(r.get("round", 1)) for r in rows), default=1)
+    chosen = [r for r in rows if r["split"] == split and int(r.get("round", 1)) == last]
+    domains = list(dict.fromkeys(str(r["domain"]) for r in chosen))
+    columns = [f"{d} {m}" for d in domains for m in metrics]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model in dict.fromkeys(str(r["model"]) for r in chosen):
+        cells = {f"{r['domain']} {m}": float(r[m]) for r in chosen if r["model"] == model for m in metrics}
+        lines.append(f"| {model} | " + " | ".join(f"{cells[c]:.4f}" if c in cells else "–" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def report_text(title: str, rows: list[Row], facts: dict[str, Any]) -> str:
+    """The Markdown report: the table, the protocol and the run's facts."""
+    lines = [f"# {title}", "", markdown_table(rows), "", f"Protocol: test split; {PROTOCOL}. Each party evaluates "
+             "every model on its own private split; a domain split across parties is the user-weighted mean.", ""]
+    lines += [f"- {key}: {value}" for key, value in facts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(rows: list[Row], path: Path, split: str = "test", metric: str = "recall@10") -> None:
+    """Grouped bars: `metric` per domain for every model (last round)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = max((int(r.get("round", 1)) for r in rows), default=1)
+    chosen = [r for r in rows if r["split"] == split and int(r.get("round", 1)) == last]
+    domains = list(dict.fromkeys(str(r["domain"]) for r in chosen))
+    models = list(dict.fromkeys(str(r["model"]) for r in chosen))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains) * max(1, len(models)) / 3, 4))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        values = {str(r["domain"]): float(r[metric]) for r in chosen if r["model"] == model}
+        ax.bar([d + i * width for d in range(len(domains))], [values.get(d, 0.0) for d in domains], width, label=model)
+    ax.set_xticks([d + 0.4 - width / 2 for d in range(len(domains))], domains)
+    ax.set_ylabel(f"{split} {metric}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
