@@ -1,13 +1,13 @@
 """The federation's server loop, written once, over a transport that reaches the parties.
 
-:func:`run_federation` is what the server does in every backend: send theta_0 to every party,
-collect each party's reply separately, average the parties of a domain (FedAvg), merge the
-domains (training-free initialisation, pseudo-users, learned coefficients), have every party
-evaluate every model privately, and (``rounds > 1``) start again from the merged model.
-A *transport* carries the two requests to the parties: :class:`InProcess` calls the party's
-functions directly (the reference), ``server.app.FlowerTransport`` sends Flower messages.
-A party that raises, times out or replies with unusable weights is left out of the round and
-named in the results, as long as ``min_parties`` replied.
+:class:`Server` is what the server does in every backend: check each party's training reply
+separately, average the parties of a domain (FedAvg), merge the domains (training-free
+initialisation, pseudo-users, learned coefficients), and turn the parties' private
+evaluations of every model into rows; ``rounds > 1`` starts again from the merged model.
+A *transport* carries the requests: :class:`InProcess` calls the party's functions directly
+(the reference), ``server.app`` sends Flower messages and calls the same :class:`Server` steps
+from its strategy. A party that raises, times out or replies with unusable weights is left
+out of the round and named in the results, as long as ``min_parties`` replied.
 """
 
 from __future__ import annotations
@@ -42,24 +42,21 @@ from fedmerge.protocol import (
 from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
 from fedmerge.train.loop import Part
+from fedmerge.train.run import load_parts
 
 Metrics = dict[str, dict[str, float]]
 """A party's evaluation of one model: {split: {metric: value}}."""
 
 
 class Transport(Protocol):
-    """How the server reaches the parties. Each call returns one result per party: a value or the error."""
+    """How the server reaches the parties."""
 
     def describe(self) -> dict[int, dict[str, float | str] | Exception]:
-        """Each party's domain name and catalogue size (``query``)."""
+        """Each party's domain name, catalogue size and item-table width (``query``): a value or the error."""
         ...
 
-    def train(self, start: StateDict, round_: int) -> dict[int, TrainReply | Exception]:
-        """Every party fine-tunes from `start` and replies."""
-        ...
-
-    def evaluate(self, models: dict[str, StateDict]) -> dict[int, dict[str, Metrics] | Exception]:
-        """Every party evaluates every model of `models` (label -> weights) on its private splits."""
+    def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
+        """Every round: parties train from the round's start, `server` accepts and merges, parties evaluate."""
         ...
 
 
@@ -70,10 +67,14 @@ class InProcess:
         self.config, self.quiet = config, quiet
         self.specs = party_specs(config)
         self._parts: dict[int, Part] = {}
+        self._domains: dict[str, Part] = {}
 
     def part(self, spec: PartySpec) -> Part:
+        """The party's data (each domain is loaded once and shared by its shards' parties)."""
         if spec.party not in self._parts:
-            self._parts[spec.party] = party_data(spec, self.config, self.quiet)
+            if spec.domain not in self._domains:
+                self._domains[spec.domain] = load_parts([spec.domain], self.config.model, self.quiet)[0]
+            self._parts[spec.party] = party_data(spec, self.config, whole=self._domains[spec.domain])
         return self._parts[spec.party]
 
     def _each(self, call: Callable[[PartySpec], object]) -> dict[int, object]:
@@ -89,12 +90,24 @@ class InProcess:
         return self._each(lambda s: {"domain": s.domain, "n_items": float(self.part(s).domain.n_items),
                                      "text_dim": float(self.part(s).features.shape[1])})  # type: ignore[return-value]
 
-    def train(self, start: StateDict, round_: int) -> dict[int, TrainReply | Exception]:
+    def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
+        """Every party fine-tunes from `start`."""
         return self._each(lambda s: party_train(self.part(s), start, self.config, self.quiet))  # type: ignore[return-value]
 
     def evaluate(self, models: dict[str, StateDict]) -> dict[int, dict[str, Metrics] | Exception]:
+        """Every party evaluates every model of `models` (label -> weights) on its private splits."""
         return self._each(lambda s: {label: party_evaluate(self.part(s), weights, self.config)  # type: ignore[return-value]
                                      for label, weights in models.items()})
+
+    def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
+        start = base
+        for round_ in range(1, self.config.rounds + 1):
+            server.begin(round_)
+            replies = server.accept(round_, start, self.train(start))
+            outcome, models = server.merge(round_, start, replies)
+            server.record(round_, list(models), self.evaluate(models))
+            start = outcome.merged
+        return server.results
 
 
 @dataclass
@@ -108,60 +121,89 @@ class RoundResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_federation(config: FederationConfig, base: StateDict, transport: Transport,
-                   log: Callable[..., None] = lambda event, **fields: None) -> list[RoundResult]:
-    """Run ``config.rounds`` merging rounds from `base`; `log(event, **fields)` receives progress events."""
-    specs = {s.party: s for s in party_specs(config)}
-    need = config.min_parties or len(specs)
-    results, start = [], base
-    for round_ in range(1, config.rounds + 1):
-        failed: dict[str, str] = {}
-        began = time.perf_counter()
-        log("train_start", round=round_, parties=len(specs))
+class Server:
+    """The server's side of each round, step by step (the Flower strategy calls the same steps).
+
+    :meth:`accept` checks the parties' training replies, :meth:`merge` averages each domain's
+    parties and merges the domains, :meth:`record` turns the parties' evaluations into rows
+    and closes the round. Parties left out are collected per round in ``failed``.
+    """
+
+    def __init__(self, config: FederationConfig, log: Callable[..., None] = lambda event, **fields: None) -> None:
+        self.config, self.log = config, log
+        self.specs = {s.party: s for s in party_specs(config)}
+        self.need = config.min_parties or len(self.specs)
+        self.results: list[RoundResult] = []
+        self.failed: dict[str, str] = {}
+        self.clock: dict[str, float] = {}
+
+    def begin(self, round_: int) -> None:
+        """The round starts: the start weights go out to the parties."""
+        self.failed, self.clock = {}, {"start": time.perf_counter()}
+        self.log("train_start", round=round_, parties=len(self.specs))
+
+    def accept(self, round_: int, start: StateDict, raw: dict[int, TrainReply | Exception]) -> dict[int, TrainReply]:
+        """The usable training replies; the others are named in ``failed`` (too few: an error)."""
         replies: dict[int, TrainReply] = {}
-        for party, reply in sorted(transport.train(start, round_).items()):
-            name = _party_name(specs[party])
+        for party, reply in sorted(raw.items()):
+            name = _party_name(self.specs[party])
             try:
                 if isinstance(reply, Exception):
                     raise reply
-                if reply.domain != specs[party].domain:
+                if reply.domain != self.specs[party].domain:
                     raise FedmergeError(f"{name} replied for domain {reply.domain!r}")
                 check_reply(reply, start, name)
                 replies[party] = reply
             except Exception as err:  # noqa: BLE001 - reported and left out
-                failed[name] = f"{type(err).__name__}: {err}"
-                log("party_failed", round=round_, party=name, error=failed[name])
-        _enough(len(replies), need, len(specs), failed)
-        trained = time.perf_counter()
-        log("train_done", round=round_, replied=len(replies), seconds=round(trained - began, 2),
-            train_seconds={_party_name(specs[p]): round(r.metrics["train_seconds"], 2) for p, r in replies.items()})
-        domains = [d for d in config.domains if any(specs[p].domain == d for p in replies)]
-        per_domain = [average_parties([r for p, r in sorted(replies.items()) if specs[p].domain == d]) for d in domains]
-        log("merge_start", round=round_, domains=domains)
-        outcome = server_merge(start, per_domain, config.model, config.seed, config.merge, quiet=True)
-        merged_at = time.perf_counter()
-        log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"])
+                self._fail(round_, name, f"{type(err).__name__}: {err}")
+        for party in self.specs.keys() - raw.keys():
+            self._fail(round_, _party_name(self.specs[party]), "no reply (timed out)")
+        if len(replies) < self.need:
+            reasons = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
+            raise FedmergeError(f"only {len(replies)} of {len(self.specs)} parties replied, fewer than min_parties = "
+                                f"{self.need} ({reasons}); fix the failing parties or lower min_parties")
+        self.clock["trained"] = time.perf_counter()
+        self.log("train_done", round=round_, replied=len(replies),
+                 train_seconds={_party_name(self.specs[p]): round(r.metrics["train_seconds"], 2)
+                                for p, r in replies.items()})
+        return replies
+
+    def merge(self, round_: int, start: StateDict, replies: dict[int, TrainReply]) -> tuple[MergeOutcome, dict[str, StateDict]]:
+        """FedAvg inside each domain, then the merge; returns it and every model the parties evaluate (label -> weights)."""
+        domains = [d for d in self.config.domains if any(self.specs[p].domain == d for p in replies)]
+        per_domain = [average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
+                      for d in domains]
+        self.log("merge_start", round=round_, domains=domains)
+        outcome = server_merge(start, per_domain, self.config.model, self.config.seed, self.config.merge, quiet=True)
+        self.clock["merged"] = time.perf_counter()
+        self.log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"])
         models = {"theta_0" if round_ == 1 else f"start of round {round_}": start}
         models |= {f"fine-tuned on {r.domain}": r.weights for r in per_domain}
-        models |= {f"{config.merge.method} (training-free)": outcome.initial, _merged_label(config): outcome.merged}
-        evaluations = transport.evaluate(models)
-        rows: list[Row] = []
+        models |= {f"{self.config.merge.method} (training-free)": outcome.initial, _merged_label(self.config): outcome.merged}
+        self.outcome = outcome
+        return outcome, models
+
+    def record(self, round_: int, labels: list[str], evaluations: dict[int, dict[str, Metrics] | Exception]) -> RoundResult:
+        """Rows of every model on every domain from the parties' evaluations; closes the round."""
         usable = []
         for party, value in sorted(evaluations.items()):
             if isinstance(value, Exception):
-                failed.setdefault(_party_name(specs[party]), f"evaluation: {type(value).__name__}: {value}")
-                log("party_failed", round=round_, party=_party_name(specs[party]), error=str(value))
+                self._fail(round_, _party_name(self.specs[party]), f"evaluation: {type(value).__name__}: {value}")
             else:
-                usable.append((specs[party], value))
-        for label in models:
-            rows += [r | {"round": round_} for r in domain_rows(label, [(s, v[label]) for s, v in usable])]
-        done = time.perf_counter()
-        seconds = {"train": round(trained - began, 2), "merge": round(merged_at - trained, 2),
-                   "evaluate": round(done - merged_at, 2)}
-        log("round_done", round=round_, seconds=seconds, failed=failed)
-        results.append(RoundResult(round_, rows, outcome, failed, seconds))
-        start = outcome.merged
-    return results
+                usable.append((self.specs[party], value))
+        rows = [r | {"round": round_} for label in labels
+                for r in domain_rows(label, [(s, v[label]) for s, v in usable])]
+        now = time.perf_counter()
+        seconds = {"train": round(self.clock["trained"] - self.clock["start"], 2),
+                   "merge": round(self.clock["merged"] - self.clock["trained"], 2),
+                   "evaluate": round(now - self.clock["merged"], 2)}
+        self.log("round_done", round=round_, seconds=seconds, failed=self.failed)
+        self.results.append(RoundResult(round_, rows, self.outcome, dict(self.failed), seconds))
+        return self.results[-1]
+
+    def _fail(self, round_: int, party: str, why: str) -> None:
+        self.failed.setdefault(party, why)
+        self.log("party_failed", round=round_, party=party, error=why)
 
 
 def _merged_label(config: FederationConfig) -> str:
@@ -171,13 +213,6 @@ def _merged_label(config: FederationConfig) -> str:
 
 def _party_name(spec: PartySpec) -> str:
     return spec.domain if spec.shards == 1 else f"{spec.domain}/{spec.shard}"
-
-
-def _enough(replied: int, need: int, total: int, failed: dict[str, str]) -> None:
-    if replied < need:
-        reasons = "; ".join(f"{name}: {why}" for name, why in failed.items())
-        raise FedmergeError(f"only {replied} of {total} parties replied, fewer than min_parties = {need} ({reasons}); "
-                            "fix the failing parties or lower min_parties")
 
 
 def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list[RoundResult]:
@@ -194,7 +229,7 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
     run.log("parties", parties={p: f"{v['domain']} ({int(v['n_items']):,} items)"  # type: ignore[index]
                                 for p, v in sorted(described.items())})
     base = read_weights(Path(config.base)) if config.base else base_weights(config, text_dims.pop())
-    results = run_federation(config, base, transport, run.log)
+    results = transport.run_rounds(base, Server(config, run.log))
     last = results[-1]
     rows = [r for result in results for r in result.rows]
     facts = {"domains": ", ".join(config.domains), "parties": config.n_parties, "rounds": config.rounds,

@@ -101,9 +101,12 @@ def party_specs(config: FederationConfig) -> list[PartySpec]:
     return [PartySpec(i * n + s, d, s, n) for i, d in enumerate(config.domains) for s in range(n)]
 
 
-def party_data(spec: PartySpec, config: FederationConfig, quiet: bool = True) -> Part:
-    """The party's private data: its domain, or its shard of the users (seeded, disjoint), with the item table."""
-    part = load_parts([spec.domain], config.model, quiet=quiet)[0]
+def party_data(spec: PartySpec, config: FederationConfig, quiet: bool = True, whole: Part | None = None) -> Part:
+    """The party's private data: its domain, or its shard of the users (seeded, disjoint), with the item table.
+
+    `whole` is the loaded domain, when the caller already has it (parties simulated in one process).
+    """
+    part = whole or load_parts([spec.domain], config.model, quiet=quiet)[0]
     if spec.shards == 1:
         return part
     if part.domain.n_users < spec.shards:

@@ -1,0 +1,169 @@
+"""Flower ServerApp and the MergeRec strategy: thin wrappers over :class:`fedmerge.pipeline.Server`.
+
+:class:`MergeRecStrategy` is a Flower ``Strategy`` (so Flower's wrappers can wrap it): its
+``configure_*`` methods build the messages, its ``aggregate_*`` methods decode the replies and
+call the very steps the in-process pipeline calls (accept, merge, record). ``Strategy.start``
+runs the rounds. :func:`flower_backend` runs it all in Flower's simulation runtime (Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merge.vectors import StateDict
+from fedmerge.pipeline import Metrics, RoundResult, Server
+from fedmerge.protocol import SPLITS, FederationConfig, TrainReply
+
+
+def _error(msg: Message) -> Exception:
+    return RuntimeError(msg.error.reason if msg.has_error() else "empty reply")
+
+
+def train_reply(msg: Message) -> TrainReply:
+    """The protocol value of a party's training reply."""
+    features = msg.content["features"].to_torch_state_dict()["features"]
+    metrics = {k: float(v) for k, v in msg.content["metrics"].items()}  # type: ignore[arg-type]
+    return TrainReply(str(msg.content["party"]["domain"]), msg.content["arrays"].to_torch_state_dict(), features, metrics)
+
+
+class MergeRecStrategy(Strategy):
+    """Send theta_0, receive each party separately, merge with learned coefficients, evaluate every model everywhere."""
+
+    def __init__(self, config: FederationConfig, server: Server, nodes: dict[int, int]) -> None:
+        self.config, self.server, self.nodes = config, server, nodes  # nodes: party id -> node id
+        self.party_of = {node: party for party, node in nodes.items()}
+        self.federation = json.dumps(config.model_dump())
+        self.start_weights: StateDict = {}
+        self.models: dict[str, StateDict] = {}
+
+    def _messages(self, content: RecordDict, kind: str, server_round: int) -> list[Message]:
+        return [Message(content=content, message_type=kind, dst_node_id=node, group_id=str(server_round))
+                for node in self.nodes.values()]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.start_weights = arrays.to_torch_state_dict()
+        self.server.begin(server_round)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"federation": self.federation})})
+        return self._messages(content, "train", server_round)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raw: dict[int, TrainReply | Exception] = {}
+        for msg in replies:
+            party = self.party_of[msg.metadata.src_node_id]
+            try:
+                raw[party] = _error(msg) if msg.has_error() else train_reply(msg)
+            except (KeyError, TypeError, ValueError) as err:
+                raw[party] = FedmergeError(f"malformed reply ({err})")
+        accepted = self.server.accept(server_round, self.start_weights, raw)
+        outcome, self.models = self.server.merge(server_round, self.start_weights, accepted)
+        return ArrayRecord(outcome.merged), MetricRecord({"merge_seconds": outcome.seconds})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        content = RecordDict({"config": ConfigRecord({"federation": self.federation,
+                                                       "labels": json.dumps(list(self.models))})})
+        for index, weights in enumerate(self.models.values()):
+            content[f"model-{index}"] = ArrayRecord(weights)
+        return self._messages(content, "evaluate", server_round)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        evaluations: dict[int, dict[str, Metrics] | Exception] = {}
+        for msg in replies:
+            party = self.party_of[msg.metadata.src_node_id]
+            if msg.has_error():
+                evaluations[party] = _error(msg)
+                continue
+            evaluations[party] = {label: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
+                                                  msg.content[f"metrics-{i}-{split}"].items()} for split in SPLITS}
+                                  for i, label in enumerate(self.models)}
+        result = self.server.record(server_round, list(self.models), evaluations)
+        return MetricRecord({"rows": len(result.rows)})
+
+    def summary(self) -> None:
+        self.server.log("strategy", name=type(self).__name__, parties=len(self.nodes), rounds=self.config.rounds)
+
+
+def discover(grid: Grid, config: FederationConfig) -> dict[int, dict[str, float | str] | Exception]:
+    """Wait for every party's node, ask each who it is (``query``); keyed by party id, with ``node`` ids."""
+    deadline = time.monotonic() + 60 * config.timeout_minutes
+    nodes: list[int] = []
+    while len(nodes) < config.n_parties and time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.2)
+    if len(nodes) < config.n_parties:
+        raise FedmergeError(f"only {len(nodes)} of {config.n_parties} parties connected within "
+                            f"{config.timeout_minutes} minutes; start more SuperNodes or lower the party count")
+    content = RecordDict({"config": ConfigRecord({"federation": json.dumps(config.model_dump())})})
+    messages = [Message(content=content, message_type="query", dst_node_id=node, group_id="query") for node in nodes]
+    found: dict[int, dict[str, float | str] | Exception] = {}
+    for msg in grid.send_and_receive(messages, timeout=60 * config.timeout_minutes):
+        if msg.has_error():
+            raise FedmergeError(f"node {msg.metadata.src_node_id} could not load its data: {msg.error.reason}")
+        record = msg.content["party"]
+        found[int(record["party"])] = {"domain": str(record["domain"]), "n_items": float(record["n_items"]),
+                                       "text_dim": float(record["text_dim"]), "node": int(msg.metadata.src_node_id)}
+    return found
+
+
+class FlowerBackend:
+    """The transport of a Flower run: the ServerApp's grid, driven by :class:`MergeRecStrategy`."""
+
+    def __init__(self, grid: Grid, config: FederationConfig) -> None:
+        self.grid, self.config = grid, config
+        self.found: dict[int, dict[str, float | str] | Exception] = {}
+
+    def describe(self) -> dict[int, dict[str, float | str] | Exception]:
+        self.found = discover(self.grid, self.config)
+        return self.found
+
+    def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
+        nodes = {party: int(info["node"]) for party, info in self.found.items()}  # type: ignore[index]
+        strategy = MergeRecStrategy(self.config, server, nodes)
+        strategy.start(self.grid, ArrayRecord(base), num_rounds=self.config.rounds,
+                       timeout=60 * self.config.timeout_minutes)
+        return server.results
+
+
+def server_app(config: FederationConfig, holder: dict) -> ServerApp:
+    """A ServerApp that runs `config` via :func:`fedmerge.pipeline.execute`; its outcome goes into `holder`."""
+    from fedmerge.pipeline import execute
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            holder["results"] = execute(config, FlowerBackend(grid, config), holder["run"])
+        except BaseException as err:  # noqa: BLE001 - handed back to the caller of run_simulation
+            holder["error"] = err
+
+    return app
+
+
+def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
+    """A callable for :func:`fedmerge.pipeline.simulate`: the run in Flower's simulation runtime (Ray)."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+
+    def run(run_dir):  # type: ignore[no-untyped-def]
+        holder: dict = {"run": run_dir}
+        backend = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}}
+        run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
+                       backend_config=backend)  # type: ignore[arg-type]
+        if "error" in holder:
+            raise holder["error"]
+        if "results" not in holder:
+            raise FedmergeError("the Flower simulation ended without results; see the log above")
+        return holder["results"]
+
+    return run

@@ -1,0 +1,77 @@
+"""The Flower backend: same answer as the in-process pipeline, and nothing private crosses the wire."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+import server.app
+from fedmerge.data.synthetic import synthetic_domain
+from fedmerge.pipeline import InProcess, simulate
+from tests.test_pipeline import tiny
+
+ALLOWED_CONFIG = {"federation", "labels", "party", "domain", "n_items", "text_dim"}
+ALLOWED_METRICS = {"users", "n_items", "best_epoch", "best_valid_ndcg@10", "train_seconds", "seconds", "merge_seconds"}
+
+
+class Recording:
+    """A grid that keeps every message it sends and every reply it receives."""
+
+    def __init__(self, grid) -> None:  # type: ignore[no-untyped-def]
+        self.grid, self.seen = grid, []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.seen += messages + replies
+        return replies
+
+
+def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggregates(
+        tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny("client_cpus=1")
+    grids: list[Recording] = []
+    original = server.app.FlowerBackend.__init__
+
+    def recording_init(self, grid, config):  # type: ignore[no-untyped-def]
+        grids.append(Recording(grid))
+        original(self, grids[-1], config)
+
+    monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
+    simulate(config, server.app.flower_backend(config), tmp_path / "flower")
+    simulate(config, InProcess(config), tmp_path / "inprocess")
+    flower, inprocess = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("flower", "inprocess"))
+    assert flower == inprocess
+
+    users = {u for name in config.domains for u in synthetic_domain(name).user_ids}
+    weights = set(load_keys(tmp_path / "flower" / "merged.safetensors"))
+    assert grids and grids[0].seen
+    for msg in grids[0].seen:
+        if msg.has_error():
+            continue
+        for name, record in msg.content.items():
+            if isinstance(record, ArrayRecord):
+                keys = set(record.keys())
+                assert keys <= weights or keys == {"features"}, (name, keys)
+            elif isinstance(record, ConfigRecord):
+                assert set(record.keys()) <= ALLOWED_CONFIG, (name, set(record.keys()))
+                assert not any(str(v) in users for v in record.values())
+            elif isinstance(record, MetricRecord):
+                for key, value in record.items():
+                    assert key in ALLOWED_METRICS or key.split("@")[0] in {"recall", "ndcg", "mrr"}, key
+                    assert not isinstance(value, list), key  # aggregates only, never per-user values
+            else:
+                pytest.fail(f"unexpected record {name!r} of type {type(record).__name__}")
+
+
+def load_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())

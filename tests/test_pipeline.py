@@ -1,0 +1,107 @@
+"""The federation's protocol and server loop, in process, on tiny synthetic domains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedmerge.config import load_config
+from fedmerge.errors import FedmergeError
+from fedmerge.pipeline import InProcess, simulate
+from fedmerge.protocol import FederationConfig, TrainReply, average_parties, party_data, party_specs
+
+TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
+        "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.epochs=4", "train.patience=20",
+        "merge.learn.steps=40"]
+
+
+def tiny(*extra: str) -> FederationConfig:
+    return load_config(None, ['domains=["synth-0", "synth-1"]', *TINY, *extra], FederationConfig)
+
+
+def test_inprocess_run_writes_every_model_for_every_domain(tmp_path: Path, cache: Path) -> None:
+    config = tiny()
+    results = simulate(config, InProcess(config), tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    models = {r["model"] for r in rows}
+    assert models == {"theta_0", "fine-tuned on synth-0", "fine-tuned on synth-1", "ties (training-free)",
+                      "merged (task-wise, mergerec)"}
+    assert {(r["domain"], r["split"]) for r in rows} == {(d, s) for d in ("synth-0", "synth-1") for s in ("valid", "test")}
+    test = {(r["model"], r["domain"]): r["recall@10"] for r in rows if r["split"] == "test"}
+    for domain in ("synth-0", "synth-1"):  # fine-tuning helps at home; the merge keeps more than the start
+        assert test[(f"fine-tuned on {domain}", domain)] > test[("theta_0", domain)]
+        assert test[("merged (task-wise, mergerec)", domain)] > test[("theta_0", domain)]
+    merged = load_file(str(tmp_path / "run" / "merged.safetensors"))
+    assert all(torch.equal(merged[k], v) for k, v in results[-1].merge.merged.items())
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "parties" and events[-1] == "round_done"
+    assert "| merged (task-wise, mergerec) |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_shards_split_users_disjointly_and_fedavg_weights_by_users(cache: Path) -> None:
+    config = tiny("parties_per_domain=3")
+    specs = party_specs(config)
+    assert [(s.party, s.domain, s.shard) for s in specs[:4]] == [(0, "synth-0", 0), (1, "synth-0", 1),
+                                                                 (2, "synth-0", 2), (3, "synth-1", 0)]
+    shards = [party_data(s, config).domain for s in specs[:3]]
+    users = [u for d in shards for u in d.user_ids]
+    assert len(users) == len(set(users)) == 400  # synth-0 has 400 users
+    one = {"w": torch.ones(2), "n": torch.tensor([3])}
+    three = {"w": torch.full((2,), 3.0), "n": torch.tensor([3])}
+    features = torch.zeros(4, 2)
+    avg = average_parties([TrainReply("a", one, features, {"users": 1.0, "n_items": 4.0, "train_seconds": 1.0}),
+                           TrainReply("a", three, features, {"users": 3.0, "n_items": 4.0, "train_seconds": 2.0})])
+    np.testing.assert_allclose(avg.weights["w"], [2.5, 2.5])
+    assert torch.equal(avg.weights["n"], one["n"]) and avg.metrics["users"] == 4.0
+
+
+class _Faulty(InProcess):
+    """Party 1 raises during training, or sends NaN weights."""
+
+    def __init__(self, config: FederationConfig, fault: str) -> None:
+        super().__init__(config)
+        self.fault = fault
+
+    def train(self, start):  # type: ignore[no-untyped-def]
+        replies = super().train(start)
+        if self.fault == "raise":
+            replies[1] = RuntimeError("disk full")
+        else:
+            replies[1].weights = {k: v.clone() for k, v in replies[1].weights.items()}
+            replies[1].weights["positions"][0, 0] = float("nan")
+        return replies
+
+
+@pytest.mark.parametrize("fault, reason", [("raise", "disk full"), ("nan", "NaN")])
+def test_a_failing_party_is_left_out_and_named_or_stops_the_run(tmp_path: Path, cache: Path, fault: str,
+                                                                 reason: str) -> None:
+    config = tiny("parties_per_domain=2", "min_parties=3")
+    results = simulate(config, _Faulty(config, fault), tmp_path / "ok")
+    assert list(results[0].failed) == ["synth-0/1"] and reason in results[0].failed["synth-0/1"]
+    assert "synth-0/1" in json.loads((tmp_path / "ok" / "run.json").read_text())["failed"]["round 1"]
+    strict = tiny("parties_per_domain=2")
+    with pytest.raises(FedmergeError, match=f"only 3 of 4 parties replied.*synth-0/1.*{reason}"):
+        simulate(strict, _Faulty(strict, fault), tmp_path / "stopped")
+    status = json.loads((tmp_path / "stopped" / "run.json").read_text())
+    assert status["status"] == "failed" and not (tmp_path / "stopped" / "metrics.json").exists()
+
+
+def test_bad_federation_configs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FedmergeError, match="'synth-0' is listed twice"):
+        load_config(None, ['domains=["synth-0", "synth-0"]'], FederationConfig)
+    with pytest.raises(FedmergeError, match="min_parties = 5 but the run has only 4 parties"):
+        tiny("parties_per_domain=2", "min_parties=5")
+    with pytest.raises(FedmergeError, match="method"):
+        tiny("merge.method=nonsense")
+    with pytest.raises(FedmergeError, match="unknown domain 'nowhere'"):
+        config = load_config(None, ['domains=["nowhere"]'], FederationConfig)
+        simulate(config, InProcess(config), tmp_path / "x")
+    with pytest.raises(FedmergeError, match="fewer than its 500 parties"):
+        config = tiny("parties_per_domain=500")
+        simulate(config, InProcess(config), tmp_path / "y")
