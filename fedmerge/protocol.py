@@ -12,6 +12,8 @@ only weights, item-feature tables (public catalogue), configs and aggregate metr
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +65,8 @@ class FederationConfig(BaseModel):
     seed: int = 0
     base: str | None = Field(None, description="base weights theta_0 (a safetensors file or checkpoint folder); "
                              "default: the seeded init of the model config")
-    client_cpus: float = Field(1.0, gt=0.0, description="CPUs per simulated party (Ray)")
+    client_cpus: float = Field(1.0, gt=0.0, description="CPUs per party: Ray resources, and its torch threads "
+                               "in every backend")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated party (fractions allowed)")
     timeout_minutes: float = Field(120.0, gt=0.0, description="how long the server waits for the parties of a round")
     model: ModelConfig = ModelConfig()
@@ -131,14 +134,26 @@ def base_weights(config: FederationConfig, text_dim: int) -> StateDict:
     return {k: v.detach().clone() for k, v in build_model(config.model, text_dim, config.seed).state_dict().items()}
 
 
+@contextmanager
+def party_threads(config: FederationConfig) -> Iterator[None]:
+    """Run a party's work on ``client_cpus`` torch threads, in every backend (the same arithmetic, the same result)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.client_cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: bool = True) -> TrainReply:
     """Fine-tune from `start` on the party's training split (the same loop as ``fedmerge train``)."""
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(start)
     began = time.perf_counter()
-    result = fit(model, [part], config.train, quiet=quiet)
-    model.load_state_dict(result.best_state)
-    fit_text_weight(model, [part], config.train.text_weights, config.train.eval_batch_size)
+    with party_threads(config):
+        result = fit(model, [part], config.train, quiet=quiet)
+        model.load_state_dict(result.best_state)
+        fit_text_weight(model, [part], config.train.text_weights, config.train.eval_batch_size)
     metrics = {"users": float(part.domain.n_users), "n_items": float(part.domain.n_items),
                "best_epoch": float(result.best_epoch), "best_valid_ndcg@10": float(result.best_score),
                "train_seconds": float(result.train_seconds), "seconds": time.perf_counter() - began}
@@ -150,10 +165,11 @@ def party_evaluate(part: Part, weights: StateDict, config: FederationConfig) -> 
     """Aggregate metrics of `weights` on the party's private valid and test splits: {split: metrics}."""
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(weights)
-    scorer = model_scorer(model, part.features)
-    return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
-                                                            config.train.eval_batch_size).items()}
-            for split in SPLITS}
+    with party_threads(config):
+        scorer = model_scorer(model, part.features)
+        return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
+                                                                config.train.eval_batch_size).items()}
+                for split in SPLITS}
 
 
 def check_reply(reply: TrainReply, base: StateDict, party: str) -> None:
