@@ -105,3 +105,16 @@ def test_bad_federation_configs_are_named(tmp_path: Path) -> None:
     with pytest.raises(FedmergeError, match="fewer than its 500 parties"):
         config = tiny("parties_per_domain=500")
         simulate(config, InProcess(config), tmp_path / "y")
+
+
+class _Interrupted(InProcess):
+    def train(self, start):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_is_marked_and_presents_no_results(tmp_path: Path, cache: Path) -> None:
+    config = tiny()
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, _Interrupted(config), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
+    assert not any((tmp_path / "run" / name).exists() for name in ("metrics.json", "report.md", "merged.safetensors"))
