@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Flower offline: no update check, no telemetry, no dependency installation at run time.
+for _key in ("FLWR_DISABLE_UPDATE_CHECK", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
+    os.environ.setdefault(_key, "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
 @pytest.fixture

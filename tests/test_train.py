@@ -40,7 +40,7 @@ def test_config_preset_overrides_and_errors() -> None:
         load_config(None, ["model.dropout=1.5"])
     with pytest.raises(FedmergeError, match="not key=value"):
         load_config(None, ["train.lr"])
-    with pytest.raises(FedmergeError, match="cannot read config nonexistent .*presets?: textenc, textseq"):
+    with pytest.raises(FedmergeError, match="cannot read config nonexistent .*simulate, simulate-paper, textenc, textseq"):
         load_config("nonexistent")
 
 
