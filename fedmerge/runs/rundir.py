@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from safetensors.torch import save_file
 
 from fedmerge.files import atomic_path, write_json
 from fedmerge.merge.vectors import StateDict
 from fedmerge.runs.results import PROTOCOL, Row, write_metrics
+from fedmerge.train.checkpoint import save_weights
 
 RESULT_FILES = ("metrics.json", "metrics.csv", "report.md", "metrics.png", "merged.safetensors", "coefficients.json")
 
@@ -57,18 +57,22 @@ class RunDir:
 
     def write_results(self, rows: list[Row], merged: StateDict, coefficients: dict[str, Any], report: str) -> None:
         """The results files (before ``finish("complete")``)."""
-        with atomic_path(self.out / "merged.safetensors") as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in merged.items()}, str(tmp))
+        save_weights(merged, self.out / "merged.safetensors")
         write_json(self.out / "coefficients.json", coefficients)
         (self.out / "report.md").write_text(report)
         plot_rows(rows, self.out / "metrics.png")
         write_metrics(rows, self.out)
 
 
+def last_round(rows: list[Row], split: str) -> list[Row]:
+    """The rows of `split` from the last round."""
+    last = max((int(r.get("round", 1)) for r in rows), default=1)
+    return [r for r in rows if r["split"] == split and int(r.get("round", 1)) == last]
+
+
 def markdown_table(rows: list[Row], split: str = "test", metrics: tuple[str, ...] = ("recall@10", "ndcg@10")) -> str:
     """Models x domains table of `metrics` on `split` (one row per model, the last round's rows)."""
-    last = max((int(r.get("round", 1)) for r in rows), default=1)
-    chosen = [r for r in rows if r["split"] == split and int(r.get("round", 1)) == last]
+    chosen = last_round(rows, split)
     domains = list(dict.fromkeys(str(r["domain"]) for r in chosen))
     columns = [f"{d} {m}" for d in domains for m in metrics]
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -93,8 +97,7 @@ def plot_rows(rows: list[Row], path: Path, split: str = "test", metric: str = "r
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = max((int(r.get("round", 1)) for r in rows), default=1)
-    chosen = [r for r in rows if r["split"] == split and int(r.get("round", 1)) == last]
+    chosen = last_round(rows, split)
     domains = list(dict.fromkeys(str(r["domain"]) for r in chosen))
     models = list(dict.fromkeys(str(r["model"]) for r in chosen))
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(domains) * max(1, len(models)) / 3, 4))

@@ -26,10 +26,11 @@ def build_model(config: ModelConfig, text_dim: int, seed: int) -> Recommender:
         torch.random.set_rng_state(generator_state)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Write the state dict as safetensors, atomically."""
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """Write the state dict of `model` (or a state dict itself) as safetensors, atomically."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
