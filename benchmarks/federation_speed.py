@@ -7,7 +7,7 @@ the overhead ratio compares the rounds. Peak memory is the largest resident set 
 process tree (server, Ray workers), sampled every 0.2 s. Both backends give each party
 ``client_cpus`` threads; the metrics of the two runs are compared for equality.
 
-    python benchmarks/federation_speed.py [--domains synth-0,synth-1] [--set key=value ...]
+    python benchmarks/federation_speed.py [--domains synth-0,synth-1] [--set key=value ...] [--flower-only]
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from pathlib import Path
 
 import psutil
 from report import write_row
+
+
+PROTOCOL = (__doc__ or "").split("\n\n")[1]
 
 
 def _tree_rss(root: psutil.Process) -> int:
@@ -66,17 +69,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default="synth-0,synth-1")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--flower-only", action="store_true", help="measure the Flower run only (e.g. many parties)")
     parser.add_argument("--runs", type=Path, default=Path("runs/federation_speed"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     flower = run("flower", args, args.runs / "flower")
+    if args.flower_only:
+        row = {"domains": args.domains, "settings": " ".join(args.overrides) or "preset",
+               **{f"flower {k}": v for k, v in flower.items()}}
+        print(write_row(args.out, "federation_memory", "Flower simulation: time and peak memory", PROTOCOL, row))
+        return
     inprocess = run("inprocess", args, args.runs / "inprocess")
     same = (json.loads((args.runs / "flower" / "metrics.json").read_text())
             == json.loads((args.runs / "inprocess" / "metrics.json").read_text()))
     row = {"domains": args.domains, "settings": " ".join(args.overrides) or "preset",
            **{f"flower {k}": v for k, v in flower.items()}, **{f"inprocess {k}": v for k, v in inprocess.items()},
            "rounds ratio": round(flower["rounds_s"] / inprocess["rounds_s"], 3), "same metrics": same}
-    print(write_row(args.out, "federation_speed", "Federation overhead", (__doc__ or "").split("\n\n")[1], row))
+    print(write_row(args.out, "federation_speed", "Federation overhead", PROTOCOL, row))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ class TrainConfig(BaseModel):
     negatives: int | None = Field(
         None, ge=1, description="textseq: sampled softmax over this many uniform negatives per batch when the "
         "catalogue is larger (None: full softmax over all items)")
+    valid_users: int | None = Field(
+        None, ge=1, description="early stopping and the text weight read valid ndcg@10 of this many users drawn "
+        "once (seeded) per domain (None: every user); the reported metrics always use every user")
     text_weights: list[float] = Field(
         [0.0, 0.1, 0.2, 0.3, 0.5], description="textseq: raw text-similarity weights tried on validation after training")
     device: str = Field("cpu", description="torch device to train and evaluate on: cpu, cuda, cuda:1, mps")

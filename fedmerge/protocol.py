@@ -35,7 +35,6 @@ from fedmerge.train.checkpoint import build_model
 from fedmerge.train.loop import Part, fit, fit_text_weight
 from fedmerge.train.run import load_parts
 
-SPLITS = ("valid", "test")
 
 
 class MergeConfig(BaseModel):
@@ -68,6 +67,8 @@ class FederationConfig(BaseModel):
     client_cpus: float = Field(1.0, gt=0.0, description="CPUs per party: Ray resources, and its torch threads "
                                "in every backend")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated party (fractions allowed)")
+    evaluate_valid: bool = Field(True, description="parties evaluate every model on their valid split as well as "
+                                 "on test (false: test only, half the evaluation time)")
     timeout_minutes: float = Field(120.0, gt=0.0, description="how long the server waits for the parties of a round")
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -86,6 +87,11 @@ class FederationConfig(BaseModel):
     @property
     def n_parties(self) -> int:
         return len(self.domains) * self.parties_per_domain
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits every party evaluates every model on."""
+        return ("valid", "test") if self.evaluate_valid else ("test",)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: b
     with party_threads(config):
         result = fit(model, [part], config.train, quiet=quiet)
         model.load_state_dict(result.best_state)
-        fit_text_weight(model, [part], config.train.text_weights, config.train.eval_batch_size)
+        fit_text_weight(model, [part], config.train)
     metrics = {"users": float(part.domain.n_users), "n_items": float(part.domain.n_items),
                "best_epoch": float(result.best_epoch), "best_valid_ndcg@10": float(result.best_score),
                "train_seconds": float(result.train_seconds), "seconds": time.perf_counter() - began}
@@ -162,14 +168,14 @@ def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: b
 
 
 def party_evaluate(part: Part, weights: StateDict, config: FederationConfig) -> dict[str, dict[str, float]]:
-    """Aggregate metrics of `weights` on the party's private valid and test splits: {split: metrics}."""
+    """Aggregate metrics of `weights` on the party's private splits (``config.splits``): {split: metrics}."""
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(weights)
     with party_threads(config):
         scorer = model_scorer(model, part.features)
         return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
                                                                 config.train.eval_batch_size).items()}
-                for split in SPLITS}
+                for split in config.splits}
 
 
 def check_reply(reply: TrainReply, base: StateDict, party: str) -> None:
@@ -235,7 +241,7 @@ def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, f
     """Metric rows per domain and split from the parties' metrics (user-weighted means of their shards)."""
     rows = []
     for domain in dict.fromkeys(spec.domain for spec, _ in results):
-        for split in SPLITS:
+        for split in results[0][1]:
             shards = [m[split] for spec, m in results if spec.domain == domain]
             users = sum(m["users"] for m in shards)
             merged = {k: sum(m[k] * m["users"] for m in shards) / max(users, 1.0) for k in shards[0] if k != "users"}

@@ -3,7 +3,9 @@
 :class:`MergeRecStrategy` is a Flower ``Strategy`` (so Flower's wrappers can wrap it): its
 ``configure_*`` methods build the messages, its ``aggregate_*`` methods decode the replies and
 call the very steps the in-process pipeline calls (accept, merge, record). ``Strategy.start``
-runs the rounds. :func:`flower_backend` runs it all in Flower's simulation runtime (Ray).
+runs the rounds. :func:`flower_backend` runs it all in Flower's simulation runtime (Ray); the
+module-level :data:`app` is the ServerApp of a deployed federation (SuperLink + SuperNodes,
+``flwr run``), which reads its run config and writes the same run directory as ``fedmerge simulate``.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfig
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from rich.console import Console
 
+from fedmerge.config import load_config
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict
-from fedmerge.pipeline import Metrics, RoundResult, Server
-from fedmerge.protocol import SPLITS, FederationConfig, TrainReply
+from fedmerge.pipeline import Metrics, RoundResult, Server, execute, simulate
+from fedmerge.protocol import FederationConfig, TrainReply
 
 
 def _error(msg: Message) -> Exception:
@@ -83,7 +88,8 @@ class MergeRecStrategy(Strategy):
                 evaluations[party] = _error(msg)
                 continue
             evaluations[party] = {label: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
-                                                  msg.content[f"metrics-{i}-{split}"].items()} for split in SPLITS}
+                                                  msg.content[f"metrics-{i}-{split}"].items()}
+                                          for split in self.config.splits}
                                   for i, label in enumerate(self.models)}
         result = self.server.record(server_round, list(self.models), evaluations)
         return MetricRecord({"rows": len(result.rows)})
@@ -167,3 +173,34 @@ def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
         return holder["results"]
 
     return run
+
+
+def deployed_run(run_config: UserConfig) -> tuple[FederationConfig, Path]:
+    """The federation config and run directory of a deployed run, from its flat Flower run config.
+
+    Parameters
+    ----------
+    run_config : UserConfig
+        ``[tool.flwr.app.config]`` plus the ``flwr run --run-config`` overrides: ``config`` (a
+        preset in ``configs/`` or a TOML path; empty for the defaults), ``set`` (``key=value``
+        overrides separated by ``;``, as ``fedmerge simulate --set``) and ``out`` (the run
+        directory, relative to the ServerApp process's working directory).
+
+    Returns
+    -------
+    tuple[FederationConfig, Path]
+        The validated config and the run directory.
+    """
+    preset = str(run_config.get("config", "simulate")) or None
+    overrides = [item.strip() for item in str(run_config.get("set", "")).split(";") if item.strip()]
+    return load_config(preset, overrides, FederationConfig), Path(str(run_config.get("out", "runs/deployed")))
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation on the deployed SuperNodes and write the run directory (``run.json`` says how it ended)."""
+    config, out = deployed_run(context.run_config)
+    simulate(config, lambda run: execute(config, FlowerBackend(grid, config), run), out, Console())

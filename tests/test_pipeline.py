@@ -42,6 +42,9 @@ def test_inprocess_run_writes_every_model_for_every_domain(tmp_path: Path, cache
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert events[0] == "parties" and events[-1] == "round_done"
     assert "| merged (task-wise, mergerec) |" in (tmp_path / "run" / "report.md").read_text()
+    test_only = tiny("evaluate_valid=false")  # the same run, parties evaluate on test only
+    simulate(test_only, InProcess(test_only), tmp_path / "test-only")
+    assert json.loads((tmp_path / "test-only" / "metrics.json").read_text()) == [r for r in rows if r["split"] == "test"]
 
 
 def test_shards_split_users_disjointly_and_fedavg_weights_by_users(cache: Path) -> None:

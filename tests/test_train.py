@@ -196,9 +196,24 @@ def test_text_weight_is_chosen_on_validation(cache: Path, monkeypatch: pytest.Mo
     part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
     model = build_model(tiny().model, part.features.shape[1], seed=0)
     monkeypatch.setattr(loop, "validation_score", lambda m, *args: 1.0 - abs(float(m.text_weight) - 0.2))
-    tried = loop.fit_text_weight(model, [part], [0.0, 0.1, 0.2, 0.3], 64)
+    tried = loop.fit_text_weight(model, [part], tiny("train.text_weights=[0.0, 0.1, 0.2, 0.3]").train)
     assert float(model.text_weight) == pytest.approx(0.2) and tried[0.0] == pytest.approx(0.8)
-    assert loop.fit_text_weight(model, [part], [], 64) == {} and float(model.text_weight) == pytest.approx(0.2)
+    assert loop.fit_text_weight(model, [part], tiny("train.text_weights=[]").train) == {}
+    assert float(model.text_weight) == pytest.approx(0.2)
+
+
+def test_validation_reads_a_seeded_user_sample(cache: Path) -> None:
+    from fedmerge.train.loop import validation_parts
+
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
+    assert validation_parts([part], None, 0)[0] is part
+    assert validation_parts([part], part.domain.n_users, 0)[0] is part
+    sample = validation_parts([part], 7, 0)[0].domain
+    again = validation_parts([part], 7, 0)[0].domain
+    assert sample.n_users == 7 and sample.user_ids == again.user_ids
+    assert set(sample.user_ids) <= set(part.domain.user_ids) and sample.n_items == part.domain.n_items
+    user = part.domain.user_ids.index(sample.user_ids[0])
+    assert sample.history(0, "valid").tolist() == part.domain.history(user, "valid").tolist()
 
 
 def test_unusable_device_is_named() -> None:

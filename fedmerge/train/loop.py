@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from fedmerge.config import TrainConfig
-from fedmerge.data.domain import DomainData
+from fedmerge.data.domain import DomainData, user_subset
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.files import atomic_path
@@ -53,6 +53,16 @@ def validation_score(model: Recommender, parts: list[Part], batch_size: int) -> 
     """Mean validation ndcg@10 over the parts."""
     return float(np.mean([evaluate_domain(model_scorer(model, p.features), p.domain, "valid", batch_size)["ndcg@10"]
                           for p in parts]))
+
+
+def validation_parts(parts: list[Part], users: int | None, seed: int) -> list[Part]:
+    """The parts that validation reads: each domain cut to `users` seeded users (``train.valid_users``), or as is."""
+    if users is None:
+        return parts
+    rng = np.random.default_rng(seed)
+    return [p if p.domain.n_users <= users else
+            Part(user_subset(p.domain, np.sort(rng.choice(p.domain.n_users, users, replace=False))), p.features)
+            for p in parts]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +101,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     sequences = [training_sequences(p.domain, model.config.max_len) for p in parts]
+    parts = validation_parts(parts, config.valid_users, config.seed)
     if not any(sequences):
         raise FedmergeError("no user has two or more training items, so there is nothing to train on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -160,7 +171,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     return result
 
 
-def fit_text_weight(model: Recommender, parts: list[Part], weights: list[float], batch_size: int) -> dict[float, float]:
+def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) -> dict[float, float]:
     """Set a textseq model's ``text_weight`` to the candidate with the best mean valid ndcg@10.
 
     Learned scores rank well the items that training saw often; the raw text similarity to the
@@ -169,12 +180,13 @@ def fit_text_weight(model: Recommender, parts: list[Part], weights: list[float],
     validation, keeps both; training with it from the start held the model back. Returns the
     valid ndcg@10 of every candidate (empty for other kinds or no candidates).
     """
-    if not isinstance(model, TextSeqRec) or not weights:
+    if not isinstance(model, TextSeqRec) or not config.text_weights:
         return {}
+    parts = validation_parts(parts, config.valid_users, config.seed)
     scores = {}
-    for weight in weights:
+    for weight in config.text_weights:
         model.text_weight.fill_(weight)
-        scores[weight] = validation_score(model, parts, batch_size)
+        scores[weight] = validation_score(model, parts, config.eval_batch_size)
     model.text_weight.fill_(max(scores, key=scores.get))
     return scores
 

@@ -81,7 +81,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     write_json(config_path, _facts(config, parts, init))
     result = fit(model, parts, config.train, state_path=state_path, quiet=quiet)
     model.load_state_dict(result.best_state)
-    text_weights = fit_text_weight(model, parts, config.train.text_weights, config.train.eval_batch_size)
+    text_weights = fit_text_weight(model, parts, config.train)
     save_weights(model, out / "model.safetensors")
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
     rows += evaluate_rows(model, parts, label, config.train.eval_batch_size)
