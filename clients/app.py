@@ -13,6 +13,7 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmerge.errors import FedmergeError
 from fedmerge.protocol import FederationConfig, PartySpec, party_data, party_evaluate, party_specs, party_train
 from fedmerge.train.loop import Part
 
@@ -28,7 +29,12 @@ def _spec(config: FederationConfig, context: Context) -> PartySpec:
     node = context.node_config
     if "domain" in node:
         domain, shard = str(node["domain"]), int(node.get("shard", 0))
-        return next(s for s in party_specs(config) if s.domain == domain and s.shard == shard)
+        match = [s for s in party_specs(config) if s.domain == domain and s.shard == shard]
+        if not match:
+            raise FedmergeError(f"this SuperNode serves domain {domain!r} shard {shard}, which the run does not have "
+                                f"(domains {config.domains}, {config.parties_per_domain} parties each); "
+                                "start it with a --node-config domain of the run, or change the run's domains")
+        return match[0]
     return party_specs(config)[int(node["partition-id"])]
 
 

@@ -75,3 +75,17 @@ def load_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), "pt") as handle:
         return list(handle.keys())
+
+
+def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_named() -> None:
+    from types import SimpleNamespace
+
+    from clients.app import _spec
+    from fedmerge.errors import FedmergeError
+
+    config = tiny("parties_per_domain=2")
+    node = SimpleNamespace(node_config={"domain": "synth-1", "shard": 1})
+    assert (_spec(config, node).party, _spec(config, node).domain) == (3, "synth-1")  # type: ignore[arg-type]
+    assert _spec(config, SimpleNamespace(node_config={"partition-id": 2})).domain == "synth-1"  # type: ignore[arg-type]
+    with pytest.raises(FedmergeError, match="serves domain 'books' shard 0, which the run does not have"):
+        _spec(config, SimpleNamespace(node_config={"domain": "books"}))  # type: ignore[arg-type]

@@ -264,3 +264,14 @@ def test_sampled_softmax_estimates_the_full_loss_and_trains(tmp_path: Path, cach
     popularity = evaluate_domain(popularity_scorer, synthetic_domain("synth-0"), "test")  # 200 items
     assert test["textseq"]["recall@10"] > 2 * popularity["recall@10"]
     assert test["textseq"]["recall@10"] > 1.2 * test["base"]["recall@10"]
+
+
+def test_training_uses_deterministic_kernels_and_restores_the_setting(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedmerge.train.loop as loop
+
+    seen = []
+    monkeypatch.setattr(loop, "_fit", lambda *args: seen.append(torch.are_deterministic_algorithms_enabled()))
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
+    before = torch.are_deterministic_algorithms_enabled()
+    loop.fit(build_model(tiny().model, part.features.shape[1], seed=0), [part], tiny().train, quiet=True)
+    assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
