@@ -23,7 +23,6 @@ from pathlib import Path
 import psutil
 from report import write_row
 
-
 PROTOCOL = (__doc__ or "").split("\n\n")[1]
 
 

@@ -36,7 +36,6 @@ from fedmerge.train.loop import Part, deterministic, fit, fit_text_weight
 from fedmerge.train.run import load_parts
 
 
-
 class MergeConfig(BaseModel):
     """The server's merge: a training-free initialisation, then (optionally) learned coefficients."""
 
