@@ -1,7 +1,8 @@
 # The image of the SuperExec containers (docker-compose.yml): flwr/superexec with fedmerge and its
 # dependencies installed, so the ServerApp and ClientApp processes it launches can import them.
 #
-# Assumptions (not built on the machine this was written on; it has no docker engine):
+# Assumptions about the base image (the test suite runs the same commands without docker;
+# this image itself is not built by the tests):
 # - flwr/superexec:${FLWR_VERSION} is Flower's image: a Python >= 3.11 virtual environment on PATH
 #   that user `app` (uid 49999, HOME=/app, WORKDIR /app) may pip install into, flwr preinstalled;
 # - torch comes from the CPU wheel index (a plain `pip install torch` pulls multi-GB CUDA wheels);
