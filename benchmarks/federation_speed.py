@@ -73,19 +73,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     flower = run("flower", args, args.runs / "flower")
+    row = {"domains": args.domains, "settings": " ".join(args.overrides) or "preset",
+           **{f"flower {k}": v for k, v in flower.items()}}
     if args.flower_only:
-        row = {"domains": args.domains, "settings": " ".join(args.overrides) or "preset",
-               **{f"flower {k}": v for k, v in flower.items()}}
         print(write_row(args.out, "federation_memory", "Flower simulation: time and peak memory", PROTOCOL, row))
         return
     inprocess = run("inprocess", args, args.runs / "inprocess")
     same = (json.loads((args.runs / "flower" / "metrics.json").read_text())
             == json.loads((args.runs / "inprocess" / "metrics.json").read_text()))
-    row = {"domains": args.domains, "settings": " ".join(args.overrides) or "preset",
-           **{f"flower {k}": v for k, v in flower.items()}, **{f"inprocess {k}": v for k, v in inprocess.items()},
-           "rounds ratio": round(flower["rounds_s"] / inprocess["rounds_s"], 3), "same metrics": same}
+    row |= {**{f"inprocess {k}": v for k, v in inprocess.items()},
+            "rounds ratio": round(flower["rounds_s"] / inprocess["rounds_s"], 3), "same metrics": same}
     print(write_row(args.out, "federation_speed", "Federation overhead", PROTOCOL, row))
-
 
 if __name__ == "__main__":
     main()

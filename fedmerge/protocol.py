@@ -32,7 +32,7 @@ from fedmerge.merge.vectors import StateDict, check_aligned, combine, task_vecto
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.checkpoint import build_model
-from fedmerge.train.loop import Part, deterministic, fit, fit_text_weight
+from fedmerge.train.loop import Part, fit, fit_text_weight
 from fedmerge.train.run import load_parts
 
 
@@ -227,8 +227,7 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
             teacher.load_state_dict(reply.weights)
             server.append(server_domain(reply.domain, reply.features, teacher, merge.learn))
     skeleton = build_model(model, replies[0].features.shape[1], seed)
-    with deterministic():
-        result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
+    result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
     coefficients = {"method": merge.method, "params": params.model_dump(), "learn": merge.learn.model_dump(),
                     "domains": names, "groups": result.groups, "initial": prepared.weights,
                     "weights": result.weights.tolist(), "best_step": result.best_step, "log": result.log}

@@ -270,8 +270,14 @@ def test_training_uses_deterministic_kernels_and_restores_the_setting(cache: Pat
     import fedmerge.train.loop as loop
 
     seen = []
-    monkeypatch.setattr(loop, "_fit", lambda *args: seen.append(torch.are_deterministic_algorithms_enabled()))
+
+    def first_step(name: str) -> torch.device:  # fit's first call: record the setting, then stop training
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "resolve_device", first_step)
     part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
     before = torch.are_deterministic_algorithms_enabled()
-    loop.fit(build_model(tiny().model, part.features.shape[1], seed=0), [part], tiny().train, quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(build_model(tiny().model, part.features.shape[1], seed=0), [part], tiny().train, quiet=True)
     assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before

@@ -29,6 +29,7 @@ from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
 from fedmerge.progress import progress_bar
+from fedmerge.train.loop import deterministic
 
 _BLOCK = re.compile(r"(?:blocks\.layers|encoder\.layer)\.(\d+)\.")
 
@@ -98,6 +99,7 @@ class _Student(nn.Module):
         return self.model.scores(features, items, histories)
 
 
+@deterministic()
 def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, domains: list[ServerDomain],
                        config: LearnConfig, quiet: bool = False) -> LearnResult:
     """Learn w on the domains' pseudo-users; return the final (or best held-out) coefficients and merged weights.

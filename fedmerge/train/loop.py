@@ -79,6 +79,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic torch kernels inside the block (the previous setting is restored after).
+
+    Several CPU threads accumulate gradients (index and embedding backward) in a varying order
+    unless deterministic kernels are asked for; with them, the same seed and data give the same
+    weights and metrics whatever the thread count. Ops without a deterministic kernel (some CUDA
+    ones) warn instead of failing.
+    """
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@deterministic()
 def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
         quiet: bool = False) -> FitResult:
     """Train `model` in place on `parts`; return the weights of the best validation epoch.
@@ -97,30 +115,6 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     quiet : bool
         No progress bar.
     """
-    with deterministic():
-        return _fit(model, parts, config, state_path, quiet)
-
-
-@contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic torch kernels inside the block (the previous setting is restored after).
-
-    Several CPU threads accumulate gradients (index and embedding backward) in a varying order
-    unless deterministic kernels are asked for; with them, the same seed and data give the same
-    weights and metrics whatever the thread count. Ops without a deterministic kernel (some CUDA
-    ones) warn instead of failing.
-    """
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
-def _fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
-         quiet: bool = False) -> FitResult:
-    """The body of :func:`fit`."""
     device = resolve_device(config.device)
     model.to(device)
     features = [p.features.to(device) for p in parts]
