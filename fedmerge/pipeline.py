@@ -136,10 +136,11 @@ class Server:
         self.results: list[RoundResult] = []
         self.failed: dict[str, str] = {}
         self.clock: dict[str, float] = {}
+        self.outcome: MergeOutcome | None = None
 
     def begin(self, round_: int) -> None:
         """The round starts: the start weights go out to the parties."""
-        self.failed, self.clock = {}, {"start": time.perf_counter()}
+        self.failed, self.clock, self.outcome = {}, {"start": time.perf_counter()}, None
         self.log("train_start", round=round_, parties=len(self.specs))
 
     def accept(self, round_: int, start: StateDict, raw: dict[int, TrainReply | Exception]) -> dict[int, TrainReply]:

@@ -28,7 +28,7 @@ from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import method_params
 from fedmerge.merge.learn import LearnConfig, learn_coefficients, server_domain
 from fedmerge.merge.methods import prepare
-from fedmerge.merge.vectors import StateDict, check_aligned, combine, task_vector
+from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.checkpoint import build_model
@@ -213,11 +213,12 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
                  quiet: bool = True) -> MergeOutcome:
     """Merge one model per domain: task vectors, the init method, then coefficients learned on pseudo-users.
 
+    The replies' weights must match `base` (:func:`check_reply`, :func:`check_aligned`).
+
     ``seed`` seeds the skeleton models (their weights are always overwritten).
     """
     started = time.perf_counter()
     names = [r.domain for r in replies]
-    check_aligned(base, [r.weights for r in replies], names)
     params = method_params(merge.method, merge.params)
     prepared = prepare(merge.method, [task_vector(base, r.weights) for r in replies], params)
     server = []
@@ -231,8 +232,7 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
     coefficients = {"method": merge.method, "params": params.model_dump(), "learn": merge.learn.model_dump(),
                     "domains": names, "groups": result.groups, "initial": prepared.weights,
                     "weights": result.weights.tolist(), "best_step": result.best_step, "log": result.log}
-    initial = combine(base, prepared.vectors, prepared.weights)
-    return MergeOutcome(initial, result.merged, coefficients, time.perf_counter() - started,
+    return MergeOutcome(result.initial, result.merged, coefficients, time.perf_counter() - started,
                         sum(d.teacher.nbytes for d in server if d.teacher))
 
 

@@ -67,9 +67,10 @@ class ServerDomain:
 
 @dataclass
 class LearnResult:
-    """The learned coefficients (K, groups), the merged weights, and the per-step log."""
+    """The learned coefficients (K, groups), the initial and the learned merged weights, and the per-step log."""
 
     weights: torch.Tensor
+    initial: StateDict
     merged: StateDict
     groups: list[str]
     log: list[dict] = field(default_factory=list)
@@ -111,7 +112,8 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     group_of, group_names = parameter_groups(keys, config.mode == "layer-wise")
     initial = torch.tensor(prepared.weights, dtype=torch.float32)
     weights = nn.Parameter(initial[:, None].repeat(1, len(group_names)))
-    result = LearnResult(weights.detach().clone(), combine(base, prepared.vectors, prepared.weights), group_names)
+    initial_merge = combine(base, prepared.vectors, prepared.weights)
+    result = LearnResult(weights.detach().clone(), initial_merge, initial_merge, group_names)
     if config.mode == "none" or config.steps == 0:
         return result
     student = _Student(model).eval()
