@@ -85,5 +85,6 @@ def main() -> None:
             "rounds ratio": round(flower["rounds_s"] / inprocess["rounds_s"], 3), "same metrics": same}
     print(write_row(args.out, "federation_speed", "Federation overhead", PROTOCOL, row))
 
+
 if __name__ == "__main__":
     main()

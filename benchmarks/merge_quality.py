@@ -8,8 +8,9 @@ base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain``
 on its own domain; *joint* one model trained on the pooled data (the non-private reference);
 *task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
 density 0.2 (global), *dare* p = 0.5 then TIES; *adamerging* and *mergerec* learn coefficients
-on pseudo-users (500 steps, TIES init; one row from the average instead). *Unseen*: merge all domains but one (MergeRec
-task-wise) and test on the one left out, against theta_0 and every single fine-tuned model.
+on pseudo-users (500 steps, TIES init; one row from the average instead). *Unseen*: merge all
+domains but one (MergeRec task-wise) and test on the one left out, against theta_0 and every
+single fine-tuned model.
 
 Runs are kept under ``--runs`` and reused when complete, so the benchmark can be built up
 over several sessions.
@@ -104,8 +105,8 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, d
     best = max(LAMBDAS, key=lambda lam: np.mean([c[1] for c in _cells(valid[lam], "task_arithmetic", "valid").values()]))
     table[f"task_arithmetic (lambda {best} on valid)"] = _cells(valid[best], "task_arithmetic")
     for label, (method, params, mode, loss) in MERGES.items():
-        rows = _merge(runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}", base, runs, args.domains, method, params, mode, loss,
-                      args.steps)
+        folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
+        rows = _merge(folder, base, runs, args.domains, method, params, mode, loss, args.steps)
         table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in rows if r["split"] == "test"}
     table["unseen: mergerec of the others"] = {}
     for unseen in args.domains:
