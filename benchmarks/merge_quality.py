@@ -8,9 +8,12 @@ base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain``
 on its own domain; *joint* one model trained on the pooled data (the non-private reference);
 *task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
 density 0.2 (global), *dare* p = 0.5 then TIES; *adamerging* and *mergerec* learn coefficients
-on pseudo-users (500 steps, TIES init; one row from the average instead). *Unseen*: merge all
-domains but one (MergeRec task-wise) and test on the one left out, against theta_0 and every
-single fine-tuned model.
+on pseudo-users (500 steps, TIES init, fitted KL score scale; one row from the average
+instead). These rows merge the text-code rows by the method, as published; the rows marked
+*usage rows* merge them by catalogue usage (``fedmerge.merge.rows``, the framework's default),
+and their MergeRec rows start from task arithmetic at the lambda chosen on valid with usage
+rows. *Unseen*: merge all domains but one (MergeRec task-wise, usage rows, that init) and
+test on the one left out, against theta_0 and every single fine-tuned model.
 
 Runs are kept under ``--runs`` and reused when complete, so the benchmark can be built up
 over several sessions.
@@ -32,21 +35,24 @@ import numpy as np
 from report import finished_run
 
 from fedmerge.config import ExperimentConfig, load_config
-from fedmerge.merge import method_params
 from fedmerge.merge.learn import LearnConfig
 from fedmerge.merge.run import merge_run
+from fedmerge.protocol import MergeConfig
 from fedmerge.train.checkpoint import load_checkpoint
 from fedmerge.train.run import evaluate_rows, load_parts, train_run
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-MERGES = {  # name -> (method, params, learn mode, loss)
-    "average": ("average", {}, "none", "mergerec"),
-    "ties": ("ties", {}, "none", "mergerec"),
-    "dare": ("dare", {"p": 0.5, "then": "ties", "density": 0.2, "lam": 1.0}, "none", "mergerec"),
-    "adamerging": ("ties", {}, "task-wise", "adamerging"),
-    "mergerec task-wise": ("ties", {}, "task-wise", "mergerec"),
-    "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec"),
-    "mergerec task-wise, average init": ("average", {}, "task-wise", "mergerec"),
+MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lambda chosen on valid (same rows)
+    "average": ("average", {}, "none", "mergerec", "method"),
+    "ties": ("ties", {}, "none", "mergerec", "method"),
+    "dare": ("dare", {"p": 0.5, "then": "ties", "density": 0.2, "lam": 1.0}, "none", "mergerec", "method"),
+    "adamerging": ("ties", {}, "task-wise", "adamerging", "method"),
+    "mergerec task-wise": ("ties", {}, "task-wise", "mergerec", "method"),
+    "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec", "method"),
+    "mergerec task-wise, average init": ("average", {}, "task-wise", "mergerec", "method"),
+    "ties, usage rows": ("ties", {}, "none", "mergerec", "usage"),
+    "mergerec task-wise, usage rows, TA init": ("task_arithmetic", None, "task-wise", "mergerec", "usage"),
+    "mergerec layer-wise, usage rows, TA init": ("task_arithmetic", None, "layer-wise", "mergerec", "usage"),
 }
 
 
@@ -64,11 +70,19 @@ def _train(names: list[str], config: ExperimentConfig, folder: Path, init: Path 
 
 
 def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str, params: dict, mode: str, loss: str,
-           steps: int) -> list[dict]:
+           rows: str, steps: int) -> list[dict]:
     if not (folder / "metrics.json").exists():
-        merge_run(base, [runs / d for d in domains], domains, method, method_params(method, params),
-                  LearnConfig(mode=mode, loss=loss, steps=steps), folder, quiet=True)
+        merge = MergeConfig(method=method, params=params, learn=LearnConfig(mode=mode, loss=loss, steps=steps), rows=rows)
+        merge_run(base, [runs / d for d in domains], domains, merge, folder, quiet=True)
     return _rows(folder)
+
+
+def _best_lambda(runs: Path, base: Path, domains: list[str], rows: str, steps: int) -> tuple[float, list[dict]]:
+    """Task arithmetic's lambda with the best mean valid ndcg@10 (over LAMBDAS), and that merge's rows."""
+    grid = {lam: _merge(runs / f"merge-ta{'-usage' if rows == 'usage' else ''}-{lam}", base, runs, domains,
+                        "task_arithmetic", {"lam": lam}, "none", "mergerec", rows, steps) for lam in LAMBDAS}
+    best = max(LAMBDAS, key=lambda lam: np.mean([c[1] for c in _cells(grid[lam], "task_arithmetic", "valid").values()]))
+    return best, grid[best]
 
 
 def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str) -> list[dict]:
@@ -100,19 +114,22 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, d
         for other, cell in _cells(_cross(runs / name, args.domains, config, name), name).items():
             table.setdefault(f"fine-tuned on {name}", {})[other] = cell
     table["joint"] = _cells(_rows(runs / "joint"), "joint")
-    valid = {lam: _merge(runs / f"merge-ta-{lam}", base, runs, args.domains, "task_arithmetic", {"lam": lam}, "none",
-                         "mergerec", args.steps) for lam in LAMBDAS}
-    best = max(LAMBDAS, key=lambda lam: np.mean([c[1] for c in _cells(valid[lam], "task_arithmetic", "valid").values()]))
-    table[f"task_arithmetic (lambda {best} on valid)"] = _cells(valid[best], "task_arithmetic")
-    for label, (method, params, mode, loss) in MERGES.items():
+    lam = {}
+    for rows in ("method", "usage"):
+        lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
+        table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda {lam[rows]} on valid)"] = \
+            _cells(chosen, "task_arithmetic")
+    for label, (method, params, mode, loss, rows) in MERGES.items():
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
-        rows = _merge(folder, base, runs, args.domains, method, params, mode, loss, args.steps)
-        table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in rows if r["split"] == "test"}
+        merged = _merge(folder, base, runs, args.domains, method, {"lam": lam[rows]} if params is None else params,
+                        mode, loss, rows, args.steps)
+        table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in merged if r["split"] == "test"}
     table["unseen: mergerec of the others"] = {}
     for unseen in args.domains:
         seen = [d for d in args.domains if d != unseen]
         folder = runs / f"unseen-{unseen}"
-        _merge(folder, base, runs, seen, "ties", {}, "task-wise", "mergerec", args.steps)
+        _merge(folder, base, runs, seen, "task_arithmetic", {"lam": lam["usage"]}, "task-wise", "mergerec", "usage",
+               args.steps)
         table["unseen: mergerec of the others"] |= _cells(_cross(folder, [unseen], config, "merged"), "merged")
     return table
 

@@ -20,12 +20,12 @@ from fedmerge.data.importers.recbole import write_recbole
 from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
-from fedmerge.merge import METHODS, method_params
-from fedmerge.merge.learn import LearnConfig
+from fedmerge.merge import METHODS
 from fedmerge.merge.run import merge_run
 from fedmerge.models import MODELS
 from fedmerge.models.popularity import popularity_scorer
 from fedmerge.models.scoring import model_scorer
+from fedmerge.protocol import FederationConfig, MergeConfig
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
 from fedmerge.text import feature_table, get_encoder
 from fedmerge.train.checkpoint import load_checkpoint
@@ -228,6 +228,8 @@ def merge(
     method: Annotated[str, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)}.")] = "ties",
     learn: Annotated[str, typer.Option("--learn", help="none, task-wise or layer-wise coefficients.")] = "task-wise",
     loss: Annotated[str, typer.Option("--loss", help="mergerec, adamerging, kd or ce.")] = "mergerec",
+    rows: Annotated[str, typer.Option("--rows", help="Item-memory rows: usage (weighted by which domains' items "
+                                                     "read them) or method.")] = "usage",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="method.KEY=V (merge method), learn.KEY=V, "
                                                                       "learn.pseudo.KEY=V.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
@@ -237,11 +239,10 @@ def merge(
     unknown = sorted(set(tree) - {"method", "learn"})
     if unknown:
         raise FedmergeError(f"--set {unknown[0]}.*: merge settings are method.KEY or learn.KEY")
-    params = method_params(method, tree["method"])
-    learn_config = validate(LearnConfig, tree["learn"], prefix="learn.")
+    config = validate(MergeConfig, {"method": method, "params": tree["method"], "learn": tree["learn"], "rows": rows})
     paths = [Path(p.strip()) for item in models for p in item.split(",") if p.strip()]
-    rows, outcome = merge_run(base, paths, _split_names(domains), method, params, learn_config, out, quiet=quiet)
-    console.print(metrics_table(rows, title=f"{method} merge ({learn}{'' if learn == 'none' else ', ' + loss})"))
+    metrics, outcome = merge_run(base, paths, _split_names(domains), config, out, quiet=quiet)
+    console.print(metrics_table(metrics, title=f"{method} merge ({learn}{'' if learn == 'none' else ', ' + loss})"))
     weights, groups = outcome.coefficients["weights"], outcome.coefficients["groups"]
     console.print(f"coefficients {[[round(w, 3) for w in row] for row in weights]} ({', '.join(groups)}); wrote {out}")
 
@@ -259,7 +260,6 @@ def simulate(
     """Run the federation: parties fine-tune privately, the server merges, every party evaluates."""
     from fedmerge.pipeline import InProcess
     from fedmerge.pipeline import simulate as run_simulation
-    from fedmerge.protocol import FederationConfig
 
     settings = [*(overrides or []), *([f"domains={json.dumps(_split_names(domains))}"] if domains else [])]
     federation = load_config(config, settings, FederationConfig)

@@ -28,6 +28,7 @@ from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import method_params
 from fedmerge.merge.learn import LearnConfig, learn_coefficients, server_domain
 from fedmerge.merge.methods import prepare
+from fedmerge.merge.rows import RowMode, usage_rows
 from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import Row, metric_row
@@ -44,6 +45,8 @@ class MergeConfig(BaseModel):
     method: str = "ties"
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (see `fedmerge merge`)")
     learn: LearnConfig = LearnConfig()
+    rows: RowMode = Field("usage", description="item-memory rows: merged by catalogue usage, or by the method "
+                                               "(see fedmerge.merge.rows)")
 
     @model_validator(mode="after")
     def _known_method(self) -> MergeConfig:
@@ -220,16 +223,21 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
     started = time.perf_counter()
     names = [r.domain for r in replies]
     params = method_params(merge.method, merge.params)
-    prepared = prepare(merge.method, [task_vector(base, r.weights) for r in replies], params)
+    vectors = [task_vector(base, r.weights) for r in replies]
+    prepared = prepare(merge.method, vectors, params)
+    skeleton = build_model(model, replies[0].features.shape[1], seed)
+    if merge.rows == "usage":
+        usage = [skeleton.row_usage(r.features) for r in replies]
+        prepared = usage_rows(prepared, vectors, {key: torch.stack([u[key] for u in usage]) for key in usage[0]})
     server = []
     if merge.learn.mode != "none":
         for reply in replies:
             teacher = build_model(model, reply.features.shape[1], seed)
             teacher.load_state_dict(reply.weights)
             server.append(server_domain(reply.domain, reply.features, teacher, merge.learn))
-    skeleton = build_model(model, replies[0].features.shape[1], seed)
     result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
-    coefficients = {"method": merge.method, "params": params.model_dump(), "learn": merge.learn.model_dump(),
+    coefficients = {"method": merge.method, "params": params.model_dump(), "rows": merge.rows,
+                    "learn": merge.learn.model_dump(),
                     "domains": names, "groups": result.groups, "initial": prepared.weights,
                     "weights": result.weights.tolist(), "best_step": result.best_step, "log": result.log}
     return MergeOutcome(result.initial, result.merged, coefficients, time.perf_counter() - started,

@@ -12,12 +12,13 @@ from safetensors.torch import load_file, save_file
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import prepare, task_vector
-from fedmerge.merge.learn import LearnConfig, build_merged, learn_coefficients, parameter_groups, server_domain
-from fedmerge.merge.methods import method_params
+from fedmerge.merge.learn import LearnConfig, _chances, _pool, build_merged, learn_coefficients, parameter_groups, server_domain
+from fedmerge.merge.losses import kd
 from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
 from fedmerge.merge.run import merge_run
 from fedmerge.merge.teacher import neighbours, teacher_scores
 from fedmerge.models.scoring import model_scorer
+from fedmerge.protocol import MergeConfig
 from fedmerge.train.checkpoint import build_model, load_checkpoint
 from fedmerge.train.run import load_parts, train_run
 from tests.test_cli import run_cli
@@ -89,6 +90,29 @@ def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned
     assert all(torch.equal(result.merged[k], expected[k]) for k in base)  # the merge is theta_0 + sum_k w_k tau~_k
 
 
+def test_fitted_scale_makes_the_kl_blind_to_the_students_sharpness(finetuned: dict) -> None:
+    teacher = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)) * 0.2
+    own = torch.arange(4)
+    assert kd(teacher, teacher, own, 0.05, 2.5) == pytest.approx(0.0, abs=1e-6)
+    assert kd(3 * teacher, teacher, own, 0.05, 2.5) > 1.0  # a sharper student with the same ranking pays ...
+    assert kd(3 * teacher, teacher, own, 0.05, 2.5, scale=1 / 3) == pytest.approx(0.0, abs=1e-5)  # ... unless scaled
+    base, models = finetuned["base"], finetuned["models"]
+    prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
+    for loss, moves in (("kd", True), ("adamerging", False)):
+        config = LearnConfig(steps=5, loss=loss)
+        log = learn_coefficients(build_model(tiny().model, 64, seed=0), base, prepared, _server(finetuned, config),
+                                 config, quiet=True).log
+        assert (log[-1]["scales"] != [1.0] * 3) == moves  # only losses with a teacher fit a scale
+
+
+def test_balanced_sampling_gives_every_domain_the_same_mass() -> None:
+    pool = _pool([one_item_users(torch.arange(n)) for n in (300, 30, 3)])
+    chance = _chances(pool)
+    assert chance.sum() == pytest.approx(1.0)
+    assert [chance[pool[:, 0] == k].sum() for k in range(3)] == pytest.approx([1 / 3] * 3)
+    assert chance[pool[:, 0] == 2][0] == pytest.approx(100 * chance[pool[:, 0] == 0][0])
+
+
 def test_layer_wise_with_equal_groups_matches_task_wise(finetuned: dict) -> None:
     base, models = finetuned["base"], finetuned["models"]
     prepared = prepare("ties", [task_vector(base, m.state_dict()) for m in models], {"density": 0.5})
@@ -112,8 +136,8 @@ def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
     root = finetuned["root"]
-    rows, _ = merge_run(root / DOMAINS[0] / "base.safetensors", [root / d for d in DOMAINS], DOMAINS, "ties",
-                        method_params("ties"), LearnConfig(steps=100), tmp_path / "merged", quiet=True)
+    rows, _ = merge_run(root / DOMAINS[0] / "base.safetensors", [root / d for d in DOMAINS], DOMAINS,
+                        MergeConfig(learn=LearnConfig(steps=100)), tmp_path / "merged", quiet=True)
     merged = {r["domain"]: r["recall@10"] for r in rows if r["split"] == "test"}
     for part in finetuned["parts"]:
         singles = [evaluate_domain(model_scorer(m, part.features), part.domain, "test")["recall@10"] for m in finetuned["models"]]
@@ -130,11 +154,11 @@ def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp
 def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
     root, base = finetuned["root"], finetuned["root"] / DOMAINS[0] / "base.safetensors"
-    params = method_params("average")
+    params = MergeConfig(method="average")
     with pytest.raises(FedmergeError, match="2 models for 3 domains"):
-        merge_run(base, [root / d for d in DOMAINS[:2]], DOMAINS, "average", params, LearnConfig(), tmp_path / "a")
+        merge_run(base, [root / d for d in DOMAINS[:2]], DOMAINS, params, tmp_path / "a")
     with pytest.raises(FedmergeError, match="listed twice"):
-        merge_run(base, [root / d for d in DOMAINS[:2]], ["synth-0", "synth-0"], "average", params, LearnConfig(), tmp_path / "b")
+        merge_run(base, [root / d for d in DOMAINS[:2]], ["synth-0", "synth-0"], params, tmp_path / "b")
     broken = tmp_path / "broken"
     broken.mkdir()
     weights = load_file(str(root / "synth-1" / "model.safetensors"))
@@ -142,7 +166,7 @@ def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monke
     save_file(weights, str(broken / "model.safetensors"))
     (broken / "config.json").write_text((root / "synth-1" / "config.json").read_text())
     with pytest.raises(FedmergeError, match="NaN"):
-        merge_run(base, [root / "synth-0", broken], DOMAINS[:2], "average", params, LearnConfig(), tmp_path / "c")
+        merge_run(base, [root / "synth-0", broken], DOMAINS[:2], params, tmp_path / "c")
     assert not (tmp_path / "c" / "metrics.json").exists()
 
 
@@ -155,6 +179,9 @@ def test_merge_command(finetuned: dict, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     coefficients = json.loads((tmp_path / "m" / "coefficients.json").read_text())
     assert coefficients["weights"] == [[0.5], [0.5]] and coefficients["params"] == {"lam": 0.5}
+    assert coefficients["rows"] == "usage"
+    rows = run_cli("merge", *common, "--rows", "sometimes", "--out", str(tmp_path / "r"), cache=root / "cache")
+    assert rows.returncode == 2 and "'rows'" in rows.stderr and "usage" in rows.stderr
     bad = run_cli("merge", *common, "--set", "learn.stpes=3", "--out", str(tmp_path / "bad"), cache=root / "cache")
     assert bad.returncode == 2 and "'learn.stpes' is not a known key" in bad.stderr
     other = run_cli("merge", "--base", str(root / "synth-1" / "model.safetensors"), *common[2:], "--out",

@@ -8,7 +8,8 @@ import torch
 from fedmerge.config import load_config
 from fedmerge.errors import FedmergeError
 from fedmerge.merge import METHODS, check_aligned, merge, method_params, prepare, task_vector
-from fedmerge.merge.vectors import StateDict
+from fedmerge.merge.rows import usage_rows
+from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.train.checkpoint import build_model
 
 
@@ -111,3 +112,55 @@ def test_bad_models_and_params_are_named() -> None:
     with pytest.raises(FedmergeError, match="'method.density'"):
         method_params("ties", {"density": 1.5})
     assert task_vector(base, base)["positions"].abs().sum() == 0
+
+
+def _usage() -> tuple[StateDict, list[StateDict], dict[str, torch.Tensor]]:
+    """Three models whose 4-row table 'rows' is read (4 reads per domain): row 0 by model 0 only, row 1 by
+    models 0 and 1 (fractions 1/4 and 3/4), row 2 by all three (1/4, 1/4, 1), row 3 by none."""
+    base = {"rows": torch.zeros(4, 2), "other": torch.zeros(3)}
+    models = [{"rows": torch.full((4, 2), float(k + 1)), "other": torch.full((3,), float(k + 1))} for k in range(3)]
+    usage = {"rows": torch.tensor([[2, 1, 1, 0], [0, 3, 1, 0], [0, 0, 4, 0]])}
+    return base, models, usage
+
+
+def _usage_merge(base: StateDict, name: str, vectors: list[StateDict], usage: dict[str, torch.Tensor],
+                 params: dict | None = None) -> StateDict:
+    prepared = usage_rows(prepare(name, vectors, params), vectors, usage)
+    return combine(base, prepared.vectors, prepared.weights)
+
+
+@pytest.mark.parametrize(("name", "params"), [("average", {}), ("task_arithmetic", {"lam": 0.3}), ("ties", {})])
+def test_usage_rows_by_hand(name: str, params: dict) -> None:
+    base, models, usage = _usage()
+    vectors = [task_vector(base, m) for m in models]
+    prepared = prepare(name, vectors, params)
+    merged = _usage_merge(base, name, vectors, usage, params)
+    method = combine(base, prepared.vectors, prepared.weights)
+    expected = torch.tensor([1.0, (1 * 1 + 3 * 2) / 4, (1 * 1 + 1 * 2 + 4 * 3) / 6])
+    torch.testing.assert_close(merged["rows"][:3], expected[:, None].expand(3, 2))
+    torch.testing.assert_close(merged["rows"][3], method["rows"][3])  # read by no domain: the method's value
+    torch.testing.assert_close(merged["other"], method["other"])  # other tensors: the method's merge
+    bigger = {"rows": usage["rows"] * torch.tensor([[10], [1], [1]])}  # a 10x larger catalogue, same fractions
+    torch.testing.assert_close(_usage_merge(base, name, vectors, bigger, params)["rows"], merged["rows"])
+
+
+def test_usage_rows_keep_identity_and_lambda_zero() -> None:
+    base, models, usage = _usage()
+    twins = [task_vector(base, models[1])] * 3
+    merged = _usage_merge(base, "average", twins, usage)
+    torch.testing.assert_close(merged["rows"][:3], models[1]["rows"][:3])
+    vectors = [task_vector(base, m) for m in models]
+    zero = _usage_merge(base, "task_arithmetic", vectors, usage, {"lam": 0.0})
+    assert _close(zero, base)
+
+
+def test_textseq_row_usage_counts_the_rows_items_read() -> None:
+    config = load_config("textseq", ["model.encoder=hashing", "model.dim=16", "model.layers=1", "model.experts=2",
+                                     "model.code_tables=3", "model.code_bits=4"]).model
+    model = build_model(config, 64, seed=0)
+    features = torch.nn.functional.normalize(torch.randn(50, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    counts = model.row_usage(features)["codes.rows.weight"]
+    assert counts.shape == (3 * 16,) and counts.sum() == 50 * 3
+    assert all(counts[t * 16:(t + 1) * 16].sum() == 50 for t in range(3))  # each item reads one row per table
+    codes = model.codes.codes(features)
+    assert counts[codes[7, 1]] >= 1 and set(model.row_usage(features)) == {"codes.rows.weight"}

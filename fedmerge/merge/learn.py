@@ -49,6 +49,12 @@ class LearnConfig(BaseModel):
     held_out: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of pseudo-users held out; best w is restored")
     eval_every: int = Field(50, ge=1)
     teacher_top_k: int = Field(200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)")
+    fit_scale: bool = Field(True, description="kd / mergerec: learn one score scale per domain for the KL term, "
+                                              "so that it compares rankings, not the merged model's sharpness")
+    scale_lr: float = Field(0.05, gt=0.0, description="Adam lr of the log score scales (fit_scale)")
+    balance: bool = Field(False, description="every domain weighs the same in each step and in the held-out loss, "
+                                             "whatever its catalogue size (false: uniform over all pseudo-users, "
+                                             "as in MergeRec)")
     seed: int = 0
     pseudo: PseudoConfig = PseudoConfig()
 
@@ -121,9 +127,14 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     with torch.inference_mode():
         fixed = [model.item_vectors(d.features).clone() for d in domains]
     loss_fn = LOSSES[config.loss]
-    optimizer = torch.optim.Adam([weights], lr=config.lr)
+    log_scales = nn.Parameter(torch.zeros(len(domains)))
+    groups = [{"params": [weights]}]
+    if config.fit_scale and config.loss in NEEDS_TEACHER:
+        groups.append({"params": [log_scales], "lr": config.scale_lr})
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
     rng = np.random.default_rng(config.seed)
     pool = _pool([d.users for d in domains])
+    chance = _chances(pool) if config.balance else None
     best = (float("inf"), None)
 
     def merged_params() -> StateDict:
@@ -137,7 +148,8 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
             rows = torch.from_numpy(picks[picks[:, 0] == k, 1])
             scores = torch.func.functional_call(student, params, (d.features, fixed[k], users.histories[rows]))
             target = teacher.dense(rows) if teacher is not None else None
-            total = total + loss_fn(scores, target, users.items[rows], config.temperature, config.kd_weight) * len(rows)
+            loss = loss_fn(scores, target, users.items[rows], config.temperature, config.kd_weight, log_scales[k].exp())
+            total = total + loss * len(rows)
         return total / len(picks)
 
     held_pool = _pool([d.held_out for d in domains])
@@ -145,15 +157,16 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), quiet=quiet) as progress:
         task = progress.add_task("learn", total=config.steps, loss=float("nan"))
         for step in range(1, config.steps + 1):
-            picks = pool[rng.choice(len(pool), size=min(config.batch_size, len(pool)), replace=False)]
+            picks = pool[rng.choice(len(pool), size=min(config.batch_size, len(pool)), replace=False, p=chance)]
             loss = batch_loss(merged_params(), picks, held=False)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            entry = {"step": step, "loss": loss.item(), "weights": weights.detach().tolist()}
+            entry = {"step": step, "loss": loss.item(), "weights": weights.detach().tolist(),
+                     "scales": log_scales.detach().exp().tolist()}
             if len(held_pool) and (step % config.eval_every == 0 or step == config.steps):
                 with torch.no_grad():
-                    entry["held_out_loss"] = _chunked_loss(batch_loss, merged_params(), held_pool)
+                    entry["held_out_loss"] = _held_out_loss(batch_loss, merged_params(), held_pool, config.balance)
                 if entry["held_out_loss"] < best[0]:
                     best = (entry["held_out_loss"], (step, weights.detach().clone()))
             result.log.append(entry)
@@ -181,11 +194,21 @@ def _pool(groups: list[PseudoUsers | None]) -> np.ndarray:
     return np.concatenate(rows) if rows else np.empty((0, 2), dtype=np.int64)
 
 
-def _chunked_loss(batch_loss: Callable[[StateDict, np.ndarray, bool], torch.Tensor], params: StateDict,
-                  pool: np.ndarray, chunk: int = 256) -> float:
-    """Mean loss over all of `pool` (held-out pseudo-users), in chunks."""
-    return float(sum(batch_loss(params, pool[i : i + chunk], True).item() * len(pool[i : i + chunk])
-                     for i in range(0, len(pool), chunk)) / len(pool))
+def _chances(pool: np.ndarray) -> np.ndarray:
+    """Sampling probability of each pool row such that every domain's rows together get 1 / K."""
+    domains, index, counts = np.unique(pool[:, 0], return_inverse=True, return_counts=True)
+    return 1.0 / (len(domains) * counts[index])
+
+
+def _held_out_loss(batch_loss: Callable[[StateDict, np.ndarray, bool], torch.Tensor], params: StateDict,
+                   pool: np.ndarray, balance: bool, chunk: int = 256) -> float:
+    """Mean loss over `pool` (held-out pseudo-users), in chunks; with `balance` the mean of each domain's mean."""
+    def mean(rows: np.ndarray) -> float:
+        return sum(batch_loss(params, rows[i : i + chunk], True).item() * len(rows[i : i + chunk])
+                   for i in range(0, len(rows), chunk)) / len(rows)
+
+    parts = [pool[pool[:, 0] == k] for k in np.unique(pool[:, 0])] if balance else [pool]
+    return float(np.mean([mean(rows) for rows in parts]))
 
 
 def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender, config: LearnConfig) -> ServerDomain:

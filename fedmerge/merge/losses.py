@@ -1,9 +1,11 @@
 """Losses for learning merge coefficients on pseudo-users (student = the merged model's scores).
 
 All take raw scores (cosines, before any temperature), as MergeRec does: ``mergerec`` =
-CE(student, own item) + weight * KL(softmax(teacher / T) || softmax(student / T)), with
+CE(student, own item) + weight * KL(softmax(teacher / T) || softmax(scale * student / T)), with
 weight = beta * T^2 (2.5 by default); ``kd`` the KL term alone; ``ce`` the CE term alone;
-``adamerging`` the entropy of softmax(student / T) (no teacher, no labels).
+``adamerging`` the entropy of softmax(student / T) (no teacher, no labels). ``scale`` is the
+student's fitted score scale for the KL term (1 = MergeRec's loss; see
+:class:`fedmerge.merge.learn.LearnConfig`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, float], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, float, torch.Tensor | float], torch.Tensor]
 
 
 def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -22,22 +24,22 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tor
 
 
 def mergerec(student: torch.Tensor, teacher: torch.Tensor | None, own: torch.Tensor, temperature: float,
-             weight: float) -> torch.Tensor:
-    return F.cross_entropy(student, own) + weight * _kl(student, teacher, temperature)
+             weight: float, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    return F.cross_entropy(student, own) + weight * _kl(scale * student, teacher, temperature)
 
 
 def kd(student: torch.Tensor, teacher: torch.Tensor | None, own: torch.Tensor, temperature: float,
-       weight: float) -> torch.Tensor:
-    return weight * _kl(student, teacher, temperature)
+       weight: float, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    return weight * _kl(scale * student, teacher, temperature)
 
 
 def ce(student: torch.Tensor, teacher: torch.Tensor | None, own: torch.Tensor, temperature: float,
-       weight: float) -> torch.Tensor:
+       weight: float, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     return F.cross_entropy(student, own)
 
 
 def adamerging(student: torch.Tensor, teacher: torch.Tensor | None, own: torch.Tensor, temperature: float,
-               weight: float) -> torch.Tensor:
+               weight: float, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     log_p = F.log_softmax(student / temperature, dim=1)
     return -(log_p.exp() * log_p).sum(1).mean()
 

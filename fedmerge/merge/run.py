@@ -18,8 +18,6 @@ from safetensors.torch import load_file
 from fedmerge.config import ExperimentConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
-from fedmerge.merge.learn import LearnConfig
-from fedmerge.merge.methods import Params
 from fedmerge.merge.vectors import StateDict, check_aligned
 from fedmerge.protocol import MergeConfig, MergeOutcome, TrainReply, server_merge
 from fedmerge.runs.results import Row, write_metrics
@@ -35,8 +33,8 @@ def read_weights(path: Path) -> StateDict:
     return load_file(str(weights))
 
 
-def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], method: str, params: Params,
-              learn: LearnConfig, out: Path, quiet: bool = False) -> tuple[list[Row], MergeOutcome]:
+def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merge: MergeConfig, out: Path,
+              quiet: bool = False) -> tuple[list[Row], MergeOutcome]:
     """Merge the fine-tuned checkpoints (one per domain, same base) and evaluate on every domain."""
     if len(model_paths) != len(domains):
         raise FedmergeError(f"{len(model_paths)} models for {len(domains)} domains; give one --models entry per domain")
@@ -62,8 +60,7 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], meth
                                 "task vectors are only meaningful from a common base")
     parts = load_parts(domains, config.model, quiet=quiet)
     replies = [TrainReply(name, state, part.features, {}) for name, state, part in zip(domains, states, parts, strict=True)]
-    outcome = server_merge(base, replies, config.model, config.train.seed,
-                           MergeConfig(method=method, params=params.model_dump(), learn=learn), quiet=quiet)
+    outcome = server_merge(base, replies, config.model, config.train.seed, merge, quiet=quiet)
     skeleton = build_model(config.model, members[0][2]["text_dim"], config.train.seed)
     skeleton.load_state_dict(outcome.merged)
     save_weights(skeleton, out / "merged.safetensors")
@@ -74,7 +71,7 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], meth
                                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                                            "models": [str(p) for p in model_paths], "base": str(base_path)}
     write_json(out / "coefficients.json", coefficients)
-    label = f"{method}" + ("" if learn.mode == "none" else f"+{learn.mode}:{learn.loss}")
+    label = merge.method + ("" if merge.learn.mode == "none" else f"+{merge.learn.mode}:{merge.learn.loss}")
     rows = evaluate_rows(skeleton, parts, label, config.train.eval_batch_size)
     write_metrics(rows, out)
     return rows, outcome

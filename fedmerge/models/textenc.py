@@ -53,6 +53,10 @@ class TextEncRec(nn.Module):
                                                 max_position_embeddings=max(config.history_tokens, config.item_tokens + 2)),
                                      add_pooling_layer=False)
 
+    def row_usage(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """No item-memory tables: every token embedding is shared by many items (:mod:`fedmerge.merge.rows`)."""
+        return {}
+
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids (pad-padded) -> (B, hidden) unit vectors, mean-pooled over real tokens."""
         ids = ids.to(self.encoder.device)

@@ -64,11 +64,14 @@ class TextCodes(nn.Module):
         self.rows = nn.Embedding(tables * 2**bits, dim)
         nn.init.zeros_(self.rows.weight)
 
+    def codes(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, text_dim) features -> (N, tables) the row each item reads in each table."""
+        bits = torch.einsum("nt,ktb->nkb", features, self.planes) > 0
+        return (bits.long() * self.powers).sum(-1) + self.offsets
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, text_dim) features -> (N, dim) summed code embeddings."""
-        bits = torch.einsum("nt,ktb->nkb", features, self.planes) > 0
-        codes = (bits.long() * self.powers).sum(-1) + self.offsets
-        return self.rows(codes).sum(1)
+        return self.rows(self.codes(features)).sum(1)
 
 
 class TextSeqRec(nn.Module):
@@ -98,6 +101,15 @@ class TextSeqRec(nn.Module):
         """(N, text_dim) item features -> (N, dim) unit item vectors."""
         vectors = self.adaptor(features)
         return F.normalize(vectors + self.codes(features) if self.codes is not None else vectors, dim=-1)
+
+    @torch.no_grad()
+    def row_usage(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How many of a catalogue's items read each row of the item-memory tables (:mod:`fedmerge.merge.rows`)."""
+        if self.codes is None:
+            return {}
+        rows = self.codes.rows.weight
+        return {"codes.rows.weight": torch.bincount(self.codes.codes(features.to(rows.device)).flatten(),
+                                                    minlength=len(rows)).cpu()}
 
     def sequence_states(self, item_vectors: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
         """Hidden state after each position of right-padded histories (B, L), pad = -1 -> (B, L, dim).
