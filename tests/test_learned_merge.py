@@ -154,11 +154,11 @@ def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp
 def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
     root, base = finetuned["root"], finetuned["root"] / DOMAINS[0] / "base.safetensors"
-    params = MergeConfig(method="average")
+    average = MergeConfig(method="average")
     with pytest.raises(FedmergeError, match="2 models for 3 domains"):
-        merge_run(base, [root / d for d in DOMAINS[:2]], DOMAINS, params, tmp_path / "a")
+        merge_run(base, [root / d for d in DOMAINS[:2]], DOMAINS, average, tmp_path / "a")
     with pytest.raises(FedmergeError, match="listed twice"):
-        merge_run(base, [root / d for d in DOMAINS[:2]], ["synth-0", "synth-0"], params, tmp_path / "b")
+        merge_run(base, [root / d for d in DOMAINS[:2]], ["synth-0", "synth-0"], average, tmp_path / "b")
     broken = tmp_path / "broken"
     broken.mkdir()
     weights = load_file(str(root / "synth-1" / "model.safetensors"))
@@ -166,7 +166,7 @@ def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monke
     save_file(weights, str(broken / "model.safetensors"))
     (broken / "config.json").write_text((root / "synth-1" / "config.json").read_text())
     with pytest.raises(FedmergeError, match="NaN"):
-        merge_run(base, [root / "synth-0", broken], DOMAINS[:2], params, tmp_path / "c")
+        merge_run(base, [root / "synth-0", broken], DOMAINS[:2], average, tmp_path / "c")
     assert not (tmp_path / "c" / "metrics.json").exists()
 
 
