@@ -73,6 +73,11 @@ def test_pseudo_user_selections_and_walks(finetuned: dict) -> None:
     walks = walk_users(torch.arange(10), near, length=4, seed=0)
     assert walks.histories.shape == (10, 4) and torch.equal(walks.items, walks.histories[:, -1])
     assert all(int(walks.histories[i, t + 1]) in near[int(walks.histories[i, t])].tolist() for i in range(10) for t in range(3))
+    mixed = walk_users(torch.arange(200), near, length=4, seed=0, mixed=True)
+    kept = (mixed.histories >= 0).sum(1)
+    assert set(kept.tolist()) == {1, 2, 3, 4} and torch.equal(mixed.items, mixed.histories[torch.arange(200), kept - 1])
+    full = walk_users(torch.arange(200), near, length=4, seed=0)  # the same walks, cut
+    assert torch.equal(mixed.histories[mixed.histories >= 0], full.histories[mixed.histories >= 0])
     train, held = split_held_out(one_item_users(torch.arange(100)), 0.2, seed=0)
     assert (len(train.items), len(held.items)) == (80, 20) and not set(train.items.tolist()) & set(held.items.tolist())
 

@@ -217,7 +217,7 @@ def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender,
     starts = select_items(features, pseudo)
     if pseudo.walk_length > 1:
         near = neighbours(teacher_model, features, pseudo.walk_top, config.temperature)
-        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed)
+        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed, pseudo.mixed_lengths)
     else:
         users = one_item_users(starts)
     users, held = split_held_out(users, config.held_out, config.seed)

@@ -4,7 +4,9 @@ Every item i (or a subset) becomes a virtual user with history ``[i]`` whose "ow
 Subsets: a seeded random sample, or the items nearest to k-means centroids of the item
 features. Beyond the paper, ``walk_length > 1`` extends each history by walking the teacher's
 item-item scores (each next item drawn from the current item's top neighbours), giving
-multi-item pseudo-sequences; the own item is then the walk's last item.
+multi-item pseudo-sequences; the own item is then the walk's last item. With ``mixed_lengths``
+each walk is cut after a seeded random number of items (1 to ``walk_length``), so one set of
+pseudo-users covers short and long histories alike.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class PseudoConfig(BaseModel):
     count: int = Field(1000, ge=1, description="random / kmeans: pseudo-users per domain (capped at the catalogue)")
     walk_length: int = Field(1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)")
     walk_top: int = Field(10, ge=1, description="walks step to one of the current item's top teacher neighbours")
+    mixed_lengths: bool = Field(False, description="cut each walk after a random 1..walk_length items")
     seed: int = 0
 
 
@@ -74,11 +77,13 @@ def one_item_users(items: torch.Tensor) -> PseudoUsers:
     return PseudoUsers(items[:, None].clone(), items.clone())
 
 
-def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed: int) -> PseudoUsers:
+def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed: int,
+               mixed: bool = False) -> PseudoUsers:
     """Histories of `length` items: from each start, step to a random one of the current item's `neighbours`.
 
     ``neighbours`` is (n_items, top) item indices (the teacher's best-scored items for ``[i]``,
-    the item itself excluded).
+    the item itself excluded). ``mixed`` keeps a seeded random 1..`length` first items of each
+    walk (right-padded with -1); the own item is the last one kept.
     """
     generator = torch.Generator().manual_seed(seed)
     walks = [starts]
@@ -86,7 +91,9 @@ def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed
         pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
         walks.append(neighbours[walks[-1], pick])
     histories = torch.stack(walks, 1)
-    return PseudoUsers(histories, histories[:, -1].clone())
+    kept = torch.randint(1, length + 1, (len(starts),), generator=generator) if mixed else torch.full((len(starts),), length)
+    own = histories[torch.arange(len(starts)), kept - 1].clone()
+    return PseudoUsers(histories.masked_fill(torch.arange(length) >= kept[:, None], -1), own)
 
 
 def split_held_out(users: PseudoUsers, fraction: float, seed: int) -> tuple[PseudoUsers, PseudoUsers | None]:
