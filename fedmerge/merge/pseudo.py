@@ -91,7 +91,9 @@ def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed
         pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
         walks.append(neighbours[walks[-1], pick])
     histories = torch.stack(walks, 1)
-    kept = torch.randint(1, length + 1, (len(starts),), generator=generator) if mixed else torch.full((len(starts),), length)
+    if not mixed:
+        return PseudoUsers(histories, histories[:, -1].clone())
+    kept = torch.randint(1, length + 1, (len(starts),), generator=generator)
     own = histories[torch.arange(len(starts)), kept - 1].clone()
     return PseudoUsers(histories.masked_fill(torch.arange(length) >= kept[:, None], -1), own)
 
