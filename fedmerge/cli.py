@@ -226,7 +226,7 @@ def merge(
     domains: Annotated[str, typer.Option("--domains", help="The models' domains, in the same order.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for merged.safetensors, coefficients.json, metrics.")],
     method: Annotated[str, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)}.")] = "ties",
-    learn: Annotated[str, typer.Option("--learn", help="none, task-wise or layer-wise coefficients.")] = "task-wise",
+    learn: Annotated[str, typer.Option("--learn", help="none, task-wise, layer-wise or tensor-wise coefficients.")] = "task-wise",
     loss: Annotated[str, typer.Option("--loss", help="mergerec, adamerging, kd or ce.")] = "mergerec",
     rows: Annotated[str, typer.Option("--rows", help="Item-memory rows: usage (weighted by which domains' items "
                                                      "read them) or method.")] = "usage",

@@ -91,7 +91,7 @@ def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned
     held = [e["held_out_loss"] for e in result.log if "held_out_loss" in e]
     assert len(held) == 8 and min(held[1:]) < held[0]
     assert not torch.equal(result.weights, torch.full((3, 1), 0.3))
-    expected = build_merged(base, prepared.vectors, result.weights, parameter_groups(list(prepared.vectors[0]), False)[0])
+    expected = build_merged(base, prepared.vectors, result.weights, parameter_groups(list(prepared.vectors[0]), "task-wise")[0])
     assert all(torch.equal(result.merged[k], expected[k]) for k in base)  # the merge is theta_0 + sum_k w_k tau~_k
 
 
@@ -118,23 +118,26 @@ def test_balanced_sampling_gives_every_domain_the_same_mass() -> None:
     assert chance[pool[:, 0] == 2][0] == pytest.approx(100 * chance[pool[:, 0] == 0][0])
 
 
-def test_layer_wise_with_equal_groups_matches_task_wise(finetuned: dict) -> None:
+def test_layer_and_tensor_wise_with_equal_groups_match_task_wise(finetuned: dict) -> None:
     base, models = finetuned["base"], finetuned["models"]
     prepared = prepare("ties", [task_vector(base, m.state_dict()) for m in models], {"density": 0.5})
     keys = list(prepared.vectors[0])
-    layer_groups, names = parameter_groups(keys, True)
+    layer_groups, names = parameter_groups(keys, "layer-wise")
     assert names == ["others", "block 0"] and layer_groups["blocks.layers.0.linear1.weight"] == 1
-    task_groups, _ = parameter_groups(keys, False)
+    tensor_groups, tensor_names = parameter_groups(keys, "tensor-wise")
+    assert tensor_names == keys and sorted(tensor_groups.values()) == list(range(len(keys)))
+    task_groups, _ = parameter_groups(keys, "task-wise")
     w = torch.tensor([[0.7], [1.1], [0.4]])
     one = build_merged(base, prepared.vectors, w, task_groups)
-    many = build_merged(base, prepared.vectors, w.repeat(1, len(names)), layer_groups)
-    assert all(torch.equal(one[k], many[k]) for k in base)
+    for groups, count in ((layer_groups, len(names)), (tensor_groups, len(keys))):
+        many = build_merged(base, prepared.vectors, w.repeat(1, count), groups)
+        assert all(torch.equal(one[k], many[k]) for k in base)
     losses = []
-    for mode in ("task-wise", "layer-wise"):
+    for mode in ("task-wise", "layer-wise", "tensor-wise"):
         config = LearnConfig(mode=mode, steps=1)
         skeleton = build_model(tiny().model, 64, seed=0)
         losses.append(learn_coefficients(skeleton, base, prepared, _server(finetuned, config), config, quiet=True).log[0]["loss"])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert losses[1:] == pytest.approx([losses[0]] * 2, rel=1e-5)
 
 
 def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp_path: Path,

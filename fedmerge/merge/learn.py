@@ -1,8 +1,9 @@
 """Learned merge coefficients (MergeRec): theta = theta_0 + sum_k w_k tau~_k, only w is trained.
 
-``w`` is task-wise (one scalar per domain) or layer-wise (one per domain per parameter group:
+``w`` is task-wise (one scalar per domain), layer-wise (one per domain per parameter group:
 each transformer block, and one group for everything else: adaptor, text codes, positions,
-embeddings). The merged parameters are built functionally at every step
+embeddings; MergeRec's grouping) or tensor-wise (one per domain per parameter tensor, as
+AdaMerging's layer-wise coefficients). The merged parameters are built functionally at every step
 (``torch.func.functional_call``), so no model copies pile up. As in MergeRec, the candidate
 item vectors of each domain are computed once with the initial merged model and kept fixed;
 the vectors of the pseudo-users' own history items are recomputed with the current
@@ -32,6 +33,7 @@ from fedmerge.progress import progress_bar
 from fedmerge.train.loop import deterministic
 
 _BLOCK = re.compile(r"(?:blocks\.layers|encoder\.layer)\.(\d+)\.")
+Mode = Literal["none", "task-wise", "layer-wise", "tensor-wise"]
 
 
 class LearnConfig(BaseModel):
@@ -39,7 +41,7 @@ class LearnConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["none", "task-wise", "layer-wise"] = "task-wise"
+    mode: Mode = "task-wise"
     loss: Literal["mergerec", "adamerging", "kd", "ce"] = "mergerec"
     temperature: float = Field(0.05, gt=0.0)
     kd_weight: float = Field(2.5, ge=0.0, description="beta * T^2, the weight of the KL term")
@@ -83,9 +85,11 @@ class LearnResult:
     best_step: int | None = None
 
 
-def parameter_groups(keys: list[str], layer_wise: bool) -> tuple[dict[str, int], list[str]]:
-    """Group index of every key, and the group names: one group, or one per block plus "others"."""
-    if not layer_wise:
+def parameter_groups(keys: list[str], mode: Mode) -> tuple[dict[str, int], list[str]]:
+    """Group index of every key, and the group names: one group, one per block plus "others", or one per key."""
+    if mode == "tensor-wise":
+        return {k: i for i, k in enumerate(keys)}, list(keys)
+    if mode != "layer-wise":
         return {k: 0 for k in keys}, ["all"]
     blocks = sorted({int(m.group(1)) for k in keys if (m := _BLOCK.search(k))})
     index = {b: i + 1 for i, b in enumerate(blocks)}
@@ -115,7 +119,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     with the initial merge (which scores the fixed candidate items).
     """
     keys = list(prepared.vectors[0])
-    group_of, group_names = parameter_groups(keys, config.mode == "layer-wise")
+    group_of, group_names = parameter_groups(keys, config.mode)
     initial = torch.tensor(prepared.weights, dtype=torch.float32)
     weights = nn.Parameter(initial[:, None].repeat(1, len(group_names)))
     initial_merge = combine(base, prepared.vectors, prepared.weights)
