@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import METHODS
+from fedmerge.merge.learn import Mode
 from fedmerge.merge.run import merge_run
 from fedmerge.models import MODELS
 from fedmerge.models.popularity import popularity_scorer
@@ -226,7 +227,7 @@ def merge(
     domains: Annotated[str, typer.Option("--domains", help="The models' domains, in the same order.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for merged.safetensors, coefficients.json, metrics.")],
     method: Annotated[str, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)}.")] = "ties",
-    learn: Annotated[str, typer.Option("--learn", help="none, task-wise, layer-wise or tensor-wise coefficients.")] = "task-wise",
+    learn: Annotated[str, typer.Option("--learn", help=f"Coefficients: {', '.join(get_args(Mode))}.")] = "task-wise",
     loss: Annotated[str, typer.Option("--loss", help="mergerec, adamerging, kd or ce.")] = "mergerec",
     rows: Annotated[str, typer.Option("--rows", help="Item-memory rows: usage (weighted by which domains' items "
                                                      "read them) or method.")] = "usage",

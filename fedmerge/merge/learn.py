@@ -3,8 +3,8 @@
 ``w`` is task-wise (one scalar per domain), layer-wise (one per domain per parameter group:
 each transformer block, and one group for everything else: adaptor, text codes, positions,
 embeddings; MergeRec's grouping) or tensor-wise (one per domain per parameter tensor, as
-AdaMerging's layer-wise coefficients). The merged parameters are built functionally at every step
-(``torch.func.functional_call``), so no model copies pile up. As in MergeRec, the candidate
+AdaMerging's layer-wise coefficients). The merged parameters are built functionally at every
+step (``torch.func.functional_call``), so no model copies pile up. As in MergeRec, the candidate
 item vectors of each domain are computed once with the initial merged model and kept fixed;
 the vectors of the pseudo-users' own history items are recomputed with the current
 coefficients, so every group receives gradients.
