@@ -15,18 +15,23 @@ and their MergeRec rows start from task arithmetic at the lambda chosen on valid
 rows. *Unseen*: merge all domains but one (MergeRec task-wise, usage rows, that init) and
 test on the one left out, against theta_0 and every single fine-tuned model.
 
-Runs are kept under ``--runs`` and reused when complete, so the benchmark can be built up
-over several sessions.
+Runs are kept under ``--runs`` and reused when complete. Each finished base regime and seed is
+also recorded as ``--tables``/``{base}-seed{N}.json`` (its cells, chosen lambdas, machine and
+date); a recorded seed is read back instead of rerun when its settings match, so the table can
+be built up one seed at a time on machines that do not keep ``--runs``.
 
     python benchmarks/merge_quality.py [--domains beauty,sports,toys,pantry] [--seeds 0,1,2]
-        [--bases seeded,pretrained] [--pretrain steam,games] [--runs runs/merge] [--set key=value ...]
+        [--bases seeded,pretrained] [--pretrain steam,games] [--runs runs/merge]
+        [--tables benchmarks/results/merge_quality] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
+import os
 import platform
 import re
 from pathlib import Path
@@ -94,8 +99,9 @@ def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str)
     return json.loads(cache.read_text())
 
 
-def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float]]]:
-    """All table cells of one base regime and seed: {row label: {domain: (recall@10, ndcg@10)}}."""
+def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict, dict[str, float]]:
+    """All table cells of one base regime and seed, {row label: {domain: (recall@10, ndcg@10)}},
+    and task arithmetic's lambda chosen on valid for each way of merging rows."""
     config = load_config("textseq", [*args.overrides, f"train.seed={seed}"])
     runs = args.runs / base_kind / f"seed{seed}"
     init = None
@@ -117,7 +123,7 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, d
     lam = {}
     for rows in ("method", "usage"):
         lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
-        table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda {lam[rows]} on valid)"] = \
+        table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda on valid)"] = \
             _cells(chosen, "task_arithmetic")
     for label, (method, params, mode, loss, rows) in MERGES.items():
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
@@ -131,7 +137,29 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, d
         _merge(folder, base, runs, seen, "task_arithmetic", {"lam": lam["usage"]}, "task-wise", "mergerec", "usage",
                args.steps)
         table["unseen: mergerec of the others"] |= _cells(_cross(folder, [unseen], config, "merged"), "merged")
-    return table
+    return table, lam
+
+
+def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
+    """One base regime and seed: read from ``args.tables`` when recorded with the same settings,
+    else measured with :func:`run_seed` and recorded there (written whole, then renamed)."""
+    path = args.tables / f"{base_kind}-seed{seed}.json"
+    settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides}
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record["settings"] != settings:
+            raise SystemExit(f"{path} was measured with other settings ({record['settings']}); "
+                             "give another --tables folder or remove that file to rerun the seed")
+        return record
+    table, lambdas = run_seed(base_kind, seed, args)
+    record = {"base": base_kind, "seed": seed, "settings": settings, "lambdas": lambdas, "table": table,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+              "date": datetime.date.today().isoformat()}
+    args.tables.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(path)
+    return record
 
 
 def _summary(tables: list[dict], domains: list[str]) -> list[dict]:
@@ -186,15 +214,23 @@ def main() -> None:
     parser.add_argument("--pretrain", default="steam,games")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
+    parser.add_argument("--tables", type=Path, default=Path(__file__).parent / "results" / "merge_quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--report", action="store_true",
+                        help="only write the table of the seeds recorded in --tables (--seeds is ignored)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    results = {kind: _summary([run_seed(kind, seed, args) for seed in args.seeds], args.domains) for kind in args.bases}
+    wanted = {kind: sorted(int(p.stem.split("-seed")[1]) for p in args.tables.glob(f"{kind}-seed*.json"))
+              if args.report else args.seeds for kind in args.bases}
+    seeds = {kind: [seed_record(kind, seed, args) for seed in wanted[kind]] for kind in args.bases if wanted[kind]}
+    results = {kind: _summary([r["table"] for r in records], args.domains) for kind, records in seeds.items()}
     protocol = (__doc__ or "").split("\n\n")[1]
-    text = (f"# Merging quality\n\n{protocol}\n\nMachine: {platform.machine()}, Python {platform.python_version()}; "
-            f"seeds {args.seeds}; settings: {' '.join(args.overrides) or 'preset defaults'}.\n")
+    text = f"# Merging quality\n\n{protocol}\n\nSettings: {' '.join(args.overrides) or 'preset defaults'}.\n"
     for kind, records in results.items():
-        text += f"\n## {kind} base\n\n{_markdown(records, args.domains)}\n"
+        measured = "; ".join(f"seed {r['seed']}: {r['date']}, {r['machine']}, task arithmetic lambda "
+                             f"{r['lambdas']['method']} (method rows) / {r['lambdas']['usage']} (usage rows)"
+                             for r in seeds[kind])
+        text += f"\n## {kind} base\n\nSeeds measured: {measured}.\n\n{_markdown(records, args.domains)}\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merge_quality.md").write_text(text)
     with open(args.out / "merge_quality.csv", "w", newline="") as handle:

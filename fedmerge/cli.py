@@ -22,6 +22,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import METHODS
 from fedmerge.merge.learn import Mode
+from fedmerge.merge.losses import LOSSES
 from fedmerge.merge.run import merge_run
 from fedmerge.models import MODELS
 from fedmerge.models.popularity import popularity_scorer
@@ -228,7 +229,7 @@ def merge(
     out: Annotated[Path, typer.Option("--out", help="Folder for merged.safetensors, coefficients.json, metrics.")],
     method: Annotated[str, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)}.")] = "ties",
     learn: Annotated[str, typer.Option("--learn", help=f"Coefficients: {', '.join(get_args(Mode))}.")] = "task-wise",
-    loss: Annotated[str, typer.Option("--loss", help="mergerec, adamerging, kd or ce.")] = "mergerec",
+    loss: Annotated[str, typer.Option("--loss", help=f"Loss: {', '.join(LOSSES)}.")] = "mergerec",
     rows: Annotated[str, typer.Option("--rows", help="Item-memory rows: usage (weighted by which domains' items "
                                                      "read them) or method.")] = "usage",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="method.KEY=V (merge method), learn.KEY=V, "
