@@ -141,14 +141,19 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
 
 
 def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
-    """One base regime and seed: read from ``args.tables`` when recorded with the same settings,
-    else measured with :func:`run_seed` and recorded there (written whole, then renamed)."""
+    """One base regime and seed: read from ``args.tables`` when recorded with the same settings
+    (benchmark arguments and the resolved preset apart from the seed), else measured with
+    :func:`run_seed` and recorded there (written whole, then renamed)."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
-    settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides}
+    config = load_config("textseq", args.overrides).model_dump(mode="json")
+    del config["train"]["seed"]
+    settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
+                "config": config}
     if path.exists():
         record = json.loads(path.read_text())
-        if record["settings"] != settings:
-            raise SystemExit(f"{path} was measured with other settings ({record['settings']}); "
+        differing = [key for key, value in settings.items() if record["settings"].get(key) != value]
+        if differing:
+            raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
                              "give another --tables folder or remove that file to rerun the seed")
         return record
     table, lambdas = run_seed(base_kind, seed, args)
