@@ -40,6 +40,7 @@ import numpy as np
 from report import finished_run
 
 from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.files import write_json
 from fedmerge.merge.learn import LearnConfig
 from fedmerge.merge.run import merge_run
 from fedmerge.protocol import MergeConfig
@@ -143,7 +144,7 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
 def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
     """One base regime and seed: read from ``args.tables`` when recorded with the same settings
     (benchmark arguments and the resolved preset apart from the seed), else measured with
-    :func:`run_seed` and recorded there (written whole, then renamed)."""
+    :func:`run_seed` and recorded there (atomically)."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
     config = load_config("textseq", args.overrides).model_dump(mode="json")
     del config["train"]["seed"]
@@ -161,9 +162,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
               "date": datetime.date.today().isoformat()}
     args.tables.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(record, indent=1))
-    partial.replace(path)
+    write_json(path, record)
     return record
 
 
