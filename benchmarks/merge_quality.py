@@ -96,7 +96,7 @@ def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str)
     cache = folder / "cross.json"
     if not cache.exists():
         model, _, _ = load_checkpoint(folder)
-        cache.write_text(json.dumps(evaluate_rows(model, load_parts(names, config.model, quiet=True), label)))
+        write_json(cache, evaluate_rows(model, load_parts(names, config.model, quiet=True), label))
     return json.loads(cache.read_text())
 
 

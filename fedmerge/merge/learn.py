@@ -42,7 +42,7 @@ class LearnConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Mode = "task-wise"
-    loss: Literal["mergerec", "adamerging", "kd", "ce"] = "mergerec"
+    loss: Literal[tuple(LOSSES)] = "mergerec"  # type: ignore[valid-type]  # the registry's names
     temperature: float = Field(0.05, gt=0.0)
     kd_weight: float = Field(2.5, ge=0.0, description="beta * T^2, the weight of the KL term")
     lr: float = Field(1e-3, gt=0.0)
