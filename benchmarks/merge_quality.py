@@ -94,10 +94,12 @@ def _best_lambda(runs: Path, base: Path, domains: list[str], rows: str, steps: i
 def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str) -> list[dict]:
     """Rows of the checkpoint in `folder` on every domain of `names` (cached as cross.json)."""
     cache = folder / "cross.json"
-    if not cache.exists():
-        model, _, _ = load_checkpoint(folder)
-        write_json(cache, evaluate_rows(model, load_parts(names, config.model, quiet=True), label))
-    return json.loads(cache.read_text())
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model, _, _ = load_checkpoint(folder)
+    rows = evaluate_rows(model, load_parts(names, config.model, quiet=True), label)
+    write_json(cache, rows)
+    return rows
 
 
 def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict, dict[str, float]]:

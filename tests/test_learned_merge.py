@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import prepare, task_vector
 from fedmerge.merge.learn import LearnConfig, _chances, _pool, build_merged, learn_coefficients, parameter_groups, server_domain
-from fedmerge.merge.losses import kd
+from fedmerge.merge.losses import LOSSES, kd
 from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
 from fedmerge.merge.run import merge_run
 from fedmerge.merge.teacher import neighbours, teacher_scores
@@ -108,6 +109,12 @@ def test_fitted_scale_makes_the_kl_blind_to_the_students_sharpness(finetuned: di
         log = learn_coefficients(build_model(tiny().model, 64, seed=0), base, prepared, _server(finetuned, config),
                                  config, quiet=True).log
         assert (log[-1]["scales"] != [1.0] * 3) == moves  # only losses with a teacher fit a scale
+
+
+def test_the_loss_setting_takes_exactly_the_registered_losses() -> None:
+    assert [LearnConfig(loss=name).loss for name in LOSSES] == list(LOSSES)
+    with pytest.raises(ValidationError, match="'mergerec', 'kd', 'ce' or 'adamerging'"):
+        LearnConfig(loss="entropy")
 
 
 def test_balanced_sampling_gives_every_domain_the_same_mass() -> None:
