@@ -143,18 +143,25 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
     return table, lam
 
 
+def _preset(config: dict) -> dict:
+    """A resolved preset as recorded, without the seed; keys added to the config since a record
+    was written take their defaults (which keep the old behaviour), so the record still matches."""
+    dump = ExperimentConfig.model_validate(config).model_dump(mode="json")
+    del dump["train"]["seed"]
+    return dump
+
+
 def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
     """One base regime and seed: read from ``args.tables`` when recorded with the same settings
     (benchmark arguments and the resolved preset apart from the seed), else measured with
     :func:`run_seed` and recorded there (atomically)."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
-    config = load_config("textseq", args.overrides).model_dump(mode="json")
-    del config["train"]["seed"]
     settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
-                "config": config}
+                "config": _preset(load_config("textseq", args.overrides).model_dump(mode="json"))}
     if path.exists():
         record = json.loads(path.read_text())
-        differing = [key for key, value in settings.items() if record["settings"].get(key) != value]
+        recorded = record["settings"] | {"config": _preset(record["settings"].get("config", {}))}
+        differing = [key for key, value in settings.items() if recorded.get(key) != value]
         if differing:
             raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
                              "give another --tables folder or remove that file to rerun the seed")

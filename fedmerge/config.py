@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     device: str = Field("cpu", description="torch device to train and evaluate on: cpu, cuda, cuda:1, mps")
     max_minutes: float | None = Field(
         None, gt=0.0, description="stop once the training epochs (not evaluation) took this long, across resumes")
+    ema: float | None = Field(
+        None, gt=0.0, lt=1.0, description="validate and keep an exponential moving average of the weights with "
+        "this decay per step instead of the raw weights (None: the raw weights)")
 
 
 class ExperimentConfig(BaseModel):

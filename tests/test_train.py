@@ -190,6 +190,43 @@ def test_patience_counts_trained_epochs_and_the_start_stays_a_candidate(cache: P
     assert fit(model, [part], tiny("train.epochs=20", "train.patience=3").train, quiet=True).best_epoch == 0
 
 
+def test_weight_average_is_what_validation_reads_and_keeps(tmp_path: Path, cache: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.ema``: the moving average is validated and kept; the raw weights train exactly as without it."""
+    import fedmerge.train.loop as loop
+
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
+    validated: list[dict[str, torch.Tensor]] = []
+
+    def rising(model: torch.nn.Module, *args: object) -> float:
+        validated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return float(len(validated))
+
+    monkeypatch.setattr(loop, "validation_score", rising)
+
+    def run(*settings: str, state: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        model = build_model(tiny().model, part.features.shape[1], seed=0)
+        kept = fit(model, [part], tiny(*settings).train, state_path=state, quiet=True).best_state
+        return kept, model.state_dict()
+
+    raw_kept, raw_final = run("train.epochs=3")
+    kept, final = run("train.epochs=3", "train.ema=0.9")
+    assert all(torch.equal(raw_final[k], final[k]) for k in final)
+    assert all(torch.equal(kept[k], validated[-1][k]) for k in kept)
+    assert not torch.allclose(kept["adaptor.projections"], final["adaptor.projections"])
+    model = build_model(tiny().model, part.features.shape[1], seed=0)
+    average = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(1.0)
+    loop.update_average(average, model, 0.9)
+    theta_0 = build_model(tiny().model, part.features.shape[1], seed=0).adaptor.projections.detach()
+    torch.testing.assert_close(average["adaptor.projections"], 0.9 * theta_0 + 0.1)
+    run("train.epochs=2", "train.ema=0.9", state=tmp_path / "trainer.pt")  # interrupted after two epochs ...
+    resumed, _ = run("train.epochs=3", "train.ema=0.9", state=tmp_path / "trainer.pt")  # ... and resumed
+    assert all(torch.allclose(kept[k], resumed[k], atol=1e-6) for k in kept)
+
+
 def test_text_weight_is_chosen_on_validation(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fedmerge.train.loop as loop
 

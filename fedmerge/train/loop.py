@@ -80,6 +80,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextmanager
+def swapped(model: Recommender, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Inside the block the model's parameters hold `weights` (e.g. their moving average); None: unchanged."""
+    if weights is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in weights}
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def update_average(average: dict[str, torch.Tensor] | None, model: Recommender, decay: float) -> None:
+    """One step of the weights' exponential moving average (``train.ema``), in place; None: nothing."""
+    if average is None:
+        return
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            average[name].lerp_(param, 1.0 - decay)
+
+
+@contextmanager
 def deterministic() -> Iterator[None]:
     """Deterministic torch kernels inside the block (the previous setting is restored after).
 
@@ -125,6 +153,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     if not any(sequences):
         raise FedmergeError("no user has two or more training items, so there is nothing to train on")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    average = None if config.ema is None else {n: p.detach().clone() for n, p in model.named_parameters()}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=False, map_location=device)
@@ -134,6 +163,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
         rng.bit_generator.state = state["rng"]
         torch.random.set_rng_state(state["torch_rng"].cpu())
         result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
+        average = state.get("average", average)
         best_trained = state.get("best_trained", result.best_score)
     else:
         # The starting model is a candidate (epoch 0), but patience counts against the best trained
@@ -165,20 +195,22 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                update_average(average, model, config.ema or 0.0)
                 losses.append(loss.item())
                 n_seqs += len(inputs)
                 progress.update(task, advance=1, loss=float(np.mean(losses[-50:])))
             seconds = time.perf_counter() - began
             result.train_seconds += seconds
-            score = validation_score(model, parts, config.eval_batch_size)
+            with swapped(model, average):
+                score = validation_score(model, parts, config.eval_batch_size)
+                if score > result.best_score:
+                    result.best_state, result.best_epoch, result.best_score = copy.deepcopy(model.state_dict()), epoch, score
             result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score,
                                    "seconds": seconds, "sequences_per_second": n_seqs / seconds})
             progress.update(task, valid=score)
-            if score > result.best_score:
-                result.best_state, result.best_epoch, result.best_score = copy.deepcopy(model.state_dict()), epoch, score
             best_trained, stale = (score, 0) if score > best_trained else (best_trained, stale + 1)
             if state_path is not None:
-                _save_state(state_path, model, optimizer, scheduler, rng, result, stale, best_trained, epoch)
+                _save_state(state_path, model, optimizer, scheduler, rng, result, stale, best_trained, epoch, average)
             if stale >= config.patience:
                 result.stopped = f"early stop: no better valid ndcg@10 for {stale} epochs"
                 break
@@ -213,10 +245,10 @@ def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) 
 
 def _save_state(path: Path, model: Recommender, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: FitResult,
-                stale: int, best_trained: float, epoch: int) -> None:
+                stale: int, best_trained: float, epoch: int, average: dict[str, torch.Tensor] | None) -> None:
     """Write everything needed to resume after `epoch`, atomically."""
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
                     "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale,
-                    "best_trained": best_trained, "epoch": epoch}, tmp)
+                    "best_trained": best_trained, "epoch": epoch, "average": average}, tmp)
