@@ -209,7 +209,7 @@ def test_weight_average_is_what_validation_reads_and_keeps(tmp_path: Path, cache
         kept = fit(model, [part], tiny(*settings).train, state_path=state, quiet=True).best_state
         return kept, model.state_dict()
 
-    raw_kept, raw_final = run("train.epochs=3")
+    _, raw_final = run("train.epochs=3")
     kept, final = run("train.epochs=3", "train.ema=0.9")
     assert all(torch.equal(raw_final[k], final[k]) for k in final)
     assert all(torch.equal(kept[k], validated[-1][k]) for k in kept)
