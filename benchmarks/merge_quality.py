@@ -153,15 +153,17 @@ def _preset(config: dict) -> dict:
 
 def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
     """One base regime and seed: read from ``args.tables`` when recorded with the same settings
-    (benchmark arguments and the resolved preset apart from the seed), else measured with
-    :func:`run_seed` and recorded there (atomically)."""
+    (benchmark arguments and the resolved preset apart from the seed; the ``--set`` overrides
+    are recorded but only their result counts, so a recorded seed stays readable after a preset
+    default changes, given ``--set`` back to the old value), else measured with :func:`run_seed`
+    and recorded there (atomically)."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
     settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
                 "config": _preset(load_config("textseq", args.overrides).model_dump(mode="json"))}
     if path.exists():
         record = json.loads(path.read_text())
         recorded = record["settings"] | {"config": _preset(record["settings"].get("config", {}))}
-        differing = [key for key, value in settings.items() if recorded.get(key) != value]
+        differing = [key for key, value in settings.items() if key != "overrides" and recorded.get(key) != value]
         if differing:
             raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
                              "give another --tables folder or remove that file to rerun the seed")
