@@ -1,0 +1,35 @@
+"""Benchmark bookkeeping that decides whether a recorded measurement is read back or rerun."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from fedmerge.config import load_config
+from fedmerge.files import write_json
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import merge_quality
+
+    args = argparse.Namespace(tables=tmp_path, domains=["beauty", "pantry"], pretrain="steam,games", steps=500,
+                              overrides=[])
+    # Recorded before the preset kept a weight average, with no --set at all.
+    without_average = merge_quality._preset(load_config("textseq", ["train.ema=null"]).model_dump(mode="json"))
+    record = {"base": "seeded", "seed": 0, "table": {}, "lambdas": {},
+              "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
+                           "config": without_average}}
+    write_json(tmp_path / "seeded-seed0.json", record)
+    with pytest.raises(SystemExit, match="seeded-seed0.json was measured with another config;"):
+        merge_quality.seed_record("seeded", 0, args)  # today's preset averages the weights
+    args.overrides = ["train.ema=null"]  # the same resolved config, spelt with a --set the record lacks
+    assert merge_quality.seed_record("seeded", 0, args) == record
+    args.steps = 300
+    with pytest.raises(SystemExit, match="measured with another steps;"):
+        merge_quality.seed_record("seeded", 0, args)
