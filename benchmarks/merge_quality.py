@@ -4,7 +4,8 @@ Protocol: each domain's test split (leave-one-out; MergeRec domains use their pu
 full ranking over all items of the domain, seen items not excluded; recall@10 and ndcg@10,
 mean +- std over seeds. Per seed and base regime, every domain is fine-tuned from the same
 base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain`` on the
-``--pretrain`` domains with that seed), then merged. *fine-tuned (own)* is each domain's model
+``--pretrain`` domains with that seed and its defaults, so only the text adaptor trains unless
+``--set train.frozen=[]``), then merged. *fine-tuned (own)* is each domain's model
 on its own domain; *joint* one model trained on the pooled data (the non-private reference);
 *task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
 density 0.2 (global), *dare* p = 0.5 then TIES; *adamerging* and *mergerec* learn coefficients
@@ -45,7 +46,7 @@ from fedmerge.merge.learn import LearnConfig
 from fedmerge.merge.run import merge_run
 from fedmerge.protocol import MergeConfig
 from fedmerge.train.checkpoint import load_checkpoint
-from fedmerge.train.run import evaluate_rows, load_parts, train_run
+from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config, train_run
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lambda chosen on valid (same rows)
@@ -110,7 +111,8 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
     init = None
     if base_kind == "pretrained":
         init = args.runs / f"pretrained-seed{seed}"
-        _train(args.pretrain.split(","), config, init, None, label="pretrained")
+        _train(args.pretrain.split(","), pretrain_config("textseq", [*args.overrides, f"train.seed={seed}"]), init, None,
+               label="pretrained")
     for name in args.domains:
         _train([name], config, runs / name, init)
     _train(args.domains, config, runs / "joint", init)
@@ -160,9 +162,13 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
     path = args.tables / f"{base_kind}-seed{seed}.json"
     settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
                 "config": _preset(load_config("textseq", args.overrides).model_dump(mode="json"))}
+    if base_kind == "pretrained":
+        settings["pretrain config"] = _preset(pretrain_config("textseq", args.overrides).model_dump(mode="json"))
     if path.exists():
         record = json.loads(path.read_text())
         recorded = record["settings"] | {"config": _preset(record["settings"].get("config", {}))}
+        if base_kind == "pretrained":  # records from before pretrain had its own config pretrained with the same one
+            recorded["pretrain config"] = _preset(record["settings"].get("pretrain config", recorded["config"]))
         differing = [key for key, value in settings.items() if key != "overrides" and recorded.get(key) != value]
         if differing:
             raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "

@@ -31,7 +31,7 @@ from fedmerge.protocol import FederationConfig, MergeConfig
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
 from fedmerge.text import feature_table, get_encoder
 from fedmerge.train.checkpoint import load_checkpoint
-from fedmerge.train.run import load_parts, train_run
+from fedmerge.train.run import load_parts, pretrain_config, train_run
 
 app = typer.Typer(help="Federated cross-domain sequential recommendation by model merging.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -211,11 +211,21 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder: the base theta_0 for `train --init`.")],
     config: Annotated[str | None, typer.Option("--config", help="TOML preset file or name in configs/.")] = "textseq",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")] = None,
+    holdout: Annotated[str | None, typer.Option(
+        "--holdout", help="Public domains never trained on whose zero-shot valid ndcg@10 picks the best epoch "
+        "(the start, epoch 0, is a candidate), e.g. electronics.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Pretrain a shared base on public domains (joint training); parties then fine-tune with --init."""
+    """Pretrain a shared base on public domains (joint training); parties then fine-tune with --init.
+
+    A textseq base trains its text adaptor only (train.frozen = blocks, positions, codes), which
+    keeps the untrained model's text-similarity ranking; --set 'train.frozen=[]' trains everything.
+    """
     names = _split_names(domains)
-    rows = train_run(names, load_config(config, overrides or []), out, quiet=quiet, label="pretrained")
+    held = _split_names(holdout) if holdout else None
+    if held and set(held) & set(names):
+        raise FedmergeError(f"--holdout {holdout} repeats a --domains domain; hold out domains that are not pretrained on")
+    rows = train_run(names, pretrain_config(config, overrides or []), out, quiet=quiet, label="pretrained", holdout=held)
     console.print(metrics_table(rows, title=f"pretrained on {', '.join(names)}"))
     console.print(f"wrote {out}; fine-tune from it with `fedmerge train --init {out}`")
 

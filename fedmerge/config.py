@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
     ema: float | None = Field(
         None, gt=0.0, lt=1.0, description="validate and keep an exponential moving average of the weights with "
         "this decay per step instead of the raw weights (None: the raw weights)")
+    frozen: list[str] = Field(
+        [], description="parameters kept at their starting values: names or name prefixes, e.g. blocks, codes, "
+        "positions (a base pretrained with only the adaptor trained keeps the text-similarity start)")
 
 
 class ExperimentConfig(BaseModel):

@@ -33,3 +33,22 @@ def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path
     args.steps = 300
     with pytest.raises(SystemExit, match="measured with another steps;"):
         merge_quality.seed_record("seeded", 0, args)
+
+
+def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_measured_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records written before ``pretrain`` froze all but the adaptor pretrained everything (``train.frozen=[]``)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import merge_quality
+
+    args = argparse.Namespace(tables=tmp_path, domains=["beauty", "pantry"], pretrain="steam,games", steps=500,
+                              overrides=["train.ema=null"])
+    config = merge_quality._preset(load_config("textseq", args.overrides).model_dump(mode="json"))
+    record = {"base": "pretrained", "seed": 0, "table": {}, "lambdas": {},
+              "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
+                           "config": config}}
+    write_json(tmp_path / "pretrained-seed0.json", record)
+    with pytest.raises(SystemExit, match="pretrained-seed0.json was measured with another pretrain config;"):
+        merge_quality.seed_record("pretrained", 0, args)  # today's pretraining trains the adaptor only
+    args.overrides = ["train.ema=null", "train.frozen=[]"]  # fine-tuning is unchanged by it: frozen is [] there
+    assert merge_quality.seed_record("pretrained", 0, args) == record

@@ -18,7 +18,7 @@ from fedmerge.models.popularity import popularity_scorer
 from fedmerge.models.scoring import model_scorer
 from fedmerge.train.checkpoint import build_model, load_checkpoint, load_weights, save_weights
 from fedmerge.train.loop import Part, fit
-from fedmerge.train.run import load_parts, train_run
+from fedmerge.train.run import load_parts, pretrain_config, train_run
 from tests.test_cli import run_cli
 
 TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
@@ -161,9 +161,50 @@ def test_joint_and_pretrain_commands(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     base, start = load_file(str(tmp_path / "pre" / "model.safetensors")), load_file(str(tmp_path / "ft" / "base.safetensors"))
     assert all(torch.equal(base[k], start[k]) for k in base)
+    seeded = load_file(str(tmp_path / "pre" / "base.safetensors"))  # pretraining trains the adaptor only
+    assert all(torch.equal(base[k], seeded[k]) for k in base if k.startswith(("blocks.", "codes.", "positions")))
+    assert not torch.equal(base["adaptor.projections"], seeded["adaptor.projections"])
     bad = run_cli("train", "--domain", "synth-0", "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "bad"),
                   "--set", "model.dim=48", *settings[:2], cache=tmp_path / "cache")
     assert bad.returncode == 2 and "tensor" in bad.stderr and "shape" in bad.stderr
+
+
+def test_frozen_parameters_keep_their_start_and_the_rest_trains(cache: Path) -> None:
+    """``train.frozen``: named parts (or prefixes) stay at their start; a name that matches nothing is an error."""
+    part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
+    model = build_model(tiny().model, part.features.shape[1], seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, [part], tiny("train.epochs=2", 'train.frozen=["blocks", "codes", "positions"]').train, quiet=True)
+    after = model.state_dict()
+    frozen = [k for k in start if k.startswith(("blocks.", "codes.", "positions"))]
+    assert frozen and all(torch.equal(start[k], after[k]) for k in frozen)
+    assert not torch.equal(start["adaptor.projections"], after["adaptor.projections"])
+    assert all(p.requires_grad for p in model.parameters())  # the model is left trainable
+    with pytest.raises(FedmergeError, match="train.frozen names 'block'.*adaptor, blocks, codes, positions"):
+        fit(model, [part], tiny('train.frozen=["block"]').train, quiet=True)
+    with pytest.raises(FedmergeError, match="freezes every parameter"):
+        fit(model, [part], tiny('train.frozen=["adaptor", "blocks", "codes", "positions"]').train, quiet=True)
+
+
+def test_pretrain_with_holdout_validates_zero_shot_on_the_held_out_domain(tmp_path: Path) -> None:
+    """`pretrain --holdout`: epochs are chosen by the held-out domain's zero-shot valid ndcg@10, which the rows report."""
+    settings = [arg for key in TINY + ["train.epochs=2"] for arg in ("--set", key)]
+    out = run_cli("pretrain", "--domains", "synth-2,synth-3", "--holdout", "synth-1", "--out", str(tmp_path / "pre"),
+                  "--quiet", *settings, cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "pre" / "metrics.json").read_text())
+    assert sorted({(r["model"], r["domain"]) for r in rows if r["split"] == "valid"}) == [
+        ("base", "synth-1"), ("base", "synth-2"), ("base", "synth-3"),
+        ("pretrained", "synth-1"), ("pretrained", "synth-2"), ("pretrained", "synth-3")]
+    facts = json.loads((tmp_path / "pre" / "config.json").read_text())
+    assert facts["holdout"] == ["synth-1"] and facts["config"]["train"]["frozen"] == ["blocks", "positions", "codes"]
+    held_base = next(r for r in rows if (r["model"], r["domain"], r["split"]) == ("base", "synth-1", "valid"))
+    assert facts["history"][0]["valid_ndcg@10"] == pytest.approx(held_base["ndcg@10"])
+    best = next(r for r in rows if (r["model"], r["domain"], r["split"]) == ("pretrained", "synth-1", "valid"))
+    assert best["ndcg@10"] >= held_base["ndcg@10"]  # the start is a candidate, so the held-out domain never loses
+    bad = run_cli("pretrain", "--domains", "synth-2,synth-3", "--holdout", "synth-3", "--out", str(tmp_path / "bad"),
+                  *settings, cache=tmp_path / "cache")
+    assert bad.returncode == 2 and "--holdout synth-3 repeats a --domains domain" in bad.stderr
 
 
 def test_time_limit_stops_after_the_epoch_that_reaches_it(cache: Path) -> None:
@@ -280,6 +321,7 @@ def test_a_run_of_the_same_config_is_recognised_across_added_keys(tmp_path: Path
     (tmp_path / "config.json").write_text(json.dumps({"config": stored}))
     assert same_config(tmp_path / "config.json", config)
     assert not same_config(tmp_path / "config.json", tiny("train.lr=1e-2"))
+    assert not same_config(tmp_path / "config.json", config, ["synth-1"])  # validated on another domain
     (tmp_path / "config.json").write_text(json.dumps({"config": {"train": {"gone": 1}}}))
     assert not same_config(tmp_path / "config.json", config)
     assert not same_config(tmp_path / "missing.json", config)
@@ -318,3 +360,10 @@ def test_training_uses_deterministic_kernels_and_restores_the_setting(cache: Pat
     with pytest.raises(KeyboardInterrupt):
         loop.fit(build_model(tiny().model, part.features.shape[1], seed=0), [part], tiny().train, quiet=True)
     assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_pretrain_config_freezes_all_but_the_adaptor_unless_told() -> None:
+    assert pretrain_config("textseq", []).train.frozen == ["blocks", "positions", "codes"]
+    assert pretrain_config("textseq", ["train.frozen=[]"]).train.frozen == []
+    assert pretrain_config("textseq", ['train.frozen=["codes"]']).train.frozen == ["codes"]
+    assert pretrain_config("textenc", []).train.frozen == []  # other parameter names: nothing is assumed

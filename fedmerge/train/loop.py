@@ -67,6 +67,28 @@ def validation_parts(parts: list[Part], users: int | None, seed: int) -> list[Pa
             for p in parts]
 
 
+def trainable_parameters(model: Recommender, frozen: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters that training updates: all but those named by ``train.frozen`` (names or name prefixes).
+
+    A frozen parameter stops receiving gradients. A prefix that names no parameter is an error
+    that lists the model's top-level parts.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in frozen:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            parts = sorted({name.split(".")[0] for name in names})
+            raise FedmergeError(f"train.frozen names {prefix!r}, which is no parameter of this model; "
+                                f"use names or prefixes such as {', '.join(parts)}")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(name == p or name.startswith(p + ".") for p in frozen))
+        if param.requires_grad:
+            trainable.append(param)
+    if not trainable:
+        raise FedmergeError(f"train.frozen = {frozen} freezes every parameter, so there is nothing to train")
+    return trainable
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device `name` (``train.device``), or an error naming the key when it is unusable here."""
     try:
@@ -126,7 +148,7 @@ def deterministic() -> Iterator[None]:
 
 @deterministic()
 def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
-        quiet: bool = False) -> FitResult:
+        quiet: bool = False, holdout: list[Part] | None = None) -> FitResult:
     """Train `model` in place on `parts`; return the weights of the best validation epoch.
 
     Parameters
@@ -142,6 +164,10 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
         training resumes from it.
     quiet : bool
         No progress bar.
+    holdout : list[Part] | None
+        Validate on these domains instead of the training ones: early stopping and the best
+        epoch then follow zero-shot quality on domains training never sees (``fedmerge pretrain
+        --holdout``).
     """
     device = resolve_device(config.device)
     model.to(device)
@@ -149,10 +175,11 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     sequences = [training_sequences(p.domain, model.config.max_len) for p in parts]
-    parts = validation_parts(parts, config.valid_users, config.seed)
+    parts = validation_parts(holdout or parts, config.valid_users, config.seed)
     if not any(sequences):
         raise FedmergeError("no user has two or more training items, so there is nothing to train on")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model, config.frozen), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     average = None if config.ema is None else {n: p.detach().clone() for n, p in model.named_parameters()}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
     if state_path is not None and state_path.exists():
@@ -218,6 +245,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
                 result.stopped = f"time limit of {config.max_minutes} minutes"
                 break
     result.stopped = result.stopped or f"{config.epochs} epochs done"
+    model.requires_grad_(True)
     epochs = [h for h in result.history if "sequences_per_second" in h]
     result.sequences_per_second = float(np.mean([h["sequences_per_second"] for h in epochs])) if epochs else 0.0
     return result

@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 from rich.console import Console
 
-from fedmerge.config import ExperimentConfig, ModelConfig
+from fedmerge.config import ExperimentConfig, ModelConfig, load_config
 from fedmerge.data.catalog import load_domain
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.files import write_json
@@ -27,6 +27,9 @@ from fedmerge.text import feature_table, get_encoder
 from fedmerge.text.tokens import token_table
 from fedmerge.train.checkpoint import build_model, checkpoint_files, load_weights, save_weights
 from fedmerge.train.loop import Part, fit, fit_text_weight
+
+PRETRAIN_FROZEN = ["blocks", "positions", "codes"]
+"""What ``fedmerge pretrain`` keeps at theta_0 in a ``textseq`` base unless the config says otherwise."""
 
 
 def load_parts(names: list[str], config: ModelConfig, quiet: bool = False) -> list[Part]:
@@ -46,6 +49,23 @@ def load_parts(names: list[str], config: ModelConfig, quiet: bool = False) -> li
     return parts
 
 
+def pretrain_config(preset: str | Path | None, overrides: list[str]) -> ExperimentConfig:
+    """The config of ``fedmerge pretrain``: the preset and `overrides`, with ``train.frozen`` defaulting
+    to :data:`PRETRAIN_FROZEN` for ``textseq``.
+
+    Pretrained on public domains, the transformer blocks, positions and text-code rows move a
+    user vector away from its last item's text and make the base worse than theta_0 zero-shot
+    on every federation domain; the adaptor alone keeps theta_0's text-similarity quality
+    (README). A preset or ``--set train.frozen=...`` that names the frozen parts (``[]``: none)
+    is kept as given.
+    """
+    config = load_config(preset, overrides)
+    named = config.train.frozen or any(o.partition("=")[0].strip() == "train.frozen" for o in overrides)
+    if config.model.kind != "textseq" or named:
+        return config
+    return load_config(preset, [*overrides, f"train.frozen={json.dumps(PRETRAIN_FROZEN)}"])
+
+
 def evaluate_rows(model: Recommender, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
     """Valid and test rows of `model` on every part (item vectors computed once per part)."""
     rows = []
@@ -57,10 +77,12 @@ def evaluate_rows(model: Recommender, parts: list[Part], label: str, batch_size:
 
 
 def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path | None = None,
-              quiet: bool = False, label: str | None = None) -> list[Row]:
+              quiet: bool = False, label: str | None = None, holdout: list[str] | None = None) -> list[Row]:
     """Train on `names` (one domain, or several jointly) and write the checkpoint folder `out`.
 
     Metric rows are labelled `label` (default: the model kind, or ``joint`` for several domains).
+    With `holdout` domains (never trained on), validation, early stopping and the text weight
+    read their zero-shot quality instead, and the rows include them.
 
     Re-running with the same `out` resumes from its ``trainer.pt`` when the config matches.
     """
@@ -69,23 +91,24 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     for stale in ("metrics.json", "metrics.csv", "model.safetensors"):  # a folder with metrics is a finished run
         (out / stale).unlink(missing_ok=True)
     parts = load_parts(names, config.model, quiet=quiet)
+    held = load_parts(holdout, config.model, quiet=quiet) if holdout else []
     model = build_model(config.model, parts[0].features.shape[1], config.train.seed)
     if init is not None:
         load_weights(model, checkpoint_files(init)[0])
     save_weights(model, out / "base.safetensors")
-    rows = evaluate_rows(model, parts, "base", config.train.eval_batch_size)
+    rows = evaluate_rows(model, parts + held, "base", config.train.eval_batch_size)
     state_path = out / "trainer.pt"
     config_path = out / "config.json"
-    if state_path.exists() and not same_config(config_path, config):
+    if state_path.exists() and not same_config(config_path, config, [p.domain.name for p in held]):
         state_path.unlink()  # a different run's state: start afresh
-    write_json(config_path, _facts(config, parts, init))
-    result = fit(model, parts, config.train, state_path=state_path, quiet=quiet)
+    write_json(config_path, _facts(config, parts, init, held))
+    result = fit(model, parts, config.train, state_path=state_path, quiet=quiet, holdout=held)
     model.load_state_dict(result.best_state)
-    text_weights = fit_text_weight(model, parts, config.train)
+    text_weights = fit_text_weight(model, held or parts, config.train)
     save_weights(model, out / "model.safetensors")
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
-    rows += evaluate_rows(model, parts, label, config.train.eval_batch_size)
-    facts = _facts(config, parts, init) | {
+    rows += evaluate_rows(model, parts + held, label, config.train.eval_batch_size)
+    facts = _facts(config, parts, init, held) | {
         "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
         "history": result.history, "text_weight": float(getattr(model, "text_weight", 0.0)),
@@ -98,8 +121,8 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     return rows
 
 
-def same_config(path: Path, config: ExperimentConfig) -> bool:
-    """Whether the run described by `path` (a config.json) used `config`.
+def same_config(path: Path, config: ExperimentConfig, holdout: list[str] | None = None) -> bool:
+    """Whether the run described by `path` (a config.json) used `config` (and validated on `holdout`).
 
     The stored config is validated first, so a key added to the config since (with a default
     that keeps the old behaviour) does not make an old run look different.
@@ -107,11 +130,14 @@ def same_config(path: Path, config: ExperimentConfig) -> bool:
     if not path.exists():
         return False
     try:
-        return ExperimentConfig.model_validate(json.loads(path.read_text()).get("config", {})) == config
+        facts = json.loads(path.read_text())
+        return (ExperimentConfig.model_validate(facts.get("config", {})) == config
+                and facts.get("holdout", []) == (holdout or []))
     except ValidationError:
         return False
 
 
-def _facts(config: ExperimentConfig, parts: list[Part], init: Path | None) -> dict:
+def _facts(config: ExperimentConfig, parts: list[Part], init: Path | None, held: list[Part]) -> dict:
     return {"config": config.model_dump(), "kind": config.model.kind, "text_dim": int(parts[0].features.shape[1]),
-            "domains": [p.domain.name for p in parts], "init": str(init) if init else None}
+            "domains": [p.domain.name for p in parts], "holdout": [p.domain.name for p in held],
+            "init": str(init) if init else None}
