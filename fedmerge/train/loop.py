@@ -73,17 +73,18 @@ def trainable_parameters(model: Recommender, frozen: list[str]) -> list[torch.nn
     A frozen parameter stops receiving gradients. A prefix that names no parameter is an error
     that lists the model's top-level parts.
     """
-    names = [name for name, _ in model.named_parameters()]
+    def named(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    params = dict(model.named_parameters())
     for prefix in frozen:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
-            parts = sorted({name.split(".")[0] for name in names})
+        if not any(named(name, prefix) for name in params):
+            parts = sorted({name.split(".")[0] for name in params})
             raise FedmergeError(f"train.frozen names {prefix!r}, which is no parameter of this model; "
                                 f"use names or prefixes such as {', '.join(parts)}")
-    trainable = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(not any(name == p or name.startswith(p + ".") for p in frozen))
-        if param.requires_grad:
-            trainable.append(param)
+    for name, param in params.items():
+        param.requires_grad_(not any(named(name, prefix) for prefix in frozen))
+    trainable = [param for param in params.values() if param.requires_grad]
     if not trainable:
         raise FedmergeError(f"train.frozen = {frozen} freezes every parameter, so there is nothing to train")
     return trainable
