@@ -26,14 +26,14 @@ import json
 import platform
 from pathlib import Path
 
-from report import finished_run
+from report import train_once
 
 from fedmerge.config import ExperimentConfig, load_config
 from fedmerge.data import load_domain
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.models.popularity import popularity_scorer
 from fedmerge.train.checkpoint import build_model, load_checkpoint
-from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config, train_run
+from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config
 
 COLUMNS = ("popularity", "base", "pretrained", "fine-tuned", "from pretrained", "joint")
 SKIPPABLE = ("fine-tuned", "pretrained", "from pretrained", "joint")
@@ -107,8 +107,7 @@ def main() -> None:
 def _run(names: list[str], config: ExperimentConfig, folder: Path, init: Path | None = None,
          label: str | None = None) -> dict[tuple[str, str], dict]:
     """Train `names` into `folder` unless a finished run of `config` is there; its test rows by (model, domain)."""
-    if not finished_run(folder, config):
-        train_run(names, config, folder, init=init, quiet=True, label=label)
+    train_once(names, config, folder, init, label)
     return _test_rows(folder)
 
 

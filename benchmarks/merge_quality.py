@@ -38,7 +38,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from report import finished_run
+from report import train_once
 
 from fedmerge.config import ExperimentConfig, load_config
 from fedmerge.files import write_json
@@ -46,7 +46,7 @@ from fedmerge.merge.learn import LearnConfig
 from fedmerge.merge.run import merge_run
 from fedmerge.protocol import MergeConfig
 from fedmerge.train.checkpoint import load_checkpoint
-from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config, train_run
+from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lambda chosen on valid (same rows)
@@ -69,11 +69,6 @@ def _rows(folder: Path) -> list[dict]:
 
 def _cells(rows: list[dict], label: str, split: str = "test") -> dict[str, tuple[float, float]]:
     return {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in rows if r["model"] == label and r["split"] == split}
-
-
-def _train(names: list[str], config: ExperimentConfig, folder: Path, init: Path | None, label: str | None = None) -> None:
-    if not finished_run(folder, config):
-        train_run(names, config, folder, init=init, quiet=True, label=label)
 
 
 def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str, params: dict, mode: str, loss: str,
@@ -111,11 +106,11 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
     init = None
     if base_kind == "pretrained":
         init = args.runs / f"pretrained-seed{seed}"
-        _train(args.pretrain.split(","), pretrain_config("textseq", [*args.overrides, f"train.seed={seed}"]), init, None,
+        train_once(args.pretrain.split(","), pretrain_config("textseq", [*args.overrides, f"train.seed={seed}"]), init, None,
                label="pretrained")
     for name in args.domains:
-        _train([name], config, runs / name, init)
-    _train(args.domains, config, runs / "joint", init)
+        train_once([name], config, runs / name, init)
+    train_once(args.domains, config, runs / "joint", init)
     base = runs / args.domains[0] / "base.safetensors"
     table: dict[str, dict[str, tuple[float, float]]] = {"theta_0": {}, "fine-tuned (own)": {}}
     for name in args.domains:

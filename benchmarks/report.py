@@ -1,4 +1,4 @@
-"""Writing a one-row benchmark result as Markdown (with its protocol) and CSV."""
+"""Benchmark bookkeeping: one-row results as Markdown (with their protocol) and CSV; training runs reused when finished."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from fedmerge.config import ExperimentConfig
-from fedmerge.train.run import same_config
+from fedmerge.train.run import same_config, train_run
 
 
 def write_row(out: Path, name: str, title: str, protocol: str, row: dict[str, object]) -> str:
@@ -28,3 +28,10 @@ def finished_run(folder: Path, config: ExperimentConfig) -> bool:
     if not same_config(folder / "config.json", config):
         raise SystemExit(f"{folder} holds a run of another config; give another --runs folder or remove it")
     return True
+
+
+def train_once(names: list[str], config: ExperimentConfig, folder: Path, init: Path | None = None,
+               label: str | None = None) -> None:
+    """Train `names` into `folder` (quietly) unless it already holds a finished run of `config`."""
+    if not finished_run(folder, config):
+        train_run(names, config, folder, init=init, quiet=True, label=label)
