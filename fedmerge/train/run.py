@@ -56,8 +56,8 @@ def pretrain_config(preset: str | Path | None, overrides: list[str]) -> Experime
     Pretrained on public domains, the transformer blocks, positions and text-code rows move a
     user vector away from its last item's text and make the base worse than theta_0 zero-shot
     on every federation domain; the adaptor alone keeps theta_0's text-similarity quality
-    (README). A preset or ``--set train.frozen=...`` that names the frozen parts (``[]``: none)
-    is kept as given.
+    (README). ``--set train.frozen=...`` (``[]``: none) or a preset whose ``train.frozen`` is
+    not empty is kept as given; a preset's empty list reads as unset and gets the default.
     """
     config = load_config(preset, overrides)
     named = config.train.frozen or any(o.partition("=")[0].strip() == "train.frozen" for o in overrides)
