@@ -71,14 +71,15 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate every received model on the private valid and test splits; reply with metrics only."""
+    """Evaluate every received model on the private splits the server names; reply with metrics only."""
     config = _config(msg)
     spec = _spec(config, context)
     part = _data(config, spec)
-    labels = json.loads(str(msg.content["config"]["labels"]))
+    request = msg.content["config"]
+    splits, sample = tuple(json.loads(str(request["splits"]))), bool(request["sample"])
     content = RecordDict({"party": ConfigRecord({"party": spec.party, "domain": spec.domain})})
-    for index, _ in enumerate(labels):
-        metrics = party_evaluate(part, msg.content[f"model-{index}"].to_torch_state_dict(), config)
+    for index in range(int(request["models"])):  # type: ignore[arg-type]
+        metrics = party_evaluate(part, msg.content[f"model-{index}"].to_torch_state_dict(), config, splits, sample)
         for split, values in metrics.items():
             content[f"metrics-{index}-{split}"] = MetricRecord(values)
     return Message(content, reply_to=msg)

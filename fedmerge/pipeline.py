@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from rich.console import Console
 
 from fedmerge.data.catalog import check_domain_name
@@ -26,6 +27,7 @@ from fedmerge.merge.run import read_weights
 from fedmerge.merge.vectors import StateDict
 from fedmerge.protocol import (
     FederationConfig,
+    Judge,
     MergeOutcome,
     PartySpec,
     TrainReply,
@@ -94,9 +96,10 @@ class InProcess:
         """Every party fine-tunes from `start`."""
         return self._each(lambda s: party_train(self.part(s), start, self.config, self.quiet))  # type: ignore[return-value]
 
-    def evaluate(self, models: dict[str, StateDict]) -> dict[int, dict[str, Metrics] | Exception]:
-        """Every party evaluates every model of `models` (label -> weights) on its private splits."""
-        return self._each(lambda s: {label: party_evaluate(self.part(s), weights, self.config)  # type: ignore[return-value]
+    def evaluate(self, models: dict, splits: tuple[str, ...] | None = None,
+                 sample: bool = False) -> dict[int, dict[str, Metrics] | Exception]:
+        """Every party evaluates every model of `models` (label -> weights) on its private `splits`."""
+        return self._each(lambda s: {label: party_evaluate(self.part(s), weights, self.config, splits, sample)  # type: ignore[return-value]
                                      for label, weights in models.items()})
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
@@ -104,7 +107,11 @@ class InProcess:
         for round_ in range(1, self.config.rounds + 1):
             server.begin(round_)
             replies = server.accept(round_, start, self.train(start))
-            outcome, models = server.merge(round_, start, replies)
+
+            def judge(candidates: list[StateDict], round_: int = round_) -> list[float]:
+                return server.valid_scores(round_, self.evaluate(dict(enumerate(candidates)), ("valid",), sample=True))
+
+            outcome, models = server.merge(round_, start, replies, judge)
             server.record(round_, list(models), self.evaluate(models))
             start = outcome.merged
         return server.results
@@ -169,29 +176,38 @@ class Server:
                                 for p, r in replies.items()})
         return replies
 
-    def merge(self, round_: int, start: StateDict, replies: dict[int, TrainReply]) -> tuple[MergeOutcome, dict[str, StateDict]]:
-        """FedAvg inside each domain, then the merge; returns it and every model the parties evaluate (label -> weights)."""
+    def merge(self, round_: int, start: StateDict, replies: dict[int, TrainReply],
+              judge: Judge | None = None) -> tuple[MergeOutcome, dict[str, StateDict]]:
+        """FedAvg inside each domain, then the merge; returns it and every model the parties evaluate (label -> weights).
+
+        `judge` asks the parties to score candidate merges on valid (``merge.learn.valid_candidates``).
+        """
         domains = [d for d in self.config.domains if any(self.specs[p].domain == d for p in replies)]
         per_domain = [average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
                       for d in domains]
         self.log("merge_start", round=round_, domains=domains)
-        outcome = server_merge(start, per_domain, self.config.model, self.config.seed, self.config.merge, quiet=True)
+        outcome = server_merge(start, per_domain, self.config.model, self.config.seed, self.config.merge, quiet=True,
+                               judge=judge)
         self.clock["merged"] = time.perf_counter()
-        self.log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"])
+        self.log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"],
+                 selection=outcome.coefficients["selection"])
         models = {"theta_0" if round_ == 1 else f"start of round {round_}": start}
         models |= {f"fine-tuned on {r.domain}": r.weights for r in per_domain}
         models |= {f"{self.config.merge.method} (training-free)": outcome.initial, _merged_label(self.config): outcome.merged}
         self.outcome = outcome
         return outcome, models
 
+    def valid_scores(self, round_: int, evaluations: dict[int, dict[int, Metrics] | Exception]) -> list[float]:
+        """Each candidate's mean valid ndcg@10 over the domains, from the parties' evaluations of candidates 0..n-1."""
+        usable = self._usable(round_, evaluations, "valid selection")
+        if not usable:
+            raise FedmergeError("no party scored the candidate merges on valid; see the failed parties in the event log")
+        return [float(np.mean([r["ndcg@10"] for r in domain_rows(str(i), [(s, v[i]) for s, v in usable])]))
+                for i in range(len(usable[0][1]))]
+
     def record(self, round_: int, labels: list[str], evaluations: dict[int, dict[str, Metrics] | Exception]) -> RoundResult:
         """Rows of every model on every domain from the parties' evaluations; closes the round."""
-        usable = []
-        for party, value in sorted(evaluations.items()):
-            if isinstance(value, Exception):
-                self._fail(round_, _party_name(self.specs[party]), f"evaluation: {type(value).__name__}: {value}")
-            else:
-                usable.append((self.specs[party], value))
+        usable = self._usable(round_, evaluations, "evaluation")
         rows = [r | {"round": round_} for label in labels
                 for r in domain_rows(label, [(s, v[label]) for s, v in usable])]
         now = time.perf_counter()
@@ -202,6 +218,16 @@ class Server:
         self.results.append(RoundResult(round_, rows, self.outcome, dict(self.failed), seconds))
         return self.results[-1]
 
+    def _usable(self, round_: int, evaluations: dict, step: str) -> list[tuple[PartySpec, dict]]:
+        """The parties' evaluations that arrived, with their specs; the errors are named in ``failed``."""
+        usable = []
+        for party, value in sorted(evaluations.items()):
+            if isinstance(value, Exception):
+                self._fail(round_, _party_name(self.specs[party]), f"{step}: {type(value).__name__}: {value}")
+            else:
+                usable.append((self.specs[party], value))
+        return usable
+
     def _fail(self, round_: int, party: str, why: str) -> None:
         self.failed.setdefault(party, why)
         self.log("party_failed", round=round_, party=party, error=why)
@@ -210,6 +236,17 @@ class Server:
 def _merged_label(config: FederationConfig) -> str:
     learn = config.merge.learn
     return f"{config.merge.method} (training-free)" if learn.mode == "none" else f"merged ({learn.mode}, {learn.loss})"
+
+
+def _kept(coefficients: dict) -> str:
+    """Which learned coefficients the merge kept, and why."""
+    selection, best = coefficients["selection"], coefficients["best_step"]
+    if coefficients["learn"]["mode"] == "none":
+        return "the training-free merge's (no learning)"
+    if selection:
+        return (f"step {selection['chosen_step']}, the best mean valid ndcg@10 of the parties among steps "
+                f"{selection['steps']} ({', '.join(f'{v:.4f}' for v in selection['scores'])})")
+    return "the last step" if best is None else f"step {best}, the lowest held-out pseudo-user loss"
 
 
 def _party_name(spec: PartySpec) -> str:
@@ -237,6 +274,7 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
              "merge": f"{config.merge.method} {config.merge.params or ''} + {config.merge.learn.mode} "
                       f"({config.merge.learn.loss}, {config.merge.learn.steps} steps)",
              "base": config.base or f"seeded (seed {config.seed})",
+             "coefficients kept": _kept(last.merge.coefficients),
              "seconds per round (train / merge / evaluate)": [r.seconds for r in results],
              "parties left out": {f"round {r.round}": r.failed for r in results if r.failed} or "none",
              "machine": run.status["machine"]}

@@ -12,7 +12,7 @@ only weights, item-feature tables (public catalogue), configs and aggregate metr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +26,14 @@ from fedmerge.data.domain import user_subset
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import method_params
-from fedmerge.merge.learn import LearnConfig, learn_coefficients, server_domain
+from fedmerge.merge.learn import LearnConfig, LearnResult, learn_coefficients, server_domain
 from fedmerge.merge.methods import prepare
 from fedmerge.merge.rows import RowMode, usage_rows
 from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.checkpoint import build_model
-from fedmerge.train.loop import Part, fit, fit_text_weight
+from fedmerge.train.loop import Part, fit, fit_text_weight, validation_parts
 from fedmerge.train.run import load_parts
 
 
@@ -169,15 +169,22 @@ def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: b
     return TrainReply(part.domain.name, weights, part.features.cpu(), metrics)
 
 
-def party_evaluate(part: Part, weights: StateDict, config: FederationConfig) -> dict[str, dict[str, float]]:
-    """Aggregate metrics of `weights` on the party's private splits (``config.splits``): {split: metrics}."""
+def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, splits: tuple[str, ...] | None = None,
+                   sample: bool = False) -> dict[str, dict[str, float]]:
+    """Aggregate metrics of `weights` on the party's private `splits` (default ``config.splits``): {split: metrics}.
+
+    ``sample`` reads only the ``train.valid_users`` seeded users that chose the party's epoch
+    (how candidate merges are scored); the reported rows always read every user.
+    """
+    if sample:
+        part = validation_parts([part], config.train.valid_users, config.train.seed)[0]
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(weights)
     with party_threads(config):
         scorer = model_scorer(model, part.features)
         return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
                                                                 config.train.eval_batch_size).items()}
-                for split in config.splits}
+                for split in splits or config.splits}
 
 
 def check_reply(reply: TrainReply, base: StateDict, party: str) -> None:
@@ -212,13 +219,19 @@ class MergeOutcome:
     teacher_bytes: int
 
 
+Judge = Callable[[list[StateDict]], list[float]]
+"""Scores candidate merged models by the parties' mean valid ndcg@10 over the domains (one number each)."""
+
+
 def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig, seed: int, merge: MergeConfig,
-                 quiet: bool = True) -> MergeOutcome:
+                 quiet: bool = True, judge: Judge | None = None) -> MergeOutcome:
     """Merge one model per domain: task vectors, the init method, then coefficients learned on pseudo-users.
 
     The replies' weights must match `base` (:func:`check_reply`, :func:`check_aligned`).
 
-    ``seed`` seeds the skeleton models (their weights are always overwritten).
+    ``seed`` seeds the skeleton models (their weights are always overwritten). With
+    ``merge.learn.valid_candidates``, `judge` (the parties, on their valid split) scores the
+    coefficient snapshots and the best one is kept; its scores go into the coefficients.
     """
     started = time.perf_counter()
     names = [r.domain for r in replies]
@@ -236,12 +249,26 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
             teacher.load_state_dict(reply.weights)
             server.append(server_domain(reply.domain, reply.features, teacher, merge.learn))
     result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
+    selection = _choose(result, judge) if result.candidates else None
     coefficients = {"method": merge.method, "params": params.model_dump(), "rows": merge.rows,
                     "learn": merge.learn.model_dump(),
                     "domains": names, "groups": result.groups, "initial": prepared.weights,
-                    "weights": result.weights.tolist(), "best_step": result.best_step, "log": result.log}
+                    "weights": result.weights.tolist(), "best_step": result.best_step, "selection": selection,
+                    "log": result.log}
     return MergeOutcome(result.initial, result.merged, coefficients, time.perf_counter() - started,
                         sum(d.teacher.nbytes for d in server if d.teacher))
+
+
+def _choose(result: LearnResult, judge: Judge | None) -> dict[str, Any]:
+    """Keep the candidate with the best valid score (the earliest of equals) in `result`; what was scored."""
+    if judge is None:
+        raise FedmergeError("learn.valid_candidates needs the parties to score the candidates on their valid split, "
+                            "which only `fedmerge merge` and `fedmerge simulate` do; set learn.valid_candidates=0 here")
+    scores = judge([merged for _, _, merged in result.candidates])
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    result.best_step, result.weights, result.merged = result.candidates[best]
+    return {"criterion": "mean valid ndcg@10 over the domains", "steps": [c[0] for c in result.candidates],
+            "scores": [float(v) for v in scores], "chosen_step": result.best_step}
 
 
 def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]]) -> list[Row]:

@@ -47,6 +47,7 @@ class MergeRecStrategy(Strategy):
         self.federation = json.dumps(config.model_dump())
         self.start_weights: StateDict = {}
         self.models: dict[str, StateDict] = {}
+        self.grid: Grid | None = None
 
     def _messages(self, content: RecordDict, kind: str, server_round: int) -> list[Message]:
         return [Message(content=content, message_type=kind, dst_node_id=node, group_id=str(server_round))
@@ -54,7 +55,7 @@ class MergeRecStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.start_weights = arrays.to_torch_state_dict()
+        self.start_weights, self.grid = arrays.to_torch_state_dict(), grid
         self.server.begin(server_round)
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"federation": self.federation})})
         return self._messages(content, "train", server_round)
@@ -69,29 +70,49 @@ class MergeRecStrategy(Strategy):
             except (KeyError, TypeError, ValueError) as err:
                 raw[party] = FedmergeError(f"malformed reply ({err})")
         accepted = self.server.accept(server_round, self.start_weights, raw)
-        outcome, self.models = self.server.merge(server_round, self.start_weights, accepted)
+
+        def judge(candidates: list[StateDict]) -> list[float]:
+            assert self.grid is not None  # set by configure_train
+            messages = self._evaluate_messages(dict(enumerate(candidates)), ("valid",), server_round, sample=True)
+            replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
+            return self.server.valid_scores(server_round, self._evaluations(replies, len(candidates), ("valid",)))
+
+        outcome, self.models = self.server.merge(server_round, self.start_weights, accepted, judge)
         return ArrayRecord(outcome.merged), MetricRecord({"merge_seconds": outcome.seconds})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        content = RecordDict({"config": ConfigRecord({"federation": self.federation,
-                                                       "labels": json.dumps(list(self.models))})})
-        for index, weights in enumerate(self.models.values()):
+    def _evaluate_messages(self, models: dict, splits: tuple[str, ...], server_round: int,
+                           sample: bool = False) -> list[Message]:
+        """Every party is asked to evaluate `models` (in order) on `splits` (``sample``: see ``party_evaluate``)."""
+        content = RecordDict({"config": ConfigRecord({"federation": self.federation, "models": len(models),
+                                                       "splits": json.dumps(splits), "sample": sample})})
+        for index, weights in enumerate(models.values()):
             content[f"model-{index}"] = ArrayRecord(weights)
         return self._messages(content, "evaluate", server_round)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        evaluations: dict[int, dict[str, Metrics] | Exception] = {}
+    def _evaluations(self, replies: Iterable[Message], n_models: int,
+                     splits: tuple[str, ...]) -> dict[int, dict[int, Metrics] | Exception]:
+        """Each party's metrics of models 0..n_models-1 on `splits`, or its error."""
+        evaluations: dict[int, dict[int, Metrics] | Exception] = {}
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
             if msg.has_error():
                 evaluations[party] = _error(msg)
                 continue
-            evaluations[party] = {label: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
-                                                  msg.content[f"metrics-{i}-{split}"].items()}
-                                          for split in self.config.splits}
-                                  for i, label in enumerate(self.models)}
-        result = self.server.record(server_round, list(self.models), evaluations)
+            evaluations[party] = {i: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
+                                              msg.content[f"metrics-{i}-{split}"].items()} for split in splits}
+                                  for i in range(n_models)}
+        return evaluations
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._evaluate_messages(self.models, self.config.splits, server_round)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        labels = list(self.models)
+        by_index = self._evaluations(replies, len(labels), self.config.splits)
+        evaluations = {party: value if isinstance(value, Exception) else {labels[i]: m for i, m in value.items()}
+                       for party, value in by_index.items()}
+        result = self.server.record(server_round, labels, evaluations)
         return MetricRecord({"rows": len(result.rows)})
 
     def summary(self) -> None:

@@ -13,7 +13,7 @@ from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.pipeline import InProcess, simulate
 from tests.test_pipeline import tiny
 
-ALLOWED_CONFIG = {"federation", "labels", "party", "domain", "n_items", "text_dim"}
+ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items", "text_dim"}
 ALLOWED_METRICS = {"users", "n_items", "best_epoch", "best_valid_ndcg@10", "train_seconds", "seconds", "merge_seconds"}
 
 
@@ -35,7 +35,7 @@ class Recording:
 
 def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggregates(
         tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny("client_cpus=1")
+    config = tiny("client_cpus=1", "merge.learn.valid_candidates=3")  # the parties also score candidates on valid
     grids: list[Recording] = []
     original = server.app.FlowerBackend.__init__
 
@@ -48,6 +48,9 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
     simulate(config, InProcess(config), tmp_path / "inprocess")
     flower, inprocess = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("flower", "inprocess"))
     assert flower == inprocess
+    selections = [json.loads((tmp_path / name / "coefficients.json").read_text())["selection"]
+                  for name in ("flower", "inprocess")]
+    assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
 
     users = {u for name in config.domains for u in synthetic_domain(name).user_ids}
     weights = set(load_keys(tmp_path / "flower" / "merged.safetensors"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, sp
 from fedmerge.merge.run import merge_run
 from fedmerge.merge.teacher import neighbours, teacher_scores
 from fedmerge.models.scoring import model_scorer
-from fedmerge.protocol import MergeConfig
+from fedmerge.protocol import MergeConfig, TrainReply, server_merge
 from fedmerge.train.checkpoint import build_model, load_checkpoint
 from fedmerge.train.run import load_parts, train_run
 from tests.test_cli import run_cli
@@ -164,6 +165,48 @@ def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp
     model, _, _ = load_checkpoint(tmp_path / "merged")  # a merge folder is a checkpoint `evaluate` can read
     again = evaluate_domain(model_scorer(model, finetuned["parts"][1].features), finetuned["parts"][1].domain, "test")
     assert again["recall@10"] == merged["synth-1"]
+
+
+def test_valid_candidates_keep_the_snapshot_the_parties_score_best(finetuned: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
+    root, parts = finetuned["root"], finetuned["parts"]
+    merge = MergeConfig(method="task_arithmetic", params={"lam": 0.3},
+                        learn=LearnConfig(steps=30, lr=2e-2, valid_candidates=4))
+    rows, outcome = merge_run(root / DOMAINS[0] / "base.safetensors", [root / d for d in DOMAINS], DOMAINS, merge,
+                              tmp_path / "m", quiet=True)
+    selection = outcome.coefficients["selection"]
+    assert selection["steps"] == [0, 10, 20, 30]
+    scores, chosen = selection["scores"], selection["chosen_step"]
+    assert chosen == selection["steps"][scores.index(max(scores))] == outcome.coefficients["best_step"]
+    # the kept merge is the chosen snapshot, scored as the parties score it (their rows of the written merge)
+    assert max(scores) == pytest.approx(float(np.mean([r["ndcg@10"] for r in rows if r["split"] == "valid"])), abs=1e-6)
+    log = outcome.coefficients["log"]
+    assert outcome.coefficients["weights"] == (log[chosen - 1]["weights"] if chosen else [[0.3]] * 3)
+    skeleton = build_model(tiny().model, 64, seed=0)  # candidate 0 is the training-free merge
+    skeleton.load_state_dict(outcome.initial)
+    first = np.mean([evaluate_domain(model_scorer(skeleton, p.features), p.domain, "valid")["ndcg@10"] for p in parts])
+    assert scores[0] == pytest.approx(float(first), abs=1e-6)
+
+
+def test_the_judge_decides_and_valid_selection_needs_one(finetuned: dict) -> None:
+    base, models, parts = finetuned["base"], finetuned["models"], finetuned["parts"]
+    replies = [TrainReply(p.domain.name, m.state_dict(), p.features, {}) for p, m in zip(parts, models, strict=True)]
+    merge = MergeConfig(method="task_arithmetic", params={"lam": 0.3}, rows="method",
+                        learn=LearnConfig(steps=20, lr=2e-2, valid_candidates=3))
+    outcome = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.1, 0.3, 0.2])
+    weights = torch.tensor(outcome.coefficients["log"][9]["weights"])  # step 10, the second candidate
+    assert outcome.coefficients["selection"]["chosen_step"] == 10
+    assert outcome.coefficients["weights"] == weights.tolist()
+    vectors = [task_vector(base, m.state_dict()) for m in models]
+    expected = build_merged(base, vectors, weights, {k: 0 for k in vectors[0]})
+    assert all(torch.equal(outcome.merged[k], expected[k]) for k in expected)
+    with pytest.raises(FedmergeError, match="valid_candidates needs the parties"):
+        server_merge(base, replies, tiny().model, 0, merge)
+    with pytest.raises(FedmergeError, match="only the initial merge"):
+        LearnConfig(valid_candidates=1)
+    with pytest.raises(FedmergeError, match="set one of them"):
+        LearnConfig(valid_candidates=3, held_out=0.1)
 
 
 def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

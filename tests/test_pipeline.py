@@ -13,7 +13,17 @@ from safetensors.torch import load_file
 from fedmerge.config import load_config
 from fedmerge.errors import FedmergeError
 from fedmerge.pipeline import InProcess, simulate
-from fedmerge.protocol import FederationConfig, TrainReply, average_parties, party_data, party_specs
+from fedmerge.protocol import (
+    FederationConfig,
+    TrainReply,
+    average_parties,
+    base_weights,
+    party_data,
+    party_evaluate,
+    party_specs,
+)
+from fedmerge.train.checkpoint import build_model
+from fedmerge.train.loop import validation_parts, validation_score
 
 TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.epochs=4", "train.patience=20",
@@ -62,6 +72,19 @@ def test_shards_split_users_disjointly_and_fedavg_weights_by_users(cache: Path) 
                            TrainReply("a", three, features, {"users": 3.0, "n_items": 4.0, "train_seconds": 2.0})])
     np.testing.assert_allclose(avg.weights["w"], [2.5, 2.5])
     assert torch.equal(avg.weights["n"], one["n"]) and avg.metrics["users"] == 4.0
+
+
+def test_candidates_are_scored_on_the_valid_users_that_chose_the_epoch(cache: Path) -> None:
+    config = tiny("train.valid_users=50")
+    part = party_data(party_specs(config)[0], config)
+    base = base_weights(config, part.features.shape[1])
+    full = party_evaluate(part, base, config, ("valid",))["valid"]
+    sampled = party_evaluate(part, base, config, ("valid",), sample=True)["valid"]
+    assert full["users"] == 400 and sampled["users"] == 50  # synth-0: every user has a valid item
+    model = build_model(config.model, part.features.shape[1], config.seed)
+    model.load_state_dict(base)
+    seen_in_training = validation_score(model, validation_parts([part], 50, config.train.seed), 1024)
+    assert sampled["ndcg@10"] == pytest.approx(seen_in_training, abs=1e-9)
 
 
 class _Faulty(InProcess):

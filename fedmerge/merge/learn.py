@@ -19,10 +19,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from fedmerge.errors import FedmergeError
 from fedmerge.merge.losses import LOSSES, NEEDS_TEACHER
 from fedmerge.merge.methods import Prepared
 from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers, one_item_users, select_items, split_held_out, walk_users
@@ -50,6 +51,9 @@ class LearnConfig(BaseModel):
     steps: int = Field(500, ge=0)
     held_out: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of pseudo-users held out; best w is restored")
     eval_every: int = Field(50, ge=1)
+    valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
+                                  "merge first, that the parties score on their valid split; the best mean valid "
+                                  "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
     teacher_top_k: int = Field(200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)")
     fit_scale: bool = Field(True, description="kd / mergerec: learn one score scale per domain for the KL term, "
                                               "so that it compares rankings, not the merged model's sharpness")
@@ -59,6 +63,20 @@ class LearnConfig(BaseModel):
                                              "as in MergeRec)")
     seed: int = 0
     pseudo: PseudoConfig = PseudoConfig()
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> LearnConfig:
+        if self.valid_candidates == 1:
+            raise FedmergeError("learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2")
+        if self.valid_candidates and self.held_out:
+            raise FedmergeError("learn.held_out and learn.valid_candidates both choose the coefficients; set one of them")
+        return self
+
+    def candidate_steps(self) -> list[int]:
+        """The steps whose coefficients the parties score on valid (step 0: the initial merge); empty when off."""
+        if not self.valid_candidates:
+            return []
+        return sorted({round(i * self.steps / (self.valid_candidates - 1)) for i in range(self.valid_candidates)})
 
 
 @dataclass
@@ -75,7 +93,11 @@ class ServerDomain:
 
 @dataclass
 class LearnResult:
-    """The learned coefficients (K, groups), the initial and the learned merged weights, and the per-step log."""
+    """The learned coefficients (K, groups), the initial and the learned merged weights, and the per-step log.
+
+    ``candidates`` holds (step, coefficients, merged weights) at :meth:`LearnConfig.candidate_steps`,
+    for the parties to choose from on their valid split (:func:`choose_candidate`).
+    """
 
     weights: torch.Tensor
     initial: StateDict
@@ -83,6 +105,7 @@ class LearnResult:
     groups: list[str]
     log: list[dict] = field(default_factory=list)
     best_step: int | None = None
+    candidates: list[tuple[int, torch.Tensor, StateDict]] = field(default_factory=list)
 
 
 def parameter_groups(keys: list[str], mode: Mode) -> tuple[dict[str, int], list[str]]:
@@ -157,6 +180,15 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
         return total / len(picks)
 
     held_pool = _pool([d.held_out for d in domains])
+    snapshot_at = set(config.candidate_steps())
+
+    def snapshot(step: int) -> None:
+        if step in snapshot_at:
+            with torch.no_grad():
+                w = weights.detach().clone()
+                result.candidates.append((step, w, build_merged(base, prepared.vectors, w, group_of)))
+
+    snapshot(0)
     with progress_bar(TextColumn("[bold]learning merge coefficients"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), quiet=quiet) as progress:
         task = progress.add_task("learn", total=config.steps, loss=float("nan"))
@@ -174,6 +206,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
                 if entry["held_out_loss"] < best[0]:
                     best = (entry["held_out_loss"], (step, weights.detach().clone()))
             result.log.append(entry)
+            snapshot(step)
             progress.update(task, advance=1, loss=entry["loss"])
     final = weights.detach().clone()
     if best[1] is not None:

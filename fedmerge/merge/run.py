@@ -2,7 +2,8 @@
 
 The server side only: it reads weights and each domain's public item table, builds
 pseudo-users and teacher scores from them, and learns the merge coefficients. Each domain's
-private splits are used only to evaluate the result, as the parties do in the federation.
+private splits are used only to evaluate the result and, with ``learn.valid_candidates``, to
+score coefficient snapshots on valid, as the parties do in the federation.
 Writes ``merged.safetensors`` + ``config.json`` (a checkpoint ``fedmerge evaluate`` reads),
 ``coefficients.json`` and, last, ``metrics.json`` / ``metrics.csv``.
 """
@@ -15,13 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedmerge.config import ExperimentConfig
+from fedmerge.config import ExperimentConfig, TrainConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
 from fedmerge.merge.vectors import StateDict, check_aligned
-from fedmerge.protocol import MergeConfig, MergeOutcome, TrainReply, server_merge
+from fedmerge.models import Recommender
+from fedmerge.protocol import Judge, MergeConfig, MergeOutcome, TrainReply, server_merge
 from fedmerge.runs.results import Row, write_metrics
 from fedmerge.train.checkpoint import build_model, checkpoint_files, load_checkpoint, save_weights
+from fedmerge.train.loop import Part, validation_parts, validation_score
 from fedmerge.train.run import evaluate_rows, load_parts
 
 
@@ -31,6 +34,20 @@ def read_weights(path: Path) -> StateDict:
     if not weights.exists():
         raise FedmergeError(f"{path} has no weights; give a model.safetensors / base.safetensors or a train folder")
     return load_file(str(weights))
+
+
+def _valid_judge(model: Recommender, parts: list[Part], train: TrainConfig) -> Judge:
+    """Each candidate's mean valid ndcg@10 over `parts` (``train.valid_users`` of each): what the parties report."""
+    parts = validation_parts(parts, train.valid_users, train.seed)
+
+    def judge(candidates: list[StateDict]) -> list[float]:
+        scores = []
+        for weights in candidates:
+            model.load_state_dict(weights)
+            scores.append(validation_score(model, parts, train.eval_batch_size))
+        return scores
+
+    return judge
 
 
 def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merge: MergeConfig, out: Path,
@@ -60,8 +77,9 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merg
                                 "task vectors are only meaningful from a common base")
     parts = load_parts(domains, config.model, quiet=quiet)
     replies = [TrainReply(name, state, part.features, {}) for name, state, part in zip(domains, states, parts, strict=True)]
-    outcome = server_merge(base, replies, config.model, config.train.seed, merge, quiet=quiet)
     skeleton = build_model(config.model, members[0][2]["text_dim"], config.train.seed)
+    judge = _valid_judge(skeleton, parts, config.train)
+    outcome = server_merge(base, replies, config.model, config.train.seed, merge, quiet=quiet, judge=judge)
     skeleton.load_state_dict(outcome.merged)
     save_weights(skeleton, out / "merged.safetensors")
     write_json(out / "config.json", {"config": config.model_dump(), "kind": config.model.kind,
