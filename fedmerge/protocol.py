@@ -264,11 +264,13 @@ def _choose(result: LearnResult, judge: Judge | None) -> dict[str, Any]:
     if judge is None:
         raise FedmergeError("learn.valid_candidates needs the parties to score the candidates on their valid split, "
                             "which only `fedmerge merge` and `fedmerge simulate` do; set learn.valid_candidates=0 here")
+    started = time.perf_counter()
     scores = judge([merged for _, _, merged in result.candidates])
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     result.best_step, result.weights, result.merged = result.candidates[best]
     return {"criterion": "mean valid ndcg@10 over the domains", "steps": [c[0] for c in result.candidates],
-            "scores": [float(v) for v in scores], "chosen_step": result.best_step}
+            "scores": [float(v) for v in scores], "chosen_step": result.best_step,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]]) -> list[Row]:

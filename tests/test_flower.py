@@ -50,6 +50,8 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
     assert flower == inprocess
     selections = [json.loads((tmp_path / name / "coefficients.json").read_text())["selection"]
                   for name in ("flower", "inprocess")]
+    for selection in selections:
+        assert selection.pop("seconds") > 0
     assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
 
     users = {u for name in config.domains for u in synthetic_domain(name).user_ids}

@@ -96,7 +96,7 @@ class LearnResult:
     """The learned coefficients (K, groups), the initial and the learned merged weights, and the per-step log.
 
     ``candidates`` holds (step, coefficients, merged weights) at :meth:`LearnConfig.candidate_steps`,
-    for the parties to choose from on their valid split (:func:`choose_candidate`).
+    for the parties to choose from on their valid split (:func:`fedmerge.protocol.server_merge`).
     """
 
     weights: torch.Tensor
