@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfig
 from flwr.serverapp import Grid, ServerApp
@@ -75,7 +76,8 @@ class MergeRecStrategy(Strategy):
             assert self.grid is not None  # set by configure_train
             messages = self._evaluate_messages(dict(enumerate(candidates)), ("valid",), server_round, sample=True)
             replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
-            return self.server.valid_scores(server_round, self._evaluations(replies, len(candidates), ("valid",)))
+            return self.server.valid_scores(server_round,
+                                            self._evaluations(replies, list(range(len(candidates))), ("valid",)))
 
         outcome, self.models = self.server.merge(server_round, self.start_weights, accepted, judge)
         return ArrayRecord(outcome.merged), MetricRecord({"merge_seconds": outcome.seconds})
@@ -89,18 +91,18 @@ class MergeRecStrategy(Strategy):
             content[f"model-{index}"] = ArrayRecord(weights)
         return self._messages(content, "evaluate", server_round)
 
-    def _evaluations(self, replies: Iterable[Message], n_models: int,
-                     splits: tuple[str, ...]) -> dict[int, dict[int, Metrics] | Exception]:
-        """Each party's metrics of models 0..n_models-1 on `splits`, or its error."""
-        evaluations: dict[int, dict[int, Metrics] | Exception] = {}
+    def _evaluations(self, replies: Iterable[Message], labels: list,
+                     splits: tuple[str, ...]) -> dict[int, dict[Any, Metrics] | Exception]:
+        """Each party's metrics of the models sent in order, keyed by `labels`, on `splits`; or its error."""
+        evaluations: dict[int, dict[Any, Metrics] | Exception] = {}
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
             if msg.has_error():
                 evaluations[party] = _error(msg)
                 continue
-            evaluations[party] = {i: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
-                                              msg.content[f"metrics-{i}-{split}"].items()} for split in splits}
-                                  for i in range(n_models)}
+            evaluations[party] = {label: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
+                                                  msg.content[f"metrics-{i}-{split}"].items()} for split in splits}
+                                  for i, label in enumerate(labels)}
         return evaluations
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -109,10 +111,7 @@ class MergeRecStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         labels = list(self.models)
-        by_index = self._evaluations(replies, len(labels), self.config.splits)
-        evaluations = {party: value if isinstance(value, Exception) else {labels[i]: m for i, m in value.items()}
-                       for party, value in by_index.items()}
-        result = self.server.record(server_round, labels, evaluations)
+        result = self.server.record(server_round, labels, self._evaluations(replies, labels, self.config.splits))
         return MetricRecord({"rows": len(result.rows)})
 
     def summary(self) -> None:
