@@ -14,7 +14,16 @@ from safetensors.torch import load_file, save_file
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import prepare, task_vector
-from fedmerge.merge.learn import LearnConfig, _chances, _pool, build_merged, learn_coefficients, parameter_groups, server_domain
+from fedmerge.merge.learn import (
+    LearnConfig,
+    _chances,
+    _pool,
+    _Student,
+    build_merged,
+    learn_coefficients,
+    parameter_groups,
+    server_domain,
+)
 from fedmerge.merge.losses import LOSSES, kd
 from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
 from fedmerge.merge.run import merge_run
@@ -95,6 +104,36 @@ def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned
     assert not torch.equal(result.weights, torch.full((3, 1), 0.3))
     expected = build_merged(base, prepared.vectors, result.weights, parameter_groups(list(prepared.vectors[0]), "task-wise")[0])
     assert all(torch.equal(result.merged[k], expected[k]) for k in base)  # the merge is theta_0 + sum_k w_k tau~_k
+
+
+def test_item_vectors_say_which_candidates_follow_the_coefficients(finetuned: dict) -> None:
+    base, models, part = finetuned["base"], finetuned["models"], finetuned["parts"][0]
+    prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
+    groups = parameter_groups(list(prepared.vectors[0]), "task-wise")[0]
+    initial, moved = build_model(tiny().model, 64, seed=0).eval(), build_model(tiny().model, 64, seed=0).eval()
+    initial.load_state_dict(build_merged(base, prepared.vectors, torch.full((3, 1), 0.3), groups))
+    moved.load_state_dict(build_merged(base, prepared.vectors, torch.tensor([[0.9], [0.1], [0.5]]), groups))
+    histories = torch.tensor([[3, -1], [5, 7]])
+    with torch.no_grad():
+        fixed, current = initial.item_vectors(part.features), moved.item_vectors(part.features)
+        params = {f"model.{k}": v for k, v in moved.state_dict().items()}
+        scores = {mode: torch.func.functional_call(_Student(initial, mode), params, (part.features, fixed, histories))
+                  for mode in ("fixed", "history", "current")}
+        users = moved.user_vectors(current, histories)
+        text = moved.text_scores(part.features, torch.tensor([3, 7]))
+    torch.testing.assert_close(scores["current"], users @ current.T + text)  # the merged model's own scores
+    torch.testing.assert_close(scores["fixed"], users @ fixed.T + text)  # MergeRec: candidates from the initial merge
+    read = fixed.index_put((torch.tensor([3, 5, 7]),), current[[3, 5, 7]])
+    torch.testing.assert_close(scores["history"], users @ read.T + text)  # the history items move as candidates too
+    assert not torch.allclose(scores["fixed"], scores["history"]) and not torch.allclose(scores["fixed"], scores["current"])
+    losses = []
+    for mode in ("fixed", "history", "current"):
+        config = LearnConfig(steps=3, item_vectors=mode, lr=1e-2)
+        result = learn_coefficients(build_model(tiny().model, 64, seed=0), base, prepared, _server(finetuned, config),
+                                    config, quiet=True)
+        losses.append([e["loss"] for e in result.log])
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5) == losses[2][0]  # all agree at the initial merge
+    assert losses[0][1:] != pytest.approx(losses[1][1:], rel=1e-6)
 
 
 def test_fitted_scale_makes_the_kl_blind_to_the_students_sharpness(finetuned: dict) -> None:

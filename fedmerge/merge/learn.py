@@ -4,10 +4,10 @@
 each transformer block, and one group for everything else: adaptor, text codes, positions,
 embeddings; MergeRec's grouping) or tensor-wise (one per domain per parameter tensor, as
 AdaMerging's layer-wise coefficients). The merged parameters are built functionally at every
-step (``torch.func.functional_call``), so no model copies pile up. As in MergeRec, the candidate
-item vectors of each domain are computed once with the initial merged model and kept fixed;
-the vectors of the pseudo-users' own history items are recomputed with the current
-coefficients, so every group receives gradients.
+step (``torch.func.functional_call``), so no model copies pile up. Which item vectors follow
+the coefficients is ``item_vectors``: as in MergeRec (``fixed``) every candidate is scored with
+the vector the initial merged model gives it, and only the pseudo-users' histories are read
+with the current coefficients' vectors, so every group receives gradients.
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ class LearnConfig(BaseModel):
     valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
                                   "merge first, that the parties score on their valid split; the best mean valid "
                                   "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
+    item_vectors: Literal["fixed", "history", "current"] = Field(
+        "history", description="which vectors follow the coefficients during learning: 'fixed' (MergeRec: every "
+        "candidate is scored with the initial merge's vectors, the histories are read with the current ones), "
+        "'history' (the pseudo-users' history items also score as candidates with their current vectors), "
+        "'current' (every item's vector, recomputed at every step)")
     teacher_top_k: int = Field(200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)")
     fit_scale: bool = Field(True, description="kd / mergerec: learn one score scale per domain for the KL term, "
                                               "so that it compares rankings, not the merged model's sharpness")
@@ -121,16 +126,19 @@ def parameter_groups(keys: list[str], mode: Mode) -> tuple[dict[str, int], list[
 
 
 class _Student(nn.Module):
-    """Scores with the current parameters; the history items' own vectors are recomputed."""
+    """Scores with the current parameters; ``item_vectors`` says which item vectors are recomputed."""
 
-    def __init__(self, model: Recommender) -> None:
+    def __init__(self, model: Recommender, item_vectors: str) -> None:
         super().__init__()
         self.model = model
+        self.item_vectors = item_vectors
 
     def forward(self, features: torch.Tensor, fixed_items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        if self.item_vectors == "current":
+            return self.model.scores(features, self.model.item_vectors(features), histories)
         seen = histories[histories >= 0].unique()
         items = fixed_items.index_put((seen,), self.model.item_vectors(features[seen]))
-        return self.model.scores(features, items, histories)
+        return self.model.scores(features, items, histories, fixed_items if self.item_vectors == "fixed" else None)
 
 
 @deterministic()
@@ -149,10 +157,10 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     result = LearnResult(weights.detach().clone(), initial_merge, initial_merge, group_names)
     if config.mode == "none" or config.steps == 0:
         return result
-    student = _Student(model).eval()
+    student = _Student(model, config.item_vectors).eval()
     model.load_state_dict(result.merged)
-    with torch.inference_mode():
-        fixed = [model.item_vectors(d.features).clone() for d in domains]
+    with torch.no_grad():  # not inference mode: the candidates are saved for the coefficients' gradients
+        fixed = [model.item_vectors(d.features) for d in domains]
     loss_fn = LOSSES[config.loss]
     log_scales = nn.Parameter(torch.zeros(len(domains)))
     groups = [{"params": [weights]}]

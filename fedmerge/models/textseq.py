@@ -127,13 +127,16 @@ class TextSeqRec(nn.Module):
         states = self.sequence_states(item_vectors, histories)
         return F.normalize(states[torch.arange(len(histories)), last_positions(histories)], dim=-1)
 
-    def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+    def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor,
+               candidates: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) cosine scores of right-padded histories (B, L) against all N items, before the temperature.
 
-        ``items`` is ``item_vectors(features)``, computed once by the caller.
+        ``items`` is ``item_vectors(features)``, computed once by the caller; the histories are read
+        with it, and the items are scored with ``candidates`` (default: ``items``).
         """
         last = histories[torch.arange(len(histories)), last_positions(histories)]
-        return self.user_vectors(items, histories) @ items.T + self.text_scores(features, last)
+        scored = items if candidates is None else candidates
+        return self.user_vectors(items, histories) @ scored.T + self.text_scores(features, last)
 
     def text_scores(self, features: torch.Tensor, last: torch.Tensor,
                     candidates: torch.Tensor | None = None) -> torch.Tensor | float:
