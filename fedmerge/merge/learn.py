@@ -4,10 +4,11 @@
 each transformer block, and one group for everything else: adaptor, text codes, positions,
 embeddings; MergeRec's grouping) or tensor-wise (one per domain per parameter tensor, as
 AdaMerging's layer-wise coefficients). The merged parameters are built functionally at every
-step (``torch.func.functional_call``), so no model copies pile up. Which item vectors follow
-the coefficients is ``item_vectors``: as in MergeRec (``fixed``) every candidate is scored with
-the vector the initial merged model gives it, and only the pseudo-users' histories are read
-with the current coefficients' vectors, so every group receives gradients.
+step (``torch.func.functional_call``), so no model copies pile up. The pseudo-users' histories
+are read with the current coefficients' item vectors, so every group receives gradients; the
+candidates are scored with the initial merge's vectors (``item_vectors = "fixed"``, MergeRec's
+recipe), the same but with the history items' current vectors (``"history"``, the default), or
+every item's current vector (``"current"``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fedmerge.train.loop import deterministic
 
 _BLOCK = re.compile(r"(?:blocks\.layers|encoder\.layer)\.(\d+)\.")
 Mode = Literal["none", "task-wise", "layer-wise", "tensor-wise"]
+ItemVectors = Literal["fixed", "history", "current"]
 
 
 class LearnConfig(BaseModel):
@@ -54,7 +56,7 @@ class LearnConfig(BaseModel):
     valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
                                   "merge first, that the parties score on their valid split; the best mean valid "
                                   "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
-    item_vectors: Literal["fixed", "history", "current"] = Field(
+    item_vectors: ItemVectors = Field(
         "history", description="which vectors follow the coefficients during learning: 'fixed' (MergeRec: every "
         "candidate is scored with the initial merge's vectors, the histories are read with the current ones), "
         "'history' (the pseudo-users' history items also score as candidates with their current vectors), "
@@ -128,7 +130,7 @@ def parameter_groups(keys: list[str], mode: Mode) -> tuple[dict[str, int], list[
 class _Student(nn.Module):
     """Scores with the current parameters; ``item_vectors`` says which item vectors are recomputed."""
 
-    def __init__(self, model: Recommender, item_vectors: str) -> None:
+    def __init__(self, model: Recommender, item_vectors: ItemVectors) -> None:
         super().__init__()
         self.model = model
         self.item_vectors = item_vectors
