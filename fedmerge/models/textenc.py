@@ -98,12 +98,13 @@ class TextEncRec(nn.Module):
                           for start in range(0, len(items), ENCODE_BATCH)])
 
     def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor,
-               candidates: torch.Tensor | None = None) -> torch.Tensor:
+               candidate_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) cosines of each history against all items; ``items`` is ``item_vectors(features)``.
 
-        The histories are encoded from their text, so ``candidates``, when given, replaces ``items``.
+        The histories are encoded from their text, so ``candidate_vectors``, when given, replaces ``items``.
         """
-        return self.encode(self.history_ids(features, histories)) @ (items if candidates is None else candidates).T
+        scored = items if candidate_vectors is None else candidate_vectors
+        return self.encode(self.history_ids(features, histories)) @ scored.T
 
     def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
              negatives: int | None = None) -> torch.Tensor:

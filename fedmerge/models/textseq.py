@@ -128,14 +128,14 @@ class TextSeqRec(nn.Module):
         return F.normalize(states[torch.arange(len(histories)), last_positions(histories)], dim=-1)
 
     def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor,
-               candidates: torch.Tensor | None = None) -> torch.Tensor:
+               candidate_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) cosine scores of right-padded histories (B, L) against all N items, before the temperature.
 
         ``items`` is ``item_vectors(features)``, computed once by the caller; the histories are read
-        with it, and the items are scored with ``candidates`` (default: ``items``).
+        with it, and the items are scored with ``candidate_vectors`` (default: ``items``).
         """
         last = histories[torch.arange(len(histories)), last_positions(histories)]
-        scored = items if candidates is None else candidates
+        scored = items if candidate_vectors is None else candidate_vectors
         return self.user_vectors(items, histories) @ scored.T + self.text_scores(features, last)
 
     def text_scores(self, features: torch.Tensor, last: torch.Tensor,
