@@ -13,8 +13,10 @@ on pseudo-users (500 steps, TIES init, fitted KL score scale; one row from the a
 instead). These rows merge the text-code rows by the method, as published; the rows marked
 *usage rows* merge them by catalogue usage (``fedmerge.merge.rows``, the framework's default),
 and their MergeRec rows start from task arithmetic at the lambda chosen on valid with usage
-rows. *Unseen*: merge all domains but one (MergeRec task-wise, usage rows, that init) and
-test on the one left out, against theta_0 and every single fine-tuned model.
+rows; in the *scale on valid* row the parties choose the size of the learned layer-wise
+coefficients on valid (``learn.valid_scales``: times 0.2 ... 1.0, or the initialisation).
+*Unseen*: merge all domains but one (MergeRec task-wise, usage rows, that init) and test on
+the one left out, against theta_0 and every single fine-tuned model.
 
 Runs are kept under ``--runs`` and reused when complete. Each finished base regime and seed is
 also recorded as ``--tables``/``{base}-seed{N}.json`` (its cells, chosen lambdas, machine and
@@ -60,7 +62,10 @@ MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lam
     "ties, usage rows": ("ties", {}, "none", "mergerec", "usage"),
     "mergerec task-wise, usage rows, TA init": ("task_arithmetic", None, "task-wise", "mergerec", "usage"),
     "mergerec layer-wise, usage rows, TA init": ("task_arithmetic", None, "layer-wise", "mergerec", "usage"),
+    "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
+                                                                 "usage"),
 }
+LEARN = {"mergerec layer-wise, usage rows, TA init, scale on valid": {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}}
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -72,9 +77,10 @@ def _cells(rows: list[dict], label: str, split: str = "test") -> dict[str, tuple
 
 
 def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str, params: dict, mode: str, loss: str,
-           rows: str, steps: int) -> list[dict]:
+           rows: str, steps: int, learn: dict | None = None) -> list[dict]:
     if not (folder / "metrics.json").exists():
-        merge = MergeConfig(method=method, params=params, learn=LearnConfig(mode=mode, loss=loss, steps=steps), rows=rows)
+        config = LearnConfig(mode=mode, loss=loss, steps=steps, **(learn or {}))
+        merge = MergeConfig(method=method, params=params, learn=config, rows=rows)
         merge_run(base, [runs / d for d in domains], domains, merge, folder, quiet=True)
     return _rows(folder)
 
@@ -128,7 +134,7 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
     for label, (method, params, mode, loss, rows) in MERGES.items():
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
         merged = _merge(folder, base, runs, args.domains, method, {"lam": lam[rows]} if params is None else params,
-                        mode, loss, rows, args.steps)
+                        mode, loss, rows, args.steps, LEARN.get(label))
         table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in merged if r["split"] == "test"}
     table["unseen: mergerec of the others"] = {}
     for unseen in args.domains:
@@ -168,7 +174,10 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
         if differing:
             raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
                              "give another --tables folder or remove that file to rerun the seed")
-        return record
+        missing = [label for label in MERGES if label not in record["table"]]
+        if not missing:
+            return record
+        print(f"{path} has no row {', '.join(missing)}: measuring the seed (complete runs under --runs are reused)")
     table, lambdas = run_seed(base_kind, seed, args)
     record = {"base": base_kind, "seed": seed, "settings": settings, "lambdas": lambdas, "table": table,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

@@ -230,8 +230,9 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
     The replies' weights must match `base` (:func:`check_reply`, :func:`check_aligned`).
 
     ``seed`` seeds the skeleton models (their weights are always overwritten). With
-    ``merge.learn.valid_candidates``, `judge` (the parties, on their valid split) scores the
-    coefficient snapshots and the best one is kept; its scores go into the coefficients.
+    ``merge.learn.valid_candidates`` or ``valid_scales``, `judge` (the parties, on their valid
+    split) scores the candidate coefficients and the best one is kept; its scores go into the
+    coefficients.
     """
     started = time.perf_counter()
     names = [r.domain for r in replies]
@@ -262,15 +263,15 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
 def _choose(result: LearnResult, judge: Judge | None) -> dict[str, Any]:
     """Keep the candidate with the best valid score (the earliest of equals) in `result`; what was scored."""
     if judge is None:
-        raise FedmergeError("learn.valid_candidates needs the parties to score the candidates on their valid split, "
-                            "which only `fedmerge merge` and `fedmerge simulate` do; set learn.valid_candidates=0 here")
+        raise FedmergeError("learn.valid_candidates / valid_scales need the parties to score the candidates on their "
+                            "valid split, which only `fedmerge merge` and `fedmerge simulate` do; turn them off here")
     started = time.perf_counter()
-    scores = judge([merged for _, _, merged in result.candidates])
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    result.best_step, result.weights, result.merged = result.candidates[best]
-    return {"criterion": "mean valid ndcg@10 over the domains", "steps": [c[0] for c in result.candidates],
-            "scores": [float(v) for v in scores], "chosen_step": result.best_step,
-            "seconds": round(time.perf_counter() - started, 2)}
+    scores = judge([c.merged for c in result.candidates])
+    best = result.candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+    result.best_step, result.weights, result.merged = best.step, best.weights, best.merged
+    return {"criterion": "mean valid ndcg@10 over the domains", "steps": [c.step for c in result.candidates],
+            "scales": [c.scale for c in result.candidates], "scores": [float(v) for v in scores],
+            "chosen_step": best.step, "chosen_scale": best.scale, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]]) -> list[Row]:

@@ -240,12 +240,36 @@ def test_the_judge_decides_and_valid_selection_needs_one(finetuned: dict) -> Non
     vectors = [task_vector(base, m.state_dict()) for m in models]
     expected = build_merged(base, vectors, weights, {k: 0 for k in vectors[0]})
     assert all(torch.equal(outcome.merged[k], expected[k]) for k in expected)
-    with pytest.raises(FedmergeError, match="valid_candidates needs the parties"):
+    with pytest.raises(FedmergeError, match="valid_scales need the parties"):
         server_merge(base, replies, tiny().model, 0, merge)
     with pytest.raises(FedmergeError, match="only the initial merge"):
         LearnConfig(valid_candidates=1)
     with pytest.raises(FedmergeError, match="set one of them"):
         LearnConfig(valid_candidates=3, held_out=0.1)
+
+
+def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(finetuned: dict) -> None:
+    base, models, parts = finetuned["base"], finetuned["models"], finetuned["parts"]
+    replies = [TrainReply(p.domain.name, m.state_dict(), p.features, {}) for p, m in zip(parts, models, strict=True)]
+    merge = MergeConfig(method="task_arithmetic", params={"lam": 0.3}, rows="method",
+                        learn=LearnConfig(mode="layer-wise", steps=20, lr=2e-2, valid_scales=[0.5, 1.0]))
+    outcome = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.1, 0.3, 0.2])
+    selection = outcome.coefficients["selection"]  # the initial merge, then the last step times each scale
+    assert (selection["steps"], selection["scales"]) == ([0, 20, 20], [1.0, 0.5, 1.0])
+    assert (selection["chosen_step"], selection["chosen_scale"]) == (20, 0.5)
+    last = torch.tensor(outcome.coefficients["log"][-1]["weights"])
+    assert not torch.allclose(last, torch.full_like(last, 0.3))  # learning moved the coefficients
+    assert torch.equal(torch.tensor(outcome.coefficients["weights"]), last * 0.5)
+    vectors = [task_vector(base, m.state_dict()) for m in models]
+    group_of, _ = parameter_groups(list(vectors[0]), "layer-wise")
+    expected = build_merged(base, vectors, last * 0.5, group_of)
+    assert all(torch.equal(outcome.merged[k], expected[k]) for k in expected)
+    kept_initial = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.3, 0.1, 0.3])
+    assert all(torch.equal(kept_initial.merged[k], kept_initial.initial[k]) for k in expected)
+    with pytest.raises(FedmergeError, match=r"valid_scales must be factors in \(0, 100\)"):
+        LearnConfig(valid_scales=[0.0, 1.0])
+    with pytest.raises(FedmergeError, match="set one of them"):
+        LearnConfig(valid_scales=[0.5], held_out=0.1)
 
 
 def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

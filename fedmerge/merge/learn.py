@@ -56,6 +56,10 @@ class LearnConfig(BaseModel):
     valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
                                   "merge first, that the parties score on their valid split; the best mean valid "
                                   "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
+    valid_scales: list[float] = Field(
+        default_factory=list, description="factors of the learned coefficients that the parties score on their valid "
+        "split, with the initial merge and any valid_candidates snapshots; the best mean valid ndcg@10 is kept, so "
+        "the pseudo-users choose the coefficients' shape and the parties their size (empty: off)")
     item_vectors: ItemVectors = Field(
         "history", description="which vectors follow the coefficients during learning: 'fixed' (MergeRec: every "
         "candidate is scored with the initial merge's vectors, the histories are read with the current ones), "
@@ -75,14 +79,17 @@ class LearnConfig(BaseModel):
     def _one_selection(self) -> LearnConfig:
         if self.valid_candidates == 1:
             raise FedmergeError("learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2")
-        if self.valid_candidates and self.held_out:
-            raise FedmergeError("learn.held_out and learn.valid_candidates both choose the coefficients; set one of them")
+        if (self.valid_candidates or self.valid_scales) and self.held_out:
+            raise FedmergeError("learn.held_out and learn.valid_candidates / valid_scales both choose the "
+                                "coefficients; set one of them")
+        if any(not 0.0 < c < 100.0 for c in self.valid_scales):
+            raise FedmergeError(f"learn.valid_scales must be factors in (0, 100); got {self.valid_scales}")
         return self
 
     def candidate_steps(self) -> list[int]:
         """The steps whose coefficients the parties score on valid (step 0: the initial merge); empty when off."""
         if not self.valid_candidates:
-            return []
+            return [0] if self.valid_scales else []
         return sorted({round(i * self.steps / (self.valid_candidates - 1)) for i in range(self.valid_candidates)})
 
 
@@ -99,11 +106,22 @@ class ServerDomain:
 
 
 @dataclass
+class Candidate:
+    """A merge the parties may score on valid: the coefficients of `step` times `scale`, and its weights."""
+
+    step: int
+    scale: float
+    weights: torch.Tensor
+    merged: StateDict
+
+
+@dataclass
 class LearnResult:
     """The learned coefficients (K, groups), the initial and the learned merged weights, and the per-step log.
 
-    ``candidates`` holds (step, coefficients, merged weights) at :meth:`LearnConfig.candidate_steps`,
-    for the parties to choose from on their valid split (:func:`fedmerge.protocol.server_merge`).
+    ``candidates`` holds the snapshots at :meth:`LearnConfig.candidate_steps` and the final
+    coefficients times each of ``valid_scales``, for the parties to choose from on their valid
+    split (:func:`fedmerge.protocol.server_merge`).
     """
 
     weights: torch.Tensor
@@ -112,7 +130,7 @@ class LearnResult:
     groups: list[str]
     log: list[dict] = field(default_factory=list)
     best_step: int | None = None
-    candidates: list[tuple[int, torch.Tensor, StateDict]] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 def parameter_groups(keys: list[str], mode: Mode) -> tuple[dict[str, int], list[str]]:
@@ -192,11 +210,13 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     held_pool = _pool([d.held_out for d in domains])
     snapshot_at = set(config.candidate_steps())
 
+    def candidate(step: int, w: torch.Tensor, scale: float = 1.0) -> Candidate:
+        with torch.no_grad():
+            return Candidate(step, scale, w * scale, build_merged(base, prepared.vectors, w * scale, group_of))
+
     def snapshot(step: int) -> None:
         if step in snapshot_at:
-            with torch.no_grad():
-                w = weights.detach().clone()
-                result.candidates.append((step, w, build_merged(base, prepared.vectors, w, group_of)))
+            result.candidates.append(candidate(step, weights.detach().clone()))
 
     snapshot(0)
     with progress_bar(TextColumn("[bold]learning merge coefficients"), BarColumn(), MofNCompleteColumn(),
@@ -224,6 +244,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     result.weights = final
     with torch.no_grad():
         result.merged = build_merged(base, prepared.vectors, final, group_of)
+    result.candidates += [candidate(config.steps, final, scale) for scale in config.valid_scales]
     return result
 
 
