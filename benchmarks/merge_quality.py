@@ -13,8 +13,8 @@ on pseudo-users (500 steps, TIES init, fitted KL score scale; one row from the a
 instead). These rows merge the text-code rows by the method, as published; the rows marked
 *usage rows* merge them by catalogue usage (``fedmerge.merge.rows``, the framework's default),
 and their MergeRec rows start from task arithmetic at the lambda chosen on valid with usage
-rows; in the *scale on valid* row the parties choose the size of the learned layer-wise
-coefficients on valid (``learn.valid_scales``: times 0.2 ... 1.0, or the initialisation).
+rows; in the *scale on valid* rows the parties choose the size of the learned layer-wise
+coefficients, or of that init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1).
 *Unseen*: merge all domains but one (MergeRec task-wise, usage rows, that init) and test on
 the one left out, against theta_0 and every single fine-tuned model.
 
@@ -62,10 +62,13 @@ MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lam
     "ties, usage rows": ("ties", {}, "none", "mergerec", "usage"),
     "mergerec task-wise, usage rows, TA init": ("task_arithmetic", None, "task-wise", "mergerec", "usage"),
     "mergerec layer-wise, usage rows, TA init": ("task_arithmetic", None, "layer-wise", "mergerec", "usage"),
+    "task arithmetic, usage rows, scale on valid": ("task_arithmetic", None, "none", "mergerec", "usage"),
     "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
                                                                  "usage"),
 }
-LEARN = {"mergerec layer-wise, usage rows, TA init, scale on valid": {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}}
+SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}
+LEARN = {"task arithmetic, usage rows, scale on valid": SCALES,
+         "mergerec layer-wise, usage rows, TA init, scale on valid": SCALES}
 
 
 def _rows(folder: Path) -> list[dict]:

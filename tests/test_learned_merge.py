@@ -266,6 +266,13 @@ def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(fine
     assert all(torch.equal(outcome.merged[k], expected[k]) for k in expected)
     kept_initial = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.3, 0.1, 0.3])
     assert all(torch.equal(kept_initial.merged[k], kept_initial.initial[k]) for k in expected)
+    untrained = MergeConfig(method="task_arithmetic", params={"lam": 0.3}, rows="method",
+                            learn=LearnConfig(mode="none", valid_scales=[0.5]))  # nothing learned: the initial size
+    sized = server_merge(base, replies, tiny().model, 0, untrained, judge=lambda candidates: [0.1, 0.3])
+    assert sized.coefficients["selection"]["scales"] == [1.0, 0.5]
+    assert sized.coefficients["weights"] == [[pytest.approx(0.15)]] * 3
+    expected = build_merged(base, vectors, torch.full((3, 1), 0.3) * 0.5, {k: 0 for k in vectors[0]})
+    assert all(torch.equal(sized.merged[k], expected[k]) for k in expected)
     with pytest.raises(FedmergeError, match=r"valid_scales must be factors in \(0, 100\)"):
         LearnConfig(valid_scales=[0.0, 1.0])
     with pytest.raises(FedmergeError, match="set one of them"):

@@ -57,9 +57,10 @@ class LearnConfig(BaseModel):
                                   "merge first, that the parties score on their valid split; the best mean valid "
                                   "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
     valid_scales: list[float] = Field(
-        default_factory=list, description="factors of the learned coefficients that the parties score on their valid "
-        "split, with the initial merge and any valid_candidates snapshots; the best mean valid ndcg@10 is kept, so "
-        "the pseudo-users choose the coefficients' shape and the parties their size (empty: off)")
+        default_factory=list, description="factors of the learned coefficients (the initial ones when nothing is "
+        "learned) that the parties score on their valid split, with the initial merge and any valid_candidates "
+        "snapshots; the best mean valid ndcg@10 is kept, so the pseudo-users choose the coefficients' shape and the "
+        "parties their size (empty: off)")
     item_vectors: ItemVectors = Field(
         "history", description="which vectors follow the coefficients during learning: 'fixed' (MergeRec: every "
         "candidate is scored with the initial merge's vectors, the histories are read with the current ones), "
@@ -175,7 +176,10 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     weights = nn.Parameter(initial[:, None].repeat(1, len(group_names)))
     initial_merge = combine(base, prepared.vectors, prepared.weights)
     result = LearnResult(weights.detach().clone(), initial_merge, initial_merge, group_names)
-    if config.mode == "none" or config.steps == 0:
+    if config.mode == "none" or config.steps == 0:  # nothing learned: the scales apply to the initial coefficients
+        if config.valid_scales:
+            result.candidates = [_candidate(base, prepared, group_of, 0, result.weights, scale)
+                                 for scale in (1.0, *config.valid_scales)]
         return result
     student = _Student(model, config.item_vectors).eval()
     model.load_state_dict(result.merged)
@@ -210,13 +214,9 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     held_pool = _pool([d.held_out for d in domains])
     snapshot_at = set(config.candidate_steps())
 
-    def candidate(step: int, w: torch.Tensor, scale: float = 1.0) -> Candidate:
-        with torch.no_grad():
-            return Candidate(step, scale, w * scale, build_merged(base, prepared.vectors, w * scale, group_of))
-
     def snapshot(step: int) -> None:
         if step in snapshot_at:
-            result.candidates.append(candidate(step, weights.detach().clone()))
+            result.candidates.append(_candidate(base, prepared, group_of, step, weights.detach().clone()))
 
     snapshot(0)
     with progress_bar(TextColumn("[bold]learning merge coefficients"), BarColumn(), MofNCompleteColumn(),
@@ -244,8 +244,15 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     result.weights = final
     with torch.no_grad():
         result.merged = build_merged(base, prepared.vectors, final, group_of)
-    result.candidates += [candidate(config.steps, final, scale) for scale in config.valid_scales]
+    result.candidates += [_candidate(base, prepared, group_of, config.steps, final, scale) for scale in config.valid_scales]
     return result
+
+
+def _candidate(base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int, weights: torch.Tensor,
+               scale: float = 1.0) -> Candidate:
+    """The candidate merge with the coefficients `weights` (those of `step`) times `scale`."""
+    with torch.no_grad():
+        return Candidate(step, scale, weights * scale, build_merged(base, prepared.vectors, weights * scale, group_of))
 
 
 def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tensor, group_of: dict[str, int]) -> StateDict:
