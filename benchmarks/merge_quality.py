@@ -157,12 +157,13 @@ def _preset(config: dict) -> dict:
     return dump
 
 
-def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
+def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: bool = False) -> dict:
     """One base regime and seed: read from ``args.tables`` when recorded with the same settings
     (benchmark arguments and the resolved preset apart from the seed; the ``--set`` overrides
     are recorded but only their result counts, so a recorded seed stays readable after a preset
     default changes, given ``--set`` back to the old value), else measured with :func:`run_seed`
-    and recorded there (atomically)."""
+    and recorded there (atomically). A record that lacks rows of :data:`MERGES` is measured
+    again (reusing the runs), unless `report`: then it is read back as it is."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
     settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
                 "config": _preset(load_config("textseq", args.overrides).model_dump(mode="json"))}
@@ -178,7 +179,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
             raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
                              "give another --tables folder or remove that file to rerun the seed")
         missing = [label for label in MERGES if label not in record["table"]]
-        if not missing:
+        if report or not missing:
             return record
         print(f"{path} has no row {', '.join(missing)}: measuring the seed (complete runs under --runs are reused)")
     table, lambdas = run_seed(base_kind, seed, args)
@@ -193,12 +194,14 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace) -> dict:
 def _summary(tables: list[dict], domains: list[str]) -> list[dict]:
     """Mean and std over seeds of every cell, plus the average over domains."""
     out = []
-    for label in tables[0]:
-        record: dict[str, object] = {"model": label}
+    for label in dict.fromkeys(label for t in tables for label in t):
+        having = [t[label] for t in tables if label in t]  # rows added since are missing from older records
+        name = label if len(having) == len(tables) else f"{label} ({len(having)} of {len(tables)} seeds)"
+        record: dict[str, object] = {"model": name}
         for metric, index in (("recall@10", 0), ("ndcg@10", 1)):
-            per_seed = [[t[label][d][index] for d in domains if d in t[label]] for t in tables]
+            per_seed = [[cells[d][index] for d in domains if d in cells] for cells in having]
             for d in domains:
-                values = [t[label][d][index] for t in tables if d in t[label]]
+                values = [cells[d][index] for cells in having if d in cells]
                 if values:
                     record[f"{d} {metric}"] = (float(np.mean(values)), float(np.std(values)))
             if all(len(s) == len(domains) for s in per_seed):
@@ -250,7 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     wanted = {kind: sorted(int(p.stem.split("-seed")[1]) for p in args.tables.glob(f"{kind}-seed*.json"))
               if args.report else args.seeds for kind in args.bases}
-    seeds = {kind: [seed_record(kind, seed, args) for seed in wanted[kind]] for kind in args.bases if wanted[kind]}
+    seeds = {kind: [seed_record(kind, seed, args, args.report) for seed in wanted[kind]]
+             for kind in args.bases if wanted[kind]}
     results = {kind: _summary([r["table"] for r in records], args.domains) for kind, records in seeds.items()}
     protocol = (__doc__ or "").split("\n\n")[1]
     text = f"# Merging quality\n\n{protocol}\n\nSettings: {' '.join(args.overrides) or 'preset defaults'}.\n"

@@ -22,7 +22,7 @@ def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path
                               overrides=[])
     # Recorded before the preset kept a weight average, with no --set at all.
     without_average = merge_quality._preset(load_config("textseq", ["train.ema=null"]).model_dump(mode="json"))
-    record = {"base": "seeded", "seed": 0, "table": {}, "lambdas": {},
+    record = {"base": "seeded", "seed": 0, "table": dict.fromkeys(merge_quality.MERGES, {}), "lambdas": {},
               "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
                            "config": without_average}}
     write_json(tmp_path / "seeded-seed0.json", record)
@@ -33,6 +33,10 @@ def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path
     args.steps = 300
     with pytest.raises(SystemExit, match="measured with another steps;"):
         merge_quality.seed_record("seeded", 0, args)
+    args.steps = 500
+    del record["table"]["ties"]  # a row added since the record: --report reads the record as it is
+    write_json(tmp_path / "seeded-seed0.json", record)
+    assert merge_quality.seed_record("seeded", 0, args, report=True) == record
 
 
 def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_measured_with(
@@ -44,7 +48,7 @@ def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_
     args = argparse.Namespace(tables=tmp_path, domains=["beauty", "pantry"], pretrain="steam,games", steps=500,
                               overrides=["train.ema=null"])
     config = merge_quality._preset(load_config("textseq", args.overrides).model_dump(mode="json"))
-    record = {"base": "pretrained", "seed": 0, "table": {}, "lambdas": {},
+    record = {"base": "pretrained", "seed": 0, "table": dict.fromkeys(merge_quality.MERGES, {}), "lambdas": {},
               "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
                            "config": config}}
     write_json(tmp_path / "pretrained-seed0.json", record)
@@ -52,3 +56,14 @@ def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_
         merge_quality.seed_record("pretrained", 0, args)  # today's pretraining trains the adaptor only
     args.overrides = ["train.ema=null", "train.frozen=[]"]  # fine-tuning is unchanged by it: frozen is [] there
     assert merge_quality.seed_record("pretrained", 0, args) == record
+
+
+def test_the_summary_says_which_rows_fewer_seeds_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import merge_quality
+
+    both = {"a": (0.1, 0.05), "b": (0.3, 0.1)}
+    tables = [{"ties": both, "new": both}, {"ties": {"a": (0.3, 0.05), "b": (0.5, 0.1)}}]
+    ties, new = merge_quality._summary(tables, ["a", "b"])
+    assert ties["model"] == "ties" and ties["average recall@10"] == pytest.approx((0.3, 0.1))
+    assert new["model"] == "new (1 of 2 seeds)" and new["average recall@10"] == pytest.approx((0.2, 0.0))
