@@ -66,7 +66,7 @@ MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lam
     "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
                                                                  "usage"),
 }
-SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}
+SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}  # LEARN: further LearnConfig settings of a row
 LEARN = {"task arithmetic, usage rows, scale on valid": SCALES,
          "mergerec layer-wise, usage rows, TA init, scale on valid": SCALES}
 
