@@ -51,24 +51,23 @@ from fedmerge.train.checkpoint import load_checkpoint
 from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-MERGES = {  # name -> (method, params, learn mode, loss, rows); params None: lambda chosen on valid (same rows)
-    "average": ("average", {}, "none", "mergerec", "method"),
-    "ties": ("ties", {}, "none", "mergerec", "method"),
-    "dare": ("dare", {"p": 0.5, "then": "ties", "density": 0.2, "lam": 1.0}, "none", "mergerec", "method"),
-    "adamerging": ("ties", {}, "task-wise", "adamerging", "method"),
-    "mergerec task-wise": ("ties", {}, "task-wise", "mergerec", "method"),
-    "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec", "method"),
-    "mergerec task-wise, average init": ("average", {}, "task-wise", "mergerec", "method"),
-    "ties, usage rows": ("ties", {}, "none", "mergerec", "usage"),
-    "mergerec task-wise, usage rows, TA init": ("task_arithmetic", None, "task-wise", "mergerec", "usage"),
-    "mergerec layer-wise, usage rows, TA init": ("task_arithmetic", None, "layer-wise", "mergerec", "usage"),
-    "task arithmetic, usage rows, scale on valid": ("task_arithmetic", None, "none", "mergerec", "usage"),
+SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}
+MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConfig settings); params None: lambda
+    # chosen on valid (same rows)
+    "average": ("average", {}, "none", "mergerec", "method", {}),
+    "ties": ("ties", {}, "none", "mergerec", "method", {}),
+    "dare": ("dare", {"p": 0.5, "then": "ties", "density": 0.2, "lam": 1.0}, "none", "mergerec", "method", {}),
+    "adamerging": ("ties", {}, "task-wise", "adamerging", "method", {}),
+    "mergerec task-wise": ("ties", {}, "task-wise", "mergerec", "method", {}),
+    "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec", "method", {}),
+    "mergerec task-wise, average init": ("average", {}, "task-wise", "mergerec", "method", {}),
+    "ties, usage rows": ("ties", {}, "none", "mergerec", "usage", {}),
+    "mergerec task-wise, usage rows, TA init": ("task_arithmetic", None, "task-wise", "mergerec", "usage", {}),
+    "mergerec layer-wise, usage rows, TA init": ("task_arithmetic", None, "layer-wise", "mergerec", "usage", {}),
+    "task arithmetic, usage rows, scale on valid": ("task_arithmetic", None, "none", "mergerec", "usage", SCALES),
     "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
-                                                                 "usage"),
+                                                                 "usage", SCALES),
 }
-SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}  # LEARN: further LearnConfig settings of a row
-LEARN = {"task arithmetic, usage rows, scale on valid": SCALES,
-         "mergerec layer-wise, usage rows, TA init, scale on valid": SCALES}
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -134,10 +133,10 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
         lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
         table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda on valid)"] = \
             _cells(chosen, "task_arithmetic")
-    for label, (method, params, mode, loss, rows) in MERGES.items():
+    for label, (method, params, mode, loss, rows, learn) in MERGES.items():
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
         merged = _merge(folder, base, runs, args.domains, method, {"lam": lam[rows]} if params is None else params,
-                        mode, loss, rows, args.steps, LEARN.get(label))
+                        mode, loss, rows, args.steps, learn)
         table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in merged if r["split"] == "test"}
     table["unseen: mergerec of the others"] = {}
     for unseen in args.domains:

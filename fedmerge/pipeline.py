@@ -242,14 +242,17 @@ def _kept(coefficients: dict) -> str:
     """Which learned coefficients the merge kept, and why."""
     selection, best = coefficients["selection"], coefficients["best_step"]
     if selection:
-        named = [f"step {step}" + ("" if scale == 1.0 else f" x {scale:g}")
-                 for step, scale in zip(selection["steps"], selection["scales"], strict=True)]
-        scored = ", ".join(f"{name}: {v:.4f}" for name, v in zip(named, selection["scores"], strict=True))
-        chosen = named[selection["scores"].index(max(selection["scores"]))]  # the earliest of equals, as chosen
+        scored = ", ".join(f"{_candidate_name(step, scale)}: {v:.4f}" for step, scale, v
+                           in zip(selection["steps"], selection["scales"], selection["scores"], strict=True))
+        chosen = _candidate_name(selection["chosen_step"], selection["chosen_scale"])
         return f"{chosen}, the best mean valid ndcg@10 of the parties ({scored})"
     if coefficients["learn"]["mode"] == "none":
         return "the training-free merge's (no learning)"
     return "the last step" if best is None else f"step {best}, the lowest held-out pseudo-user loss"
+
+
+def _candidate_name(step: int, scale: float) -> str:
+    return f"step {step}" + ("" if scale == 1.0 else f" x {scale:g}")
 
 
 def _party_name(spec: PartySpec) -> str:

@@ -251,8 +251,9 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
 def _candidate(base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int, weights: torch.Tensor,
                scale: float = 1.0) -> Candidate:
     """The candidate merge with the coefficients `weights` (those of `step`) times `scale`."""
+    scaled = weights * scale
     with torch.no_grad():
-        return Candidate(step, scale, weights * scale, build_merged(base, prepared.vectors, weights * scale, group_of))
+        return Candidate(step, scale, scaled, build_merged(base, prepared.vectors, scaled, group_of))
 
 
 def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tensor, group_of: dict[str, int]) -> StateDict:
