@@ -50,6 +50,17 @@ def _valid_judge(model: Recommender, parts: list[Part], train: TrainConfig) -> J
     return judge
 
 
+def _same_start(start: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether a model's recorded start is `base`, up to the float noise of the thread count.
+
+    The seeded init (an orthogonal projection via QR) differs by ~1e-7 between runs with
+    different numbers of threads; another base or seed differs by orders of magnitude more.
+    """
+    if not start.is_floating_point():
+        return torch.equal(start, base)
+    return start.shape == base.shape and torch.allclose(start, base, rtol=0.0, atol=1e-5)
+
+
 def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merge: MergeConfig, out: Path,
               quiet: bool = False) -> tuple[list[Row], MergeOutcome]:
     """Merge the fine-tuned checkpoints (one per domain, same base) and evaluate on every domain."""
@@ -72,7 +83,7 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merg
     check_aligned(base, states, domains)
     for path, name in zip(model_paths, domains, strict=True):
         start = Path(path) / "base.safetensors"
-        if start.exists() and any(not torch.equal(t, base[k]) for k, t in load_file(str(start)).items() if k in base):
+        if start.exists() and any(not _same_start(t, base[k]) for k, t in load_file(str(start)).items() if k in base):
             raise FedmergeError(f"the {name} model ({path}) was fine-tuned from another base than {base_path}; "
                                 "task vectors are only meaningful from a common base")
     parts = load_parts(domains, config.model, quiet=quiet)
