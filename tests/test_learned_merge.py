@@ -273,6 +273,11 @@ def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(fine
     assert sized.coefficients["weights"] == [[pytest.approx(0.15)]] * 3
     expected = build_merged(base, vectors, torch.full((3, 1), 0.3) * 0.5, {k: 0 for k in vectors[0]})
     assert all(torch.equal(sized.merged[k], expected[k]) for k in expected)
+    scored: list[int] = []  # a factor 1.0 with nothing learned, or a repeated one, is the same merge: scored once
+    repeated = untrained.model_copy(update={"learn": LearnConfig(mode="none", valid_scales=[0.5, 1.0, 0.5])})
+    server_merge(base, replies, tiny().model, 0, repeated, judge=lambda candidates: scored.append(len(candidates))
+                 or [0.0] * len(candidates))
+    assert scored == [2]
     with pytest.raises(FedmergeError, match=r"valid_scales must be factors in \(0, 100\)"):
         LearnConfig(valid_scales=[0.0, 1.0])
     with pytest.raises(FedmergeError, match="set one of them"):

@@ -178,8 +178,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     result = LearnResult(weights.detach().clone(), initial_merge, initial_merge, group_names)
     if config.mode == "none" or config.steps == 0:  # nothing learned: the scales apply to the initial coefficients
         if config.valid_scales:
-            result.candidates = [_candidate(base, prepared, group_of, 0, result.weights, scale)
-                                 for scale in (1.0, *config.valid_scales)]
+            _add_scaled(result, base, prepared, group_of, 0, result.weights, [1.0, *config.valid_scales])
         return result
     student = _Student(model, config.item_vectors).eval()
     model.load_state_dict(result.merged)
@@ -244,8 +243,18 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     result.weights = final
     with torch.no_grad():
         result.merged = build_merged(base, prepared.vectors, final, group_of)
-    result.candidates += [_candidate(base, prepared, group_of, config.steps, final, scale) for scale in config.valid_scales]
+    _add_scaled(result, base, prepared, group_of, config.steps, final, config.valid_scales)
     return result
+
+
+def _add_scaled(result: LearnResult, base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int,
+                weights: torch.Tensor, scales: list[float]) -> None:
+    """Append the candidates `weights` (those of `step`) times each of `scales`, skipping any (step, scale)
+    already there (a ``valid_candidates`` snapshot of the last step, or a repeated factor): each is one more
+    valid evaluation of every party."""
+    have = {(c.step, c.scale) for c in result.candidates}
+    result.candidates += [_candidate(base, prepared, group_of, step, weights, scale) for scale in dict.fromkeys(scales)
+                          if (step, scale) not in have]
 
 
 def _candidate(base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int, weights: torch.Tensor,
