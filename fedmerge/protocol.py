@@ -30,6 +30,7 @@ from fedmerge.merge.learn import LearnConfig, LearnResult, learn_coefficients, s
 from fedmerge.merge.methods import prepare
 from fedmerge.merge.rows import RowMode, usage_rows
 from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
+from fedmerge.models import TextSeqRec
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.checkpoint import build_model
@@ -71,6 +72,9 @@ class FederationConfig(BaseModel):
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated party (fractions allowed)")
     evaluate_valid: bool = Field(True, description="parties evaluate every model on their valid split as well as "
                                  "on test (false: test only, half the evaluation time)")
+    local_text_weight: bool = Field(True, description="textseq: each party sets the text weight of every model it "
+                                    "evaluates on its own valid users (from train.text_weights), as after its own "
+                                    "training (false: the weight the model arrives with)")
     timeout_minutes: float = Field(120.0, gt=0.0, description="how long the server waits for the parties of a round")
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -174,16 +178,21 @@ def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, spl
     """Aggregate metrics of `weights` on the party's private `splits` (default ``config.splits``): {split: metrics}.
 
     ``sample`` reads only the ``train.valid_users`` seeded users that chose the party's epoch
-    (how candidate merges are scored); the reported rows always read every user.
+    (how candidate merges are scored); the reported rows always read every user. With
+    ``local_text_weight`` a textseq model's text weight is first chosen on those sampled users.
+    A textseq model's metrics include the text weight it was evaluated with.
     """
     if sample:
         part = validation_parts([part], config.train.valid_users, config.train.seed)[0]
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(weights)
     with party_threads(config):
+        if config.local_text_weight:
+            fit_text_weight(model, [part], config.train)
         scorer = model_scorer(model, part.features)
+        extra = {"text_weight": round(float(model.text_weight), 6)} if isinstance(model, TextSeqRec) else {}
         return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
-                                                                config.train.eval_batch_size).items()}
+                                                                config.train.eval_batch_size).items()} | extra
                 for split in splits or config.splits}
 
 

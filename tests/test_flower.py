@@ -14,7 +14,8 @@ from fedmerge.pipeline import InProcess, simulate
 from tests.test_pipeline import tiny
 
 ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items", "text_dim"}
-ALLOWED_METRICS = {"users", "n_items", "best_epoch", "best_valid_ndcg@10", "train_seconds", "seconds", "merge_seconds"}
+ALLOWED_METRICS = {"users", "n_items", "best_epoch", "best_valid_ndcg@10", "train_seconds", "seconds", "merge_seconds",
+                   "text_weight"}
 
 
 class Recording:

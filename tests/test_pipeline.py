@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from fedmerge.config import load_config
 from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import evaluate_domain
+from fedmerge.models.scoring import model_scorer
 from fedmerge.pipeline import InProcess, simulate
 from fedmerge.protocol import (
     FederationConfig,
@@ -23,7 +25,7 @@ from fedmerge.protocol import (
     party_specs,
 )
 from fedmerge.train.checkpoint import build_model
-from fedmerge.train.loop import validation_parts, validation_score
+from fedmerge.train.loop import fit_text_weight, validation_parts, validation_score
 
 TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.epochs=4", "train.patience=20",
@@ -51,7 +53,9 @@ def test_inprocess_run_writes_every_model_for_every_domain(tmp_path: Path, cache
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert events[0] == "parties" and events[-1] == "round_done"
-    assert "| merged (task-wise, mergerec) |" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| merged (task-wise, mergerec) |" in report and "synth-0 text_weight" in report
+    assert all(r["text_weight"] in tiny().train.text_weights for r in rows)  # each party's choice, reported
     test_only = tiny("evaluate_valid=false")  # the same run, parties evaluate on test only
     simulate(test_only, InProcess(test_only), tmp_path / "test-only")
     assert json.loads((tmp_path / "test-only" / "metrics.json").read_text()) == [r for r in rows if r["split"] == "test"]
@@ -83,8 +87,29 @@ def test_candidates_are_scored_on_the_valid_users_that_chose_the_epoch(cache: Pa
     assert full["users"] == 400 and sampled["users"] == 50  # synth-0: every user has a valid item
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(base)
+    fit_text_weight(model, [part], config.train)
     seen_in_training = validation_score(model, validation_parts([part], 50, config.train.seed), 1024)
     assert sampled["ndcg@10"] == pytest.approx(seen_in_training, abs=1e-9)
+
+
+def test_each_party_sets_the_text_weight_of_a_received_model_on_its_valid_users(cache: Path) -> None:
+    config = tiny("train.valid_users=50", "train.text_weights=[0.0, 0.5, 3.0]")
+    part = party_data(party_specs(config)[0], config)
+    model = build_model(config.model, part.features.shape[1], config.seed)
+    tried = fit_text_weight(model, [part], config.train)
+    chosen, worst = max(tried, key=tried.get), min(tried, key=tried.get)
+    assert tried[chosen] > tried[worst]
+    model.text_weight.fill_(worst)  # the model arrives with the weight this party's users like least
+    received = {k: v.clone() for k, v in model.state_dict().items()}
+    local = party_evaluate(part, received, config, ("valid", "test"))
+    as_received = party_evaluate(part, received, tiny("train.valid_users=50", "local_text_weight=false"),
+                                 ("valid", "test"))
+    assert local["test"]["text_weight"] == chosen and as_received["test"]["text_weight"] == worst
+    for weight, metrics in ((chosen, local), (worst, as_received)):
+        model.text_weight.fill_(weight)
+        for split in ("valid", "test"):
+            expected = evaluate_domain(model_scorer(model, part.features), part.domain, split)
+            assert metrics[split]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
 
 
 class _Faulty(InProcess):

@@ -59,8 +59,9 @@ def test_untrained_model_scores_by_text_similarity() -> None:
 
 def test_text_codes_hash_similar_texts_alike_and_start_at_zero() -> None:
     model = build_model(tiny().model, text_dim=64, seed=0)
-    base = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
-    near, far = base + 0.01 * torch.randn(1, 64), torch.randn(1, 64)
+    draw = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(1, 64, generator=draw), dim=-1)
+    near, far = base + 0.01 * torch.randn(1, 64, generator=draw), torch.randn(1, 64, generator=draw)
     bits = [torch.einsum("nt,ktb->nkb", x, model.codes.planes) > 0 for x in (base, near, far)]
     assert (bits[0] == bits[1]).float().mean() > 0.95 and (bits[0] == bits[2]).float().mean() < 0.8
     assert not model.codes.rows.weight.any()
@@ -268,16 +269,23 @@ def test_weight_average_is_what_validation_reads_and_keeps(tmp_path: Path, cache
     assert all(torch.allclose(kept[k], resumed[k], atol=1e-6) for k in kept)
 
 
-def test_text_weight_is_chosen_on_validation(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_text_weight_is_chosen_on_validation(cache: Path) -> None:
     import fedmerge.train.loop as loop
 
     part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
     model = build_model(tiny().model, part.features.shape[1], seed=0)
-    monkeypatch.setattr(loop, "validation_score", lambda m, *args: 1.0 - abs(float(m.text_weight) - 0.2))
-    tried = loop.fit_text_weight(model, [part], tiny("train.text_weights=[0.0, 0.1, 0.2, 0.3]").train)
-    assert float(model.text_weight) == pytest.approx(0.2) and tried[0.0] == pytest.approx(0.8)
+    config = tiny("train.text_weights=[0.0, 0.1, 0.5, 2.0]", "train.valid_users=40").train
+    sample = loop.validation_parts([part], config.valid_users, config.seed)
+    one_by_one = {}
+    for weight in config.text_weights:  # each weight set in turn and evaluated as the model scores
+        model.text_weight.fill_(weight)
+        one_by_one[weight] = loop.validation_score(model, sample, config.eval_batch_size)
+    assert len(set(one_by_one.values())) > 1
+    tried = loop.fit_text_weight(model, [part], config)  # one pass over the sampled users
+    assert tried == one_by_one
+    assert float(model.text_weight) == max(one_by_one, key=one_by_one.get)
     assert loop.fit_text_weight(model, [part], tiny("train.text_weights=[]").train) == {}
-    assert float(model.text_weight) == pytest.approx(0.2)
+    assert float(model.text_weight) == max(one_by_one, key=one_by_one.get)
 
 
 def test_validation_reads_a_seeded_user_sample(cache: Path) -> None:

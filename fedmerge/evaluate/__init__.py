@@ -1,6 +1,7 @@
 """Full-ranking evaluation (RecBole conventions): Recall, NDCG, MRR at K over all items."""
 
 from fedmerge.evaluate.metrics import KS, metric_names, rank_targets, summarize
-from fedmerge.evaluate.ranking import Scorer, evaluate_domain, rank_embeddings
+from fedmerge.evaluate.ranking import Scorer, VariantScorer, evaluate_domain, evaluate_variants, rank_embeddings
 
-__all__ = ["KS", "Scorer", "evaluate_domain", "metric_names", "rank_embeddings", "rank_targets", "summarize"]
+__all__ = ["KS", "Scorer", "VariantScorer", "evaluate_domain", "evaluate_variants", "metric_names", "rank_embeddings",
+           "rank_targets", "summarize"]

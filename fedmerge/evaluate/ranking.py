@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from fedmerge.evaluate.metrics import KS, rank_targets, summarize
 
 Scorer = Callable[[DomainData, np.ndarray, str], torch.Tensor]
 """``scorer(domain, users, split) -> (len(users), n_items)`` scores, from each user's history for `split`."""
+
+VariantScorer = Callable[[DomainData, np.ndarray, str], Iterator[torch.Tensor]]
+"""Like :data:`Scorer`, but yields the scores of several variants of a model in turn."""
 
 
 def _mask_seen(scores: torch.Tensor, domain: DomainData, users: np.ndarray, split: str, targets: torch.Tensor) -> None:
@@ -55,23 +58,42 @@ def evaluate_domain(
     dict[str, float]
         ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were evaluated).
     """
+    return evaluate_variants(lambda d, u, s: iter([scorer(d, u, s)]), 1, domain, split, batch_size, exclude_seen,
+                             ks)[0]
+
+
+def evaluate_variants(
+    variants: VariantScorer,
+    n_variants: int,
+    domain: DomainData,
+    split: str = "test",
+    batch_size: int = 1024,
+    exclude_seen: bool = False,
+    ks: tuple[int, ...] = KS,
+) -> list[dict[str, float | int]]:
+    """:func:`evaluate_domain` of `n_variants` scorers that share most of their work, in one pass
+    over the users: `variants` yields each variant's scores of a batch in turn (one in memory at a time)."""
     all_targets = domain.targets(split)
     users = np.flatnonzero(all_targets >= 0)
     # Users in order of history length: batches of similar lengths, so little padding to score.
     users = users[np.argsort(np.diff(domain.train_offsets)[users], kind="stable")]
-    ranks = []
+    ranks: list[list[torch.Tensor]] = [[] for _ in range(n_variants)]
     with torch.inference_mode():
         for start in range(0, len(users), batch_size):
             batch = users[start : start + batch_size]
-            scores = scorer(domain, batch, split)
-            targets = torch.from_numpy(all_targets[batch]).to(scores.device)
-            if exclude_seen:
-                scores = scores.clone()
-                _mask_seen(scores, domain, batch, split, targets)
-            ranks.append(rank_targets(scores, targets).cpu())
-    metrics = summarize(torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long), ks)
-    metrics["users"] = len(users)
-    return metrics
+            targets = torch.from_numpy(all_targets[batch])
+            for kept, scores in zip(ranks, variants(domain, batch, split), strict=True):
+                targets = targets.to(scores.device)
+                if exclude_seen:
+                    scores = scores.clone()
+                    _mask_seen(scores, domain, batch, split, targets)
+                kept.append(rank_targets(scores, targets).cpu())
+    out = []
+    for kept in ranks:
+        metrics = summarize(torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), ks)
+        metrics["users"] = len(users)
+        out.append(metrics)
+    return out
 
 
 def rank_embeddings(

@@ -138,6 +138,14 @@ class TextSeqRec(nn.Module):
         scored = items if candidate_vectors is None else candidate_vectors
         return self.user_vectors(items, histories) @ scored.T + self.text_scores(features, last)
 
+    def score_terms(self, features: torch.Tensor, items: torch.Tensor,
+                    histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of :meth:`scores` over all items, apart: the learned cosine scores and the
+        raw text cosine to each history's last item (the text prior before ``text_weight``)."""
+        last = histories[torch.arange(len(histories)), last_positions(histories)]
+        unit = F.normalize(features, dim=-1)
+        return self.user_vectors(items, histories) @ items.T, unit[last] @ unit.T
+
     def text_scores(self, features: torch.Tensor, last: torch.Tensor,
                     candidates: torch.Tensor | None = None) -> torch.Tensor | float:
         """The fused text prior: ``text_weight`` x raw text cosine between each `last` item and every

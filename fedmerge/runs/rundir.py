@@ -83,9 +83,12 @@ def markdown_table(rows: list[Row], split: str = "test", metrics: tuple[str, ...
 
 
 def report_text(title: str, rows: list[Row], facts: dict[str, Any]) -> str:
-    """The Markdown report: the table, the protocol and the run's facts."""
-    lines = [f"# {title}", "", markdown_table(rows), "", f"Protocol: test split; {PROTOCOL}. Each party evaluates "
-             "every model on its own private split; a domain split across parties is the user-weighted mean.", ""]
+    """The Markdown report: the table (with the text weight each model was evaluated with, where
+    the rows have one), the protocol and the run's facts."""
+    metrics = ("recall@10", "ndcg@10", *(("text_weight",) if any("text_weight" in r for r in rows) else ()))
+    lines = [f"# {title}", "", markdown_table(rows, metrics=metrics), "",
+             f"Protocol: test split; {PROTOCOL}. Each party evaluates every model on its own private split; a domain "
+             "split across parties is the user-weighted mean.", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     return "\n".join(lines) + "\n"
 

@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from fedmerge.config import TrainConfig
 from fedmerge.data.domain import DomainData, user_subset
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain
+from fedmerge.evaluate import evaluate_domain, evaluate_variants
 from fedmerge.files import atomic_path
 from fedmerge.models import Recommender, TextSeqRec
-from fedmerge.models.scoring import model_scorer
+from fedmerge.models.scoring import model_scorer, text_weight_variants
 from fedmerge.progress import progress_bar
 from fedmerge.train.batches import last_targets_only, length_batches, training_sequences
 
@@ -258,16 +258,17 @@ def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) 
     Learned scores rank well the items that training saw often; the raw text similarity to the
     last item also ranks items that it saw rarely (later, rarer items dominate the test split of
     a time-ordered leave-one-out). Adding it with a small weight after training, chosen on
-    validation, keeps both; training with it from the start held the model back. Returns the
+    validation, keeps both; training with it from the start held the model back. All candidates
+    are scored in one pass over the validation users (one model pass, one text prior). Returns the
     valid ndcg@10 of every candidate (empty for other kinds or no candidates).
     """
     if not isinstance(model, TextSeqRec) or not config.text_weights:
         return {}
-    parts = validation_parts(parts, config.valid_users, config.seed)
-    scores = {}
-    for weight in config.text_weights:
-        model.text_weight.fill_(weight)
-        scores[weight] = validation_score(model, parts, config.eval_batch_size)
+    weights = list(dict.fromkeys(config.text_weights))
+    per_part = [evaluate_variants(text_weight_variants(model, p.features, weights), len(weights), p.domain, "valid",
+                                  config.eval_batch_size)
+                for p in validation_parts(parts, config.valid_users, config.seed)]
+    scores = {w: float(np.mean([metrics[i]["ndcg@10"] for metrics in per_part])) for i, w in enumerate(weights)}
     model.text_weight.fill_(max(scores, key=scores.get))
     return scores
 
