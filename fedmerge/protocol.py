@@ -34,7 +34,14 @@ from fedmerge.models import TextSeqRec
 from fedmerge.models.scoring import model_scorer
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.checkpoint import build_model
-from fedmerge.train.loop import Part, fit, fit_text_weight, validation_parts
+from fedmerge.train.loop import (
+    Part,
+    choose_text_weight,
+    fit,
+    fit_text_weight,
+    text_weight_metrics,
+    validation_parts,
+)
 from fedmerge.train.run import load_parts
 
 
@@ -179,20 +186,25 @@ def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, spl
 
     ``sample`` reads only the ``train.valid_users`` seeded users that chose the party's epoch
     (how candidate merges are scored); the reported rows always read every user. With
-    ``local_text_weight`` a textseq model's text weight is first chosen on those sampled users.
-    A textseq model's metrics include the text weight it was evaluated with.
+    ``local_text_weight`` a textseq model's text weight is first chosen on those sampled users;
+    when they are every valid user, that pass is also the valid split's result. A textseq
+    model's metrics include the text weight it was evaluated with.
     """
     if sample:
         part = validation_parts([part], config.train.valid_users, config.train.seed)[0]
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_state_dict(weights)
     with party_threads(config):
+        known = {}
         if config.local_text_weight:
-            fit_text_weight(model, [part], config.train)
+            tried = text_weight_metrics(model, [part], config.train)
+            scores = choose_text_weight(model, tried)
+            if scores and validation_parts([part], config.train.valid_users, config.train.seed)[0] is part:
+                known["valid"] = tried[max(scores, key=scores.get)][0]
         scorer = model_scorer(model, part.features)
         extra = {"text_weight": round(float(model.text_weight), 6)} if isinstance(model, TextSeqRec) else {}
-        return {split: {k: float(v) for k, v in evaluate_domain(scorer, part.domain, split,
-                                                                config.train.eval_batch_size).items()} | extra
+        return {split: {k: float(v) for k, v in (known.get(split) or evaluate_domain(
+                    scorer, part.domain, split, config.train.eval_batch_size)).items()} | extra
                 for split in splits or config.splits}
 
 

@@ -110,6 +110,12 @@ def test_each_party_sets_the_text_weight_of_a_received_model_on_its_valid_users(
         for split in ("valid", "test"):
             expected = evaluate_domain(model_scorer(model, part.features), part.domain, split)
             assert metrics[split]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
+    every_user = tiny("train.text_weights=[0.0, 0.5, 3.0]")  # the choice reads the whole valid split: its pass is the row
+    whole = party_evaluate(part, received, every_user, ("valid",))["valid"]
+    model.text_weight.fill_(whole["text_weight"])
+    expected = evaluate_domain(model_scorer(model, part.features), part.domain, "valid")
+    assert whole == pytest.approx({k: float(v) for k, v in expected.items()} | {"text_weight": whole["text_weight"]},
+                                  abs=1e-12)
 
 
 class _Faulty(InProcess):

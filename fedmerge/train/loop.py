@@ -252,6 +252,29 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
     return result
 
 
+def text_weight_metrics(model: Recommender, parts: list[Part],
+                        config: TrainConfig) -> dict[float, list[dict[str, float | int]]]:
+    """Valid metrics of every candidate of ``train.text_weights`` on each part that validation
+    reads (``train.valid_users`` of each), all candidates in one pass over the users (one model
+    pass, one text prior); empty for other kinds or no candidates. The model is not changed."""
+    if not isinstance(model, TextSeqRec) or not config.text_weights:
+        return {}
+    weights = list(dict.fromkeys(config.text_weights))
+    per_part = [evaluate_variants(text_weight_variants(model, p.features, weights), len(weights), p.domain, "valid",
+                                  config.eval_batch_size)
+                for p in validation_parts(parts, config.valid_users, config.seed)]
+    return {w: [metrics[i] for metrics in per_part] for i, w in enumerate(weights)}
+
+
+def choose_text_weight(model: Recommender, tried: dict[float, list[dict[str, float | int]]]) -> dict[float, float]:
+    """Set `model`'s ``text_weight`` to the candidate of `tried` (:func:`text_weight_metrics`) with the
+    best mean valid ndcg@10, the earliest of equals; returns every candidate's mean."""
+    scores = {w: float(np.mean([m["ndcg@10"] for m in metrics])) for w, metrics in tried.items()}
+    if scores:
+        model.text_weight.fill_(max(scores, key=scores.get))
+    return scores
+
+
 def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) -> dict[float, float]:
     """Set a textseq model's ``text_weight`` to the candidate with the best mean valid ndcg@10.
 
@@ -262,15 +285,7 @@ def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) 
     are scored in one pass over the validation users (one model pass, one text prior). Returns the
     valid ndcg@10 of every candidate (empty for other kinds or no candidates).
     """
-    if not isinstance(model, TextSeqRec) or not config.text_weights:
-        return {}
-    weights = list(dict.fromkeys(config.text_weights))
-    per_part = [evaluate_variants(text_weight_variants(model, p.features, weights), len(weights), p.domain, "valid",
-                                  config.eval_batch_size)
-                for p in validation_parts(parts, config.valid_users, config.seed)]
-    scores = {w: float(np.mean([metrics[i]["ndcg@10"] for metrics in per_part])) for i, w in enumerate(weights)}
-    model.text_weight.fill_(max(scores, key=scores.get))
-    return scores
+    return choose_text_weight(model, text_weight_metrics(model, parts, config))
 
 
 def _save_state(path: Path, model: Recommender, optimizer: torch.optim.Optimizer,
