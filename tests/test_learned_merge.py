@@ -19,12 +19,13 @@ from fedmerge.merge.learn import (
     _chances,
     _pool,
     _Student,
+    _without_last,
     build_merged,
     learn_coefficients,
     parameter_groups,
     server_domain,
 )
-from fedmerge.merge.losses import LOSSES, kd
+from fedmerge.merge.losses import LOSSES, kd, mergerec
 from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
 from fedmerge.merge.run import merge_run
 from fedmerge.merge.teacher import neighbours, teacher_scores
@@ -89,6 +90,12 @@ def test_pseudo_user_selections_and_walks(finetuned: dict) -> None:
     assert set(kept.tolist()) == {1, 2, 3, 4} and torch.equal(mixed.items, mixed.histories[torch.arange(200), kept - 1])
     full = walk_users(torch.arange(200), near, length=4, seed=0)  # the same walks, cut
     assert torch.equal(mixed.histories[mixed.histories >= 0], full.histories[mixed.histories >= 0])
+    ahead = walk_users(torch.arange(200), near, length=4, seed=0, next_item=True)  # the same walks, one step on
+    assert torch.equal(ahead.histories, full.histories)
+    assert all(int(ahead.items[i]) in near[int(full.histories[i, -1])].tolist() for i in range(200))
+    ahead = walk_users(torch.arange(200), near, length=4, seed=0, mixed=True, next_item=True)
+    kept = (ahead.histories >= 0).sum(1)
+    assert all(int(ahead.items[i]) in near[int(ahead.histories[i, kept[i] - 1])].tolist() for i in range(200))
     train, held = split_held_out(one_item_users(torch.arange(100)), 0.2, seed=0)
     assert (len(train.items), len(held.items)) == (80, 20) and not set(train.items.tolist()) & set(held.items.tolist())
 
@@ -104,6 +111,25 @@ def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned
     assert not torch.equal(result.weights, torch.full((3, 1), 0.3))
     expected = build_merged(base, prepared.vectors, result.weights, parameter_groups(list(prepared.vectors[0]), "task-wise")[0])
     assert all(torch.equal(result.merged[k], expected[k]) for k in base)  # the merge is theta_0 + sum_k w_k tau~_k
+
+
+def test_next_item_pseudo_users_leave_the_history_s_last_item_out_of_the_loss(finetuned: dict) -> None:
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(3, 12, generator=generator), torch.randn(3, 12, generator=generator)
+    histories, own = torch.tensor([[4, -1], [2, 5], [9, -1]]), torch.tensor([6, 1, 0])
+    bumped = student.clone()
+    bumped[[0, 1, 2], [4, 5, 9]] += 5.0  # the last items scored far above everything
+    losses = [mergerec(*_without_last(histories, s, teacher), own, 0.05, 2.5) for s in (student, bumped)]
+    assert torch.isfinite(losses[0]) and losses[0] == pytest.approx(float(losses[1]), rel=1e-5)
+    assert mergerec(bumped, teacher, own, 0.05, 2.5) > mergerec(student, teacher, own, 0.05, 2.5) + 1.0
+    base, models = finetuned["base"], finetuned["models"]
+    prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
+    config = LearnConfig(steps=40, held_out=0.25, eval_every=10, lr=1e-2, pseudo=PseudoConfig(target="next"))
+    domains = _server(finetuned, config)
+    assert not any((d.users.items == d.users.histories[:, 0]).any() for d in domains)  # own item: the step after
+    result = learn_coefficients(build_model(tiny().model, 64, seed=0), base, prepared, domains, config, quiet=True)
+    held = [e["held_out_loss"] for e in result.log if "held_out_loss" in e]
+    assert all(np.isfinite(held)) and min(held[1:]) < held[0]
 
 
 def test_item_vectors_say_which_candidates_follow_the_coefficients(finetuned: dict) -> None:

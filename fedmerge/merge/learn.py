@@ -32,8 +32,10 @@ from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
 from fedmerge.progress import progress_bar
+from fedmerge.train.batches import last_positions
 from fedmerge.train.loop import deterministic
 
+_OUT = 1e4  # how far below every other score a left-out item is put (scores are cosines, about 1)
 _BLOCK = re.compile(r"(?:blocks\.layers|encoder\.layer)\.(\d+)\.")
 Mode = Literal["none", "task-wise", "layer-wise", "tensor-wise"]
 ItemVectors = Literal["fixed", "history", "current"]
@@ -204,8 +206,11 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
             d = domains[k]
             users, teacher = (d.held_out, d.held_out_teacher) if held else (d.users, d.teacher)
             rows = torch.from_numpy(picks[picks[:, 0] == k, 1])
-            scores = torch.func.functional_call(student, params, (d.features, fixed[k], users.histories[rows]))
+            histories = users.histories[rows]
+            scores = torch.func.functional_call(student, params, (d.features, fixed[k], histories))
             target = teacher.dense(rows) if teacher is not None else None
+            if config.pseudo.target == "next":
+                scores, target = _without_last(histories, scores, target)
             loss = loss_fn(scores, target, users.items[rows], config.temperature, config.kd_weight, log_scales[k].exp())
             total = total + loss * len(rows)
         return total / len(picks)
@@ -273,6 +278,18 @@ def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tenso
     return merged
 
 
+def _without_last(histories: torch.Tensor, scores: torch.Tensor,
+                  teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student and teacher scores with each history's last item pushed out of every softmax (a score
+    1e4 below the rest: finite, so a KL term over it stays defined)."""
+    last = histories[torch.arange(len(histories)), last_positions(histories)][:, None]
+
+    def drop(s: torch.Tensor) -> torch.Tensor:
+        return s.scatter(1, last, float(s.detach().min()) - _OUT)
+
+    return drop(scores), None if teacher is None else drop(teacher)
+
+
 def _pool(groups: list[PseudoUsers | None]) -> np.ndarray:
     """(n, 2) rows of (domain index, pseudo-user index) over every domain's group (None: none)."""
     rows = [np.stack([np.full(len(g.items), k), np.arange(len(g.items))], 1) for k, g in enumerate(groups) if g is not None]
@@ -300,9 +317,10 @@ def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender,
     """Pseudo-users of one domain (from its public item table) with the fine-tuned model's teacher scores."""
     pseudo = config.pseudo
     starts = select_items(features, pseudo)
-    if pseudo.walk_length > 1:
+    if pseudo.walk_length > 1 or pseudo.target == "next":
         near = neighbours(teacher_model, features, pseudo.walk_top, config.temperature)
-        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed, pseudo.mixed_lengths)
+        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed, pseudo.mixed_lengths,
+                           next_item=pseudo.target == "next")
     else:
         users = one_item_users(starts)
     users, held = split_held_out(users, config.held_out, config.seed)

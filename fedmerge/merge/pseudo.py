@@ -7,6 +7,11 @@ item-item scores (each next item drawn from the current item's top neighbours), 
 multi-item pseudo-sequences; the own item is then the walk's last item. With ``mixed_lengths``
 each walk is cut after a seeded random number of items (1 to ``walk_length``), so one set of
 pseudo-users covers short and long histories alike.
+
+Also beyond the paper, ``target = "next"`` makes the own item the walk's next step after the
+history (one of the teacher's top neighbours of the history's last item) instead of the
+history's last item: the pseudo-user then asks for what follows, as a real user's target does,
+and the loss leaves the history's last item out (:func:`fedmerge.merge.learn.learn_coefficients`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class PseudoConfig(BaseModel):
     walk_length: int = Field(1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)")
     walk_top: int = Field(10, ge=1, description="walks step to one of the current item's top teacher neighbours")
     mixed_lengths: bool = Field(False, description="cut each walk after a random 1..walk_length items")
+    target: Literal["last", "next"] = Field(
+        "last", description="each pseudo-user's own item: the history's last item (MergeRec) or the walk's next "
+        "step after the history, which the loss then scores without the history's last item")
     seed: int = 0
 
 
@@ -78,24 +86,24 @@ def one_item_users(items: torch.Tensor) -> PseudoUsers:
 
 
 def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed: int,
-               mixed: bool = False) -> PseudoUsers:
+               mixed: bool = False, next_item: bool = False) -> PseudoUsers:
     """Histories of `length` items: from each start, step to a random one of the current item's `neighbours`.
 
     ``neighbours`` is (n_items, top) item indices (the teacher's best-scored items for ``[i]``,
     the item itself excluded). ``mixed`` keeps a seeded random 1..`length` first items of each
-    walk (right-padded with -1); the own item is the last one kept.
+    walk (right-padded with -1); the own item is the last one kept, or with ``next_item`` the
+    walk's step after it.
     """
     generator = torch.Generator().manual_seed(seed)
     walks = [starts]
-    for _ in range(length - 1):
+    for _ in range(length - 1 + next_item):
         pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
         walks.append(neighbours[walks[-1], pick])
     histories = torch.stack(walks, 1)
-    if not mixed:
-        return PseudoUsers(histories, histories[:, -1].clone())
-    kept = torch.randint(1, length + 1, (len(starts),), generator=generator)
-    own = histories[torch.arange(len(starts)), kept - 1].clone()
-    return PseudoUsers(histories.masked_fill(torch.arange(length) >= kept[:, None], -1), own)
+    kept = (torch.randint(1, length + 1, (len(starts),), generator=generator) if mixed
+            else torch.full((len(starts),), length))
+    own = histories[torch.arange(len(starts)), kept - 1 + next_item].clone()
+    return PseudoUsers(histories[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own)
 
 
 def split_held_out(users: PseudoUsers, fraction: float, seed: int) -> tuple[PseudoUsers, PseudoUsers | None]:
