@@ -95,14 +95,15 @@ def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed
     walk's step after it.
     """
     generator = torch.Generator().manual_seed(seed)
+    ahead = int(next_item)
     walks = [starts]
-    for _ in range(length - 1 + next_item):
+    for _ in range(length - 1 + ahead):
         pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
         walks.append(neighbours[walks[-1], pick])
     histories = torch.stack(walks, 1)
     kept = (torch.randint(1, length + 1, (len(starts),), generator=generator) if mixed
             else torch.full((len(starts),), length))
-    own = histories[torch.arange(len(starts)), kept - 1 + next_item].clone()
+    own = histories[torch.arange(len(starts)), kept - 1 + ahead].clone()
     return PseudoUsers(histories[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own)
 
 
