@@ -230,7 +230,8 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
         shown = [r for r in records if "average recall@10" in r and not r["model"].startswith(("fine-tuned on", "unseen"))]
         ax.barh([r["model"] for r in shown], [r["average recall@10"][0] for r in shown],
                 xerr=[r["average recall@10"][1] for r in shown])
-        ax.set_title(f"{regime} base: average test recall@10")
+        ax.set_title(f"{regime} base")
+        ax.set_xlabel("average test recall@10")
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
