@@ -39,6 +39,7 @@ from fedmerge.train.loop import (
     choose_text_weight,
     fit,
     fit_text_weight,
+    reads_every_user,
     text_weight_metrics,
     validation_parts,
 )
@@ -199,7 +200,7 @@ def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, spl
         if config.local_text_weight:
             tried = text_weight_metrics(model, [part], config.train)
             scores = choose_text_weight(model, tried)
-            if scores and validation_parts([part], config.train.valid_users, config.train.seed)[0] is part:
+            if scores and reads_every_user(part, config.train.valid_users):
                 known["valid"] = tried[max(scores, key=scores.get)][0]
         scorer = model_scorer(model, part.features)
         extra = {"text_weight": round(float(model.text_weight), 6)} if isinstance(model, TextSeqRec) else {}

@@ -32,7 +32,7 @@ from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
 from fedmerge.progress import progress_bar
-from fedmerge.train.batches import last_positions
+from fedmerge.train.batches import last_items
 from fedmerge.train.loop import deterministic
 
 _OUT = 1e4  # how far below every other score a left-out item is put (scores are cosines, about 1)
@@ -282,7 +282,7 @@ def _without_last(histories: torch.Tensor, scores: torch.Tensor,
                   teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Student and teacher scores with each history's last item pushed out of every softmax (a score
     1e4 below the rest: finite, so a KL term over it stays defined)."""
-    last = histories[torch.arange(len(histories)), last_positions(histories)][:, None]
+    last = last_items(histories)[:, None]
 
     def drop(s: torch.Tensor) -> torch.Tensor:
         return s.scatter(1, last, float(s.detach().min()) - _OUT)

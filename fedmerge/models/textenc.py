@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from fedmerge.config import ModelConfig
 from fedmerge.text.tokens import load_tokenizer, minilm_folder
-from fedmerge.train.batches import last_positions
+from fedmerge.train.batches import last_items
 
 ENCODE_BATCH = 256
 
@@ -114,7 +114,7 @@ class TextEncRec(nn.Module):
         are always the batch's targets, so ``negatives`` (the textseq sampled softmax) is unused.
         """
         targets = targets.cpu()
-        target = targets[torch.arange(len(targets)), last_positions(targets)]
+        target = last_items(targets)
         users = self.encode(self.history_ids(features, inputs))
         items = self.encode(self.item_ids(features, target))
         logits = users @ items.T / self.config.temperature

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmerge.config import ModelConfig
-from fedmerge.train.batches import last_positions
+from fedmerge.train.batches import last_items, last_positions
 
 
 class MoEAdaptor(nn.Module):
@@ -134,7 +134,7 @@ class TextSeqRec(nn.Module):
         ``items`` is ``item_vectors(features)``, computed once by the caller; the histories are read
         with it, and the items are scored with ``candidate_vectors`` (default: ``items``).
         """
-        last = histories[torch.arange(len(histories)), last_positions(histories)]
+        last = last_items(histories)
         scored = items if candidate_vectors is None else candidate_vectors
         return self.user_vectors(items, histories) @ scored.T + self.text_scores(features, last)
 
@@ -142,7 +142,7 @@ class TextSeqRec(nn.Module):
                     histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two terms of :meth:`scores` over all items, apart: the learned cosine scores and the
         raw text cosine to each history's last item (the text prior before ``text_weight``)."""
-        last = histories[torch.arange(len(histories)), last_positions(histories)]
+        last = last_items(histories)
         unit = F.normalize(features, dim=-1)
         return self.user_vectors(items, histories) @ items.T, unit[last] @ unit.T
 

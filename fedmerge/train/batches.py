@@ -50,6 +50,11 @@ def last_positions(padded: torch.Tensor) -> torch.Tensor:
     return ((padded >= 0).sum(1) - 1).clamp(min=0)
 
 
+def last_items(padded: torch.Tensor) -> torch.Tensor:
+    """(B,) each right-padded row's last real entry (pad = -1; the first entry of an all-padding row)."""
+    return padded[torch.arange(len(padded)), last_positions(padded)]
+
+
 def last_targets_only(targets: torch.Tensor) -> torch.Tensor:
     """`targets` (B, L) with every position but each row's last real one set to -1 (padding)."""
     out = torch.full_like(targets, -1)

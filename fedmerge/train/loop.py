@@ -57,12 +57,17 @@ def validation_score(model: Recommender, parts: list[Part], batch_size: int) -> 
                           for p in parts]))
 
 
+def reads_every_user(part: Part, users: int | None) -> bool:
+    """Whether validation with ``train.valid_users`` = `users` reads `part` whole (:func:`validation_parts`)."""
+    return users is None or part.domain.n_users <= users
+
+
 def validation_parts(parts: list[Part], users: int | None, seed: int) -> list[Part]:
     """The parts that validation reads: each domain cut to `users` seeded users (``train.valid_users``), or as is."""
     if users is None:
         return parts
     rng = np.random.default_rng(seed)
-    return [p if p.domain.n_users <= users else
+    return [p if reads_every_user(p, users) else
             Part(user_subset(p.domain, np.sort(rng.choice(p.domain.n_users, users, replace=False))), p.features)
             for p in parts]
 
