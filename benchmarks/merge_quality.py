@@ -21,7 +21,8 @@ the one left out, against theta_0 and every single fine-tuned model.
 Runs are kept under ``--runs`` and reused when complete. Each finished base regime and seed is
 also recorded as ``--tables``/``{base}-seed{N}.json`` (its cells, chosen lambdas, machine and
 date); a recorded seed is read back instead of rerun when its settings match, so the table can
-be built up one seed at a time on machines that do not keep ``--runs``.
+be built up one seed at a time on machines that do not keep ``--runs``. The written table
+covers every seed recorded there, of both regimes.
 
     python benchmarks/merge_quality.py [--domains beauty,sports,toys,pantry] [--seeds 0,1,2]
         [--bases seeded,pretrained] [--pretrain steam,games] [--runs runs/merge]
@@ -50,6 +51,7 @@ from fedmerge.protocol import MergeConfig
 from fedmerge.train.checkpoint import load_checkpoint
 from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config
 
+BASES = ("seeded", "pretrained")
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}
 MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConfig settings); params None: lambda
@@ -241,20 +243,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", type=lambda s: s.split(","), default=["beauty", "sports", "toys", "pantry"])
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    parser.add_argument("--bases", type=lambda s: s.split(","), default=["seeded", "pretrained"])
+    parser.add_argument("--bases", type=lambda s: s.split(","), default=list(BASES))
     parser.add_argument("--pretrain", default="steam,games")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
     parser.add_argument("--tables", type=Path, default=Path(__file__).parent / "results" / "merge_quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--report", action="store_true",
-                        help="only write the table of the seeds recorded in --tables (--seeds is ignored)")
+                        help="measure nothing; only write the table (--seeds and --bases are ignored)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    wanted = {kind: sorted(int(p.stem.split("-seed")[1]) for p in args.tables.glob(f"{kind}-seed*.json"))
-              if args.report else args.seeds for kind in args.bases}
-    seeds = {kind: [seed_record(kind, seed, args, args.report) for seed in wanted[kind]]
-             for kind in args.bases if wanted[kind]}
+    if not args.report:
+        for kind in args.bases:
+            for seed in args.seeds:
+                seed_record(kind, seed, args)
+    recorded = {kind: sorted(int(p.stem.split("-seed")[1]) for p in args.tables.glob(f"{kind}-seed*.json"))
+                for kind in BASES}
+    seeds = {kind: [seed_record(kind, seed, args, report=True) for seed in recorded[kind]]
+             for kind in BASES if recorded[kind]}
     results = {kind: _summary([r["table"] for r in records], args.domains) for kind, records in seeds.items()}
     protocol = (__doc__ or "").split("\n\n")[1]
     text = f"# Merging quality\n\n{protocol}\n\nSettings: {' '.join(args.overrides) or 'preset defaults'}.\n"
