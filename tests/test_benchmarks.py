@@ -67,3 +67,26 @@ def test_the_summary_says_which_rows_fewer_seeds_measured(monkeypatch: pytest.Mo
     ties, new = merge_quality._summary(tables, ["a", "b"])
     assert ties["model"] == "ties" and ties["average recall@10"] == pytest.approx((0.3, 0.1))
     assert new["model"] == "new (1 of 2 seeds)" and new["average recall@10"] == pytest.approx((0.2, 0.0))
+
+
+def test_measuring_one_seed_writes_the_table_of_every_recorded_seed_of_both_regimes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import merge_quality
+
+    def measured(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict, dict]:
+        recall = 0.1 + seed / 10
+        return {"ties": {"a": (recall, 0.05), "b": (recall, 0.05)}}, {"method": 0.3, "usage": 0.3}
+
+    monkeypatch.setattr(merge_quality, "run_seed", measured)
+    tables, out = tmp_path / "tables", tmp_path / "out"
+    common = ["merge_quality.py", "--domains", "a,b", "--tables", str(tables), "--out", str(out)]
+    monkeypatch.setattr("sys.argv", [*common, "--seeds", "0", "--bases", "pretrained"])
+    merge_quality.main()
+    monkeypatch.setattr("sys.argv", [*common, "--seeds", "1,2", "--bases", "seeded"])
+    merge_quality.main()
+    text = (out / "merge_quality.md").read_text()
+    seeded, pretrained = text.split("## seeded base")[1].split("## pretrained base")
+    assert "seed 1:" in seeded and "seed 2:" in seeded and "seed 0:" not in seeded
+    assert "| ties | 0.2500 ± 0.0500 |" in seeded  # seeds 1 and 2: recall 0.2 and 0.3
+    assert "seed 0:" in pretrained and "| ties | 0.1000 ± 0.0000 |" in pretrained
