@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from merge_quality import BASES
+
 from fedmerge.evaluate.ranking import evaluate_domain
 from fedmerge.files import write_json
 from fedmerge.models.scoring import model_scorer
@@ -60,7 +62,7 @@ def _markdown(rows: list[dict], domains: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
-    parser.add_argument("--base", default="seeded", choices=["seeded", "pretrained"])
+    parser.add_argument("--base", default="seeded", choices=BASES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--domains", type=lambda s: s.split(","), default=["beauty", "sports", "toys", "pantry"])
     parser.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")],
