@@ -283,7 +283,15 @@ def simulate(
         transport = flower_backend(federation)
     else:
         raise FedmergeError(f"unknown backend {backend!r}; use flower or inprocess")
-    run_simulation(federation, transport, out, console)
+    try:
+        run_simulation(federation, transport, out, console)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {out / 'run.json'} says so, and no results were written")
+        if backend == "flower":
+            from server.app import leave_after_interrupt
+
+            leave_after_interrupt()
+        raise typer.Exit(130) from None
     console.print(f"wrote {out} (report.md, metrics.csv, metrics.png, merged.safetensors)")
 
 

@@ -11,10 +11,11 @@ module-level :data:`app` is the ServerApp of a deployed federation (SuperLink + 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfig
 from flwr.serverapp import Grid, ServerApp
@@ -159,8 +160,47 @@ class FlowerBackend:
         return server.results
 
 
+class StoppableGrid:
+    """A grid whose waits for replies end with an error once `stop` is set.
+
+    In simulation the ServerApp runs in a thread of its own, and Ctrl-C reaches the main thread
+    only: without this, the ServerApp would wait out its timeout for parties that are gone.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self.grid, self.stop = grid, stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise FedmergeError("the run was interrupted")
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push `messages`, then pull replies until all arrived, `timeout` seconds passed, or the run stops."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        replies: list[Message] = []
+        while pending and time.monotonic() < deadline:
+            self._check()
+            arrived = list(self.grid.pull_messages(pending))
+            replies += arrived
+            pending -= {msg.metadata.reply_to_message_id for msg in arrived}
+            if pending:
+                time.sleep(0.1)
+        return replies
+
+
 def server_app(config: FederationConfig, holder: dict) -> ServerApp:
-    """A ServerApp that runs `config` via :func:`fedmerge.pipeline.execute`; its outcome goes into `holder`."""
+    """A ServerApp that runs `config` via :func:`fedmerge.pipeline.execute`; its outcome goes into `holder`.
+
+    ``holder["stop"]`` (a ``threading.Event``) ends its waits for the parties (see :class:`StoppableGrid`).
+    """
     from fedmerge.pipeline import execute
 
     app = ServerApp()
@@ -168,7 +208,8 @@ def server_app(config: FederationConfig, holder: dict) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            holder["results"] = execute(config, FlowerBackend(grid, config), holder["run"])
+            holder["results"] = execute(config, FlowerBackend(StoppableGrid(grid, holder["stop"]), config),
+                                        holder["run"])
         except BaseException as err:  # noqa: BLE001 - handed back to the caller of run_simulation
             holder["error"] = err
 
@@ -182,10 +223,14 @@ def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
     from clients.app import app as client_app
 
     def run(run_dir):  # type: ignore[no-untyped-def]
-        holder: dict = {"run": run_dir}
+        holder: dict = {"run": run_dir, "stop": threading.Event()}
         backend = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}}
-        run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
-                       backend_config=backend)  # type: ignore[arg-type]
+        try:
+            run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
+                           backend_config=backend)  # type: ignore[arg-type]
+        except KeyboardInterrupt:
+            holder["stop"].set()  # the ServerApp's thread stops at its next wait for the parties
+            raise
         if "error" in holder:
             raise holder["error"]
         if "results" not in holder:
@@ -193,6 +238,25 @@ def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
         return holder["results"]
 
     return run
+
+
+def leave_after_interrupt(code: int = 130) -> NoReturn:
+    """End this process at once after Ctrl-C stopped a simulation (the run directory already says ``interrupted``).
+
+    A terminal's Ctrl-C also stops Ray's workers; Flower's runtime threads then wait forever
+    for their replies, and a normal exit would wait for those threads. Ray is shut down first.
+    """
+    import os
+    import sys
+
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def deployed_run(run_config: UserConfig) -> tuple[FederationConfig, Path]:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 import server.app
 from fedmerge.data.synthetic import synthetic_domain
-from fedmerge.pipeline import InProcess, simulate
+from fedmerge.errors import FedmergeError
+from fedmerge.pipeline import InProcess, Server, simulate
+from fedmerge.protocol import base_weights, party_data, party_specs
 from tests.test_pipeline import tiny
 
 ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items", "text_dim"}
@@ -84,10 +88,7 @@ def load_keys(path: Path) -> list[str]:
 
 
 def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_named() -> None:
-    from types import SimpleNamespace
-
     from clients.app import _spec
-    from fedmerge.errors import FedmergeError
 
     config = tiny("parties_per_domain=2")
     node = SimpleNamespace(node_config={"domain": "synth-1", "shard": 1})
@@ -95,3 +96,104 @@ def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_na
     assert _spec(config, SimpleNamespace(node_config={"partition-id": 2})).domain == "synth-1"  # type: ignore[arg-type]
     with pytest.raises(FedmergeError, match="serves domain 'books' shard 0, which the run does not have"):
         _spec(config, SimpleNamespace(node_config={"domain": "books"}))  # type: ignore[arg-type]
+
+
+def _train_reply(node: int, content: RecordDict | None = None, error: str | None = None) -> Message:
+    """What the grid hands the strategy from `node`: its content, or the error Flower wraps a raising ClientApp in."""
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    if error is not None:
+        return Message(error=Error(code=0, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+@pytest.mark.parametrize("min_parties", [2, None])
+def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shapes_or_stays_silent(
+        cache: Path, monkeypatch: pytest.MonkeyPatch, min_parties: int | None) -> None:
+    config = tiny("parties_per_domain=3", *([f"min_parties={min_parties}"] if min_parties else []))  # None: all
+    part = party_data(party_specs(config)[0], config)
+    base = base_weights(config, part.features.shape[1])
+    wrong = dict(base) | {"positions": torch.zeros(3, 3)}
+
+    def content(weights: dict, domain: str, features: bool = True) -> RecordDict:
+        record = RecordDict({"arrays": ArrayRecord(weights),
+                             "metrics": MetricRecord({"users": 10.0, "n_items": 5.0, "train_seconds": 1.0}),
+                             "party": ConfigRecord({"domain": domain})})
+        if features:
+            record["features"] = ArrayRecord({"features": part.features})
+        return record
+
+    replies = [_train_reply(10, content(base, "synth-0")), _train_reply(11, error="ValueError: disk full"),
+               _train_reply(12, content(base, "synth-0", features=False)), _train_reply(13, content(base, "synth-1")),
+               _train_reply(14, content(wrong, "synth-1"))]  # node 15 (synth-1/2) never replies
+    host = Server(config)
+    accepted: dict = {}
+
+    def merge(round_, start, replies, judge):  # type: ignore[no-untyped-def]
+        accepted.update(replies)
+        return SimpleNamespace(merged=start, seconds=0.0), {}
+
+    monkeypatch.setattr(host, "merge", merge)
+    strategy = server.app.MergeRecStrategy(config, host, {party: 10 + party for party in range(6)})
+    strategy.start_weights = base
+    host.begin(1)
+    if min_parties is None:
+        with pytest.raises(FedmergeError, match="only 2 of 6 parties replied, fewer than min_parties = 6.*synth-1/2"):
+            strategy.aggregate_train(1, replies)
+        return
+    strategy.aggregate_train(1, replies)
+    assert sorted(accepted) == [0, 3]
+    assert sorted(host.failed) == ["synth-0/1", "synth-0/2", "synth-1/1", "synth-1/2"]
+    assert "disk full" in host.failed["synth-0/1"]
+    assert "malformed reply" in host.failed["synth-0/2"] and "features" in host.failed["synth-0/2"]
+    assert "'positions' has shape (3, 3)" in host.failed["synth-1/1"]
+    assert host.failed["synth-1/2"] == "no reply (timed out)"
+
+
+@pytest.mark.parametrize("backend", ["flower", "inprocess"])
+def test_ctrl_c_marks_the_run_interrupted_and_leaves_no_process(tmp_path: Path, cache: Path, backend: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    endless = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "train.max_minutes=null",
+               "train.epochs=100000", "train.patience=100000"]
+    command = [sys.executable, "-m", "fedmerge", "simulate", "--domains", "synth-0,synth-1", "--backend", backend,
+               "--out", str(out), *[x for item in endless for x in ("--set", item)]]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                             start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.monotonic() + 120
+        while "train_start" not in ((out / "events.jsonl").read_text() if (out / "events.jsonl").exists() else ""):
+            assert child.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        time.sleep(3)  # the parties are training
+        os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert child.wait(timeout=60) == 130
+    finally:
+        time.sleep(1)
+        left = [p for p in psutil.process_iter() if _session(p) == child.pid]
+        for process in left:
+            process.kill()
+        if child.poll() is None:
+            child.kill()
+    assert not left, [p.pid for p in left]
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "events.jsonl", "run.json"]
+
+
+def _session(process) -> int | None:  # type: ignore[no-untyped-def]
+    """The session id of a live process (None for one that is gone or a zombie awaiting its reaper)."""
+    import os
+
+    import psutil
+
+    try:
+        return None if process.status() == psutil.STATUS_ZOMBIE else os.getsid(process.pid)
+    except (OSError, psutil.Error):
+        return None

@@ -24,6 +24,7 @@ from fedmerge.protocol import (
     party_evaluate,
     party_specs,
 )
+from fedmerge.runs.rundir import RunDir
 from fedmerge.train.checkpoint import build_model
 from fedmerge.train.loop import fit_text_weight, validation_parts, validation_score
 
@@ -119,7 +120,7 @@ def test_each_party_sets_the_text_weight_of_a_received_model_on_its_valid_users(
 
 
 class _Faulty(InProcess):
-    """Party 1 raises during training, or sends NaN weights."""
+    """Party 1 raises during training, or sends NaN weights, or weights of the wrong shape."""
 
     def __init__(self, config: FederationConfig, fault: str) -> None:
         super().__init__(config)
@@ -131,11 +132,14 @@ class _Faulty(InProcess):
             replies[1] = RuntimeError("disk full")
         else:
             replies[1].weights = {k: v.clone() for k, v in replies[1].weights.items()}
-            replies[1].weights["positions"][0, 0] = float("nan")
+            if self.fault == "nan":
+                replies[1].weights["positions"][0, 0] = float("nan")
+            else:
+                replies[1].weights["positions"] = replies[1].weights["positions"][:-1]
         return replies
 
 
-@pytest.mark.parametrize("fault, reason", [("raise", "disk full"), ("nan", "NaN")])
+@pytest.mark.parametrize("fault, reason", [("raise", "disk full"), ("nan", "NaN"), ("shape", "'positions' has shape")])
 def test_a_failing_party_is_left_out_and_named_or_stops_the_run(tmp_path: Path, cache: Path, fault: str,
                                                                  reason: str) -> None:
     config = tiny("parties_per_domain=2", "min_parties=3")
@@ -175,3 +179,8 @@ def test_an_interrupted_run_is_marked_and_presents_no_results(tmp_path: Path, ca
         simulate(config, _Interrupted(config), tmp_path / "run")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
     assert not any((tmp_path / "run" / name).exists() for name in ("metrics.json", "report.md", "merged.safetensors"))
+    late = RunDir(tmp_path / "late", {})  # a server thread that finishes after the interrupt writes nothing
+    late.finish("interrupted")
+    with pytest.raises(FedmergeError, match="ended as 'interrupted'; its results are not written"):
+        late.write_results([], {}, {}, "")
+    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["config.json", "events.jsonl", "run.json"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path, write_json
 from fedmerge.merge.vectors import StateDict
 from fedmerge.runs.results import PROTOCOL, Row, write_metrics
@@ -56,7 +57,9 @@ class RunDir:
         write_json(self.out / "run.json", self.status)
 
     def write_results(self, rows: list[Row], merged: StateDict, coefficients: dict[str, Any], report: str) -> None:
-        """The results files (before ``finish("complete")``)."""
+        """The results files (before ``finish("complete")``; refused once the run has ended otherwise)."""
+        if self.status["status"] != "running":
+            raise FedmergeError(f"the run in {self.out} ended as {self.status['status']!r}; its results are not written")
         save_weights(merged, self.out / "merged.safetensors")
         write_json(self.out / "coefficients.json", coefficients)
         (self.out / "report.md").write_text(report)
