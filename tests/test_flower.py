@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
@@ -152,14 +158,6 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
 
 @pytest.mark.parametrize("backend", ["flower", "inprocess"])
 def test_ctrl_c_marks_the_run_interrupted_and_leaves_no_process(tmp_path: Path, cache: Path, backend: str) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
     out = tmp_path / "run"
     endless = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "train.max_minutes=null",
                "train.epochs=100000", "train.patience=100000"]
@@ -187,12 +185,8 @@ def test_ctrl_c_marks_the_run_interrupted_and_leaves_no_process(tmp_path: Path, 
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "events.jsonl", "run.json"]
 
 
-def _session(process) -> int | None:  # type: ignore[no-untyped-def]
+def _session(process: psutil.Process) -> int | None:
     """The session id of a live process (None for one that is gone or a zombie awaiting its reaper)."""
-    import os
-
-    import psutil
-
     try:
         return None if process.status() == psutil.STATUS_ZOMBIE else os.getsid(process.pid)
     except (OSError, psutil.Error):
