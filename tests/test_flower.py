@@ -174,8 +174,11 @@ def test_ctrl_c_marks_the_run_interrupted_and_leaves_no_process(tmp_path: Path, 
         os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert child.wait(timeout=60) == 130
     finally:
-        time.sleep(1)
-        left = [p for p in psutil.process_iter() if _session(p) == child.pid]
+        for _ in range(20):  # Ray's daemons take a moment to exit after the signal
+            time.sleep(0.5)
+            left = [p for p in psutil.process_iter() if _session(p) == child.pid]
+            if not left:
+                break
         for process in left:
             process.kill()
         if child.poll() is None:
