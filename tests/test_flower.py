@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -194,3 +195,27 @@ def _session(process: psutil.Process) -> int | None:
         return None if process.status() == psutil.STATUS_ZOMBIE else os.getsid(process.pid)
     except (OSError, psutil.Error):
         return None
+
+
+class _HalfGrid:
+    """A grid on which only the first message pushed is ever answered."""
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):  # type: ignore[no-untyped-def]
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"))] if "m0" in ids else []
+
+
+def test_a_stopped_grid_ends_its_wait_for_replies() -> None:
+    stop = threading.Event()
+    grid = server.app.StoppableGrid(_HalfGrid(), stop)  # type: ignore[arg-type]
+    replies = grid.send_and_receive(["a", "b"], timeout=0.3)  # type: ignore[list-item]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # the timeout ends it, with what arrived
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(FedmergeError, match="the run was interrupted"):
+        grid.send_and_receive(["a", "b"], timeout=3600)  # type: ignore[list-item]
+    assert time.monotonic() - started < 5
+    with pytest.raises(FedmergeError, match="the run was interrupted"):
+        grid.get_node_ids()
