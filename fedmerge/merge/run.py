@@ -14,7 +14,6 @@ import resource
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from fedmerge.config import ExperimentConfig, TrainConfig
 from fedmerge.errors import FedmergeError
@@ -22,18 +21,16 @@ from fedmerge.files import write_json
 from fedmerge.merge.vectors import StateDict, check_aligned
 from fedmerge.models import Recommender
 from fedmerge.protocol import Judge, MergeConfig, MergeOutcome, TrainReply, server_merge
+from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import Row, write_metrics
-from fedmerge.train.checkpoint import build_model, checkpoint_files, load_checkpoint, save_weights
+from fedmerge.train.checkpoint import build_model, checkpoint_files, load_checkpoint, read_state, save_weights
 from fedmerge.train.loop import Part, validation_parts, validation_score
 from fedmerge.train.run import evaluate_rows, load_parts
 
 
 def read_weights(path: Path) -> StateDict:
-    """A safetensors file, or the weights of a checkpoint folder."""
-    weights, _ = checkpoint_files(path)
-    if not weights.exists():
-        raise FedmergeError(f"{path} has no weights; give a model.safetensors / base.safetensors or a train folder")
-    return load_file(str(weights))
+    """A safetensors file, or the weights of a checkpoint folder; unreadable or non-finite weights are refused."""
+    return read_state(checkpoint_files(path)[0])
 
 
 def _valid_judge(model: Recommender, parts: list[Part], train: TrainConfig) -> Judge:
@@ -63,15 +60,19 @@ def _same_start(start: torch.Tensor, base: torch.Tensor) -> bool:
 
 def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merge: MergeConfig, out: Path,
               quiet: bool = False) -> tuple[list[Row], MergeOutcome]:
-    """Merge the fine-tuned checkpoints (one per domain, same base) and evaluate on every domain."""
+    """Merge the fine-tuned checkpoints (one per domain, same base) and evaluate on every domain.
+
+    Every input is checked first (each model trained on the domain it is listed for, from
+    `base_path`); the result is written into ``OUT.partial`` and replaces `out` when done.
+    """
+    if not model_paths:
+        raise FedmergeError("--models is empty; give one fedmerge train folder per domain of --domains")
     if len(model_paths) != len(domains):
         raise FedmergeError(f"{len(model_paths)} models for {len(domains)} domains; give one --models entry per domain")
     if len(set(domains)) != len(domains):
         raise FedmergeError("a domain is listed twice in --domains; each domain contributes one model")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "metrics.csv"):
-        (out / stale).unlink(missing_ok=True)
+    check_out(out, "merge")
     members = [load_checkpoint(p) for p in model_paths]
     config: ExperimentConfig = members[0][1]
     for path, (_, other, _) in zip(model_paths[1:], members[1:], strict=True):
@@ -81,27 +82,48 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merg
     base = read_weights(base_path)
     states = [m.state_dict() for m, _, _ in members]
     check_aligned(base, states, domains)
-    for path, name in zip(model_paths, domains, strict=True):
-        start = Path(path) / "base.safetensors"
-        if start.exists() and any(not _same_start(t, base[k]) for k, t in load_file(str(start)).items() if k in base):
-            raise FedmergeError(f"the {name} model ({path}) was fine-tuned from another base than {base_path}; "
-                                "task vectors are only meaningful from a common base")
+    for path, name, (_, _, meta) in zip(model_paths, domains, members, strict=True):
+        _check_member(Path(path), name, meta, base, base_path)
     parts = load_parts(domains, config.model, quiet=quiet)
+    output = Output(out, "merge", {"base": str(base_path), "models": [str(p) for p in model_paths],
+                                   "domains": domains, "merge": merge.model_dump(mode="json")})
+    with output.writing() as folder:
+        return _merge(base, states, members[0][2]["text_dim"], config, parts, merge, folder, quiet)
+
+
+def _check_member(path: Path, domain: str, meta: dict, base: StateDict, base_path: Path) -> None:
+    """Refuse a model that was not fine-tuned on `domain` alone, or not from `base`."""
+    trained = meta.get("domains")
+    if trained != [domain]:
+        raise FedmergeError(f"{path} was trained on {', '.join(map(str, trained or ['no recorded domain']))}, "
+                            f"not on {domain}; list each model under the domain it was fine-tuned on")
+    weights, _ = checkpoint_files(path)
+    start = weights.parent / "base.safetensors"
+    if not start.is_file():
+        raise FedmergeError(f"{path} has no base.safetensors beside its weights, so its start cannot be checked "
+                            "against --base; give the folder `fedmerge train` wrote")
+    if any(not _same_start(t, base[k]) for k, t in read_state(start).items() if k in base):
+        raise FedmergeError(f"the {domain} model ({path}) was fine-tuned from another base than {base_path}; "
+                            "task vectors are only meaningful from a common base")
+
+
+def _merge(base: StateDict, states: list[StateDict], text_dim: int, config: ExperimentConfig, parts: list[Part],
+           merge: MergeConfig, folder: Path, quiet: bool) -> tuple[list[Row], MergeOutcome]:
+    """The merge, its files and its evaluation, written into `folder`."""
+    domains = [p.domain.name for p in parts]
     replies = [TrainReply(name, state, part.features, {}) for name, state, part in zip(domains, states, parts, strict=True)]
-    skeleton = build_model(config.model, members[0][2]["text_dim"], config.train.seed)
+    skeleton = build_model(config.model, text_dim, config.train.seed)
     judge = _valid_judge(skeleton, parts, config.train)
     outcome = server_merge(base, replies, config.model, config.train.seed, merge, quiet=quiet, judge=judge)
     skeleton.load_state_dict(outcome.merged)
-    save_weights(skeleton, out / "merged.safetensors")
-    write_json(out / "config.json", {"config": config.model_dump(), "kind": config.model.kind,
-                                     "text_dim": members[0][2]["text_dim"], "domains": domains})
+    save_weights(skeleton, folder / "merged.safetensors")
+    write_json(folder / "config.json", {"config": config.model_dump(), "kind": config.model.kind,
+                                        "text_dim": text_dim, "domains": domains})
     coefficients = outcome.coefficients | {"merge_seconds": round(outcome.seconds, 2),
                                            "teacher_bytes": outcome.teacher_bytes,
-                                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                           "models": [str(p) for p in model_paths], "base": str(base_path)}
-    write_json(out / "coefficients.json", coefficients)
+                                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    write_json(folder / "coefficients.json", coefficients)
     label = merge.method + ("" if merge.learn.mode == "none" else f"+{merge.learn.mode}:{merge.learn.loss}")
     rows = evaluate_rows(skeleton, parts, label, config.train.eval_batch_size)
-    write_metrics(rows, out)
+    write_metrics(rows, folder)
     return rows, outcome
-

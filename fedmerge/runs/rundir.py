@@ -1,9 +1,10 @@
 """A federated run's directory: status, resolved config, event log, results, report, plot, merged model.
 
-``run.json`` says ``running`` from the start and ``complete``, ``failed`` or ``interrupted``
-at the end; the results files (``metrics.json`` / ``metrics.csv``, ``report.md``,
-``metrics.png``, ``merged.safetensors``, ``coefficients.json``) are written only when the run
-completed, so a folder without ``"status": "complete"`` never presents partial results.
+The run is written into ``OUT.partial``; ``run.json`` says ``running`` from the start (with
+the PID, host and a heartbeat) and ``complete``, ``failed`` or ``interrupted`` at the end. The
+results files (``metrics.json`` / ``metrics.csv``, ``report.md``, ``metrics.png``,
+``merged.safetensors``, ``coefficients.json``) are written only when the run completed, and
+only then does the folder replace ``OUT``: ``OUT`` never presents partial results.
 """
 
 from __future__ import annotations
@@ -15,32 +16,37 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path, write_json
 from fedmerge.merge.vectors import StateDict
+from fedmerge.runs.outdir import Output
 from fedmerge.runs.results import PROTOCOL, Row, write_metrics
 from fedmerge.train.checkpoint import save_weights
 
-RESULT_FILES = ("metrics.json", "metrics.csv", "report.md", "metrics.png", "merged.safetensors", "coefficients.json")
-
 
 class RunDir:
-    """Creates the folder, keeps ``run.json`` and the event log, and writes the results at the end."""
+    """Keeps ``run.json`` and the event log of a run in ``OUT.partial`` and writes the results at the end.
+
+    A completed run replaces ``OUT`` (:class:`fedmerge.runs.outdir.Output`); a failed or
+    interrupted one stays in ``OUT.partial`` with its log, and ``OUT`` keeps the previous run.
+    """
 
     def __init__(self, out: Path, config: dict[str, Any], console: Console | None = None) -> None:
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in RESULT_FILES:
-            (self.out / stale).unlink(missing_ok=True)
+        self.output = Output(Path(out), "simulate", {})
+        self.final, self.out = Path(out), self.output.dir
         self.events = self.out / "events.jsonl"
         self.events.write_text("")
         self.console = console
         self.started = time.time()
-        self.status: dict[str, Any] = {"status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "machine": f"{platform.machine()}, Python {platform.python_version()}"}
+        self.output.update(machine=f"{platform.machine()}, Python {platform.python_version()}")
         write_json(self.out / "config.json", config)
-        write_json(self.out / "run.json", self.status)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The run record (``run.json``)."""
+        return self.output.record
 
     def log(self, event: str, **fields: Any) -> None:
         """Append one event (with the seconds since the start) to ``events.jsonl`` and show it."""
@@ -49,12 +55,17 @@ class RunDir:
             handle.write(json.dumps(record) + "\n")
         if self.console is not None:
             details = ", ".join(f"{k} {v}" for k, v in fields.items() if k != "weights")
-            self.console.print(f"[dim]{record['t']:>8.1f} s[/dim] {event.replace('_', ' ')}: {details}", highlight=False)
+            line = Text.assemble((f"{record['t']:>8.1f} s", "dim"), f" {event.replace('_', ' ')}: {details}")
+            self.console.print(line, highlight=False)
 
     def finish(self, status: str, **facts: Any) -> None:
-        """Record the final status (``complete``, ``failed`` or ``interrupted``) and facts."""
-        self.status |= {"status": status, "seconds": round(time.time() - self.started, 2), **facts}
-        write_json(self.out / "run.json", self.status)
+        """Record the final status (``complete``: ``OUT.partial`` replaces ``OUT``; ``failed``, ``interrupted``)."""
+        facts["seconds"] = round(time.time() - self.started, 2)
+        if status == "complete":
+            self.output.commit(**facts)
+            self.out, self.events = self.final, self.final / "events.jsonl"
+        else:
+            self.output.end(status, **facts)
 
     def write_results(self, rows: list[Row], merged: StateDict, coefficients: dict[str, Any], report: str) -> None:
         """The results files (before ``finish("complete")``; refused once the run has ended otherwise)."""

@@ -23,11 +23,11 @@ from fedmerge.config import TrainConfig
 from fedmerge.data.domain import DomainData, user_subset
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain, evaluate_variants
-from fedmerge.files import atomic_path
 from fedmerge.models import Recommender, TextSeqRec
 from fedmerge.models.scoring import model_scorer, text_weight_variants
 from fedmerge.progress import progress_bar
 from fedmerge.train.batches import last_targets_only, length_batches, training_sequences
+from fedmerge.train.state import has_state, load_state, save_state
 
 
 @dataclass
@@ -153,7 +153,7 @@ def deterministic() -> Iterator[None]:
 
 
 @deterministic()
-def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: Path | None = None,
+def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: Path | None = None,
         quiet: bool = False, holdout: list[Part] | None = None) -> FitResult:
     """Train `model` in place on `parts`; return the weights of the best validation epoch.
 
@@ -165,9 +165,9 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
         One part per domain (several for joint training).
     config : TrainConfig
         Optimiser, schedule, stopping.
-    state_path : Path | None
-        Where to keep the resumable trainer state after every epoch; if the file exists,
-        training resumes from it.
+    state_dir : Path | None
+        The folder that keeps the resumable trainer state after every epoch
+        (:mod:`fedmerge.train.state`); if it holds one, training resumes from it.
     quiet : bool
         No progress bar.
     holdout : list[Part] | None
@@ -188,16 +188,16 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
                                   weight_decay=config.weight_decay)
     average = None if config.ema is None else {n: p.detach().clone() for n, p in model.named_parameters()}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location=device)
+    if state_dir is not None and has_state(state_dir):
+        state = load_state(state_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
-        torch.random.set_rng_state(state["torch_rng"].cpu())
-        result, stale, start_epoch = state["result"], state["stale"], state["epoch"] + 1
-        average = state.get("average", average)
-        best_trained = state.get("best_trained", result.best_score)
+        torch.random.set_rng_state(state["torch_rng"])
+        result, stale, start_epoch = FitResult(**state["result"]), state["stale"], state["epoch"] + 1
+        average = {k: v.to(device) for k, v in state["average"].items()} if state["average"] is not None else None
+        best_trained = state["best_trained"]
     else:
         # The starting model is a candidate (epoch 0), but patience counts against the best trained
         # epoch: the first epochs may dip below a strong text-similarity start and then pass it.
@@ -242,8 +242,12 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_path: 
                                    "seconds": seconds, "sequences_per_second": n_seqs / seconds})
             progress.update(task, valid=score)
             best_trained, stale = (score, 0) if score > best_trained else (best_trained, stale + 1)
-            if state_path is not None:
-                _save_state(state_path, model, optimizer, scheduler, rng, result, stale, best_trained, epoch, average)
+            if state_dir is not None:
+                save_state(state_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
+                                       "torch_rng": torch.random.get_rng_state(), "result": vars(result),
+                                       "stale": stale, "best_trained": best_trained, "epoch": epoch,
+                                       "average": average})
             if stale >= config.patience:
                 result.stopped = f"early stop: no better valid ndcg@10 for {stale} epochs"
                 break
@@ -291,14 +295,3 @@ def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) 
     valid ndcg@10 of every candidate (empty for other kinds or no candidates).
     """
     return choose_text_weight(model, text_weight_metrics(model, parts, config))
-
-
-def _save_state(path: Path, model: Recommender, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, result: FitResult,
-                stale: int, best_trained: float, epoch: int, average: dict[str, torch.Tensor] | None) -> None:
-    """Write everything needed to resume after `epoch`, atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.random.get_rng_state(), "result": result, "stale": stale,
-                    "best_trained": best_trained, "epoch": epoch, "average": average}, tmp)

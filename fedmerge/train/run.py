@@ -3,8 +3,9 @@
 The folder holds ``base.safetensors`` (theta_0, the weights training started from),
 ``model.safetensors`` (the best validation epoch), ``config.json`` (config, text size,
 domains, training facts) and ``metrics.json`` / ``metrics.csv`` (valid and test rows for the
-base and the trained model). The metrics files are written last: a folder without them is not
-a finished run. ``trainer.pt`` keeps the state to resume an interrupted run.
+base and the trained model) and ``run.json`` (the run record). The run is written into
+``OUT.partial`` and replaces ``OUT`` when it finished; until then ``trainer.safetensors`` /
+``trainer.json`` there keep the state to resume it (:mod:`fedmerge.train.state`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from rich.console import Console
 
 from fedmerge.config import ExperimentConfig, ModelConfig, load_config
 from fedmerge.data.catalog import load_domain
+from fedmerge.data.domain import DomainData
+from fedmerge.data.download import sha256_of
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.files import write_json
 from fedmerge.models import Recommender
 from fedmerge.models.scoring import model_scorer
+from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import Row, metric_row, write_metrics
 from fedmerge.text import feature_table, get_encoder
 from fedmerge.text.tokens import token_table
 from fedmerge.train.checkpoint import build_model, checkpoint_files, load_weights, save_weights
 from fedmerge.train.loop import Part, fit, fit_text_weight
+from fedmerge.train.state import has_state, remove_state
 
 PRETRAIN_FROZEN = ["blocks", "positions", "codes"]
 """What ``fedmerge pretrain`` keeps at theta_0 in a ``textseq`` base unless the config says otherwise."""
@@ -84,28 +89,45 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     With `holdout` domains (never trained on), validation, early stopping and the text weight
     read their zero-shot quality instead, and the rows include them.
 
-    Re-running with the same `out` resumes from its ``trainer.pt`` when the config matches.
+    Every input is checked before anything is written; the run is written into
+    ``OUT.partial`` and replaces `out` only once it finished (:mod:`fedmerge.runs.outdir`).
+    An interrupted run keeps its trainer state there, and the same command resumes it; a run
+    with any other input (domains, config, ``--init`` weights, data) is refused, named.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "metrics.csv", "model.safetensors"):  # a folder with metrics is a finished run
-        (out / stale).unlink(missing_ok=True)
+    check_out(out, "train")
     parts = load_parts(names, config.model, quiet=quiet)
     held = load_parts(holdout, config.model, quiet=quiet) if holdout else []
     model = build_model(config.model, parts[0].features.shape[1], config.train.seed)
-    if init is not None:
-        load_weights(model, checkpoint_files(init)[0])
-    save_weights(model, out / "base.safetensors")
+    start = checkpoint_files(init)[0] if init is not None else None
+    if start is not None:
+        load_weights(model, start)
+    inputs = {"domains": names, "holdout": holdout or [], "config": config.model_dump(mode="json"),
+              "init": None if start is None else {"path": str(init), "sha256": sha256_of(start)},
+              "data": {p.domain.name: fingerprint(p.domain) for p in parts + held}}
+    output = Output(out, "train", inputs, resume=True)
+    with output.writing(keep=lambda: has_state(output.dir)):
+        rows = _train(model, parts, held, config, output.dir, label, quiet, init)
+        remove_state(output.dir)
+    return rows
+
+
+def fingerprint(domain: DomainData) -> dict[str, object]:
+    """What identifies a domain's data: its counts and the sha256 of the archive it came from."""
+    return {"users": domain.n_users, "items": domain.n_items, "interactions": domain.n_interactions,
+            "sha256": domain.source.get("sha256")}
+
+
+def _train(model: Recommender, parts: list[Part], held: list[Part], config: ExperimentConfig, folder: Path,
+           label: str | None, quiet: bool, init: Path | None) -> list[Row]:
+    """Train `model` (theta_0 or ``--init``) in `folder`: base, state after each epoch, model, facts, metrics."""
+    save_weights(model, folder / "base.safetensors")
     rows = evaluate_rows(model, parts + held, "base", config.train.eval_batch_size)
-    state_path = out / "trainer.pt"
-    config_path = out / "config.json"
-    if state_path.exists() and not same_config(config_path, config, [p.domain.name for p in held]):
-        state_path.unlink()  # a different run's state: start afresh
-    write_json(config_path, _facts(config, parts, init, held))
-    result = fit(model, parts, config.train, state_path=state_path, quiet=quiet, holdout=held)
+    write_json(folder / "config.json", _facts(config, parts, init, held))
+    result = fit(model, parts, config.train, state_dir=folder, quiet=quiet, holdout=held)
     model.load_state_dict(result.best_state)
     text_weights = fit_text_weight(model, held or parts, config.train)
-    save_weights(model, out / "model.safetensors")
+    save_weights(model, folder / "model.safetensors")
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
     rows += evaluate_rows(model, parts + held, label, config.train.eval_batch_size)
     facts = _facts(config, parts, init, held) | {
@@ -113,8 +135,8 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
         "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
         "history": result.history, "text_weight": float(getattr(model, "text_weight", 0.0)),
         "valid_ndcg@10_by_text_weight": {str(w): v for w, v in text_weights.items()}}
-    write_json(config_path, facts)
-    write_metrics(rows, out)
+    write_json(folder / "config.json", facts)
+    write_metrics(rows, folder)
     if not quiet:
         Console(stderr=True).print(f"best epoch {result.best_epoch} ({result.stopped}); "
                                    f"{result.train_seconds:.0f} s of training", highlight=False)
