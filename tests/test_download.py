@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,4 +118,62 @@ def test_cache_path_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_synthetic_domains_need_no_cache(cache: Path) -> None:
     assert catalog.load_domain("synth-4").n_items == synthetic_domain("synth-4").n_items
+    assert cache_files(cache) == []
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temp_files_of_killed_downloads_are_removed_live_ones_kept(cache: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = b"good archive"
+    spec = _spec_for(payload)
+    _mirror_with(tmp_path, spec, payload, monkeypatch)
+    final = download.archive_path(spec)
+    final.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = _dead_pid()
+        stale = final.with_name(f".{final.name}.tmp-{dead}")  # kill -9 during a download left this
+        live = final.with_name(f".{final.name}.tmp-{sleeper.pid}")  # a concurrent download in progress
+        other = final.with_name(f".other.tar.gz.tmp-{dead}")  # another archive's: not this fetch's business
+        odd = final.with_name(f".{final.name}.tmp-notapid")
+        recent = final.with_name(f".{final.name}.tmp-{_dead_pid()}")  # maybe another machine's: too fresh
+        for path in (stale, live, other, odd, recent):
+            path.write_bytes(b"half a download")
+        hour_ago = time.time() - 3600
+        for path in (stale, live, other, odd):
+            os.utime(path, (hour_ago, hour_ago))
+
+        assert fetch(spec, quiet=True).read_bytes() == payload
+        assert not stale.exists()
+        assert [p.exists() for p in (live, other, odd, recent)] == [True] * 4
+        assert live.read_bytes() == b"half a download"
+        assert sorted(p.name for p in final.parent.iterdir()) == sorted(
+            [final.name, live.name, other.name, odd.name, recent.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert download.remove_stale_temps(final) == [live]  # its process is gone now
+
+
+def test_full_disk_during_download_names_the_file_and_leaves_nothing(cache: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = b"x" * 5000
+    spec = _spec_for(payload)
+    _mirror_with(tmp_path, spec, payload, monkeypatch)
+
+    def half_then_full(url: str, dest: Path, label: str, quiet: bool) -> None:
+        dest.write_bytes(payload[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "_download", half_then_full)
+    with pytest.raises(FedmergeError) as err:
+        fetch(spec, quiet=True)
+    assert str(err.value).startswith(f"cannot write {download.archive_path(spec)}: the disk is full")
+    assert "free disk space or set FEDMERGE_DATA" in str(err.value)
     assert cache_files(cache) == []

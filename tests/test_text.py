@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +71,46 @@ def test_minilm_matches_sentence_transformers_and_ranks_by_meaning() -> None:
     assert ours.shape == (3, 384)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
     assert ours[0] @ ours[1] > ours[0] @ ours[2] + 0.1
+
+
+TABLE_CORRUPTIONS: dict[str, Callable[[Path], object]] = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "garbage": lambda p: p.write_bytes(b"\x00\x01 not an array" * 7),
+    "empty": lambda p: p.write_bytes(b""),
+    "wrong-shape": lambda p: np.save(p, np.zeros((3, 64), dtype=np.float32)),
+    "non-finite": lambda p: np.save(p, np.full((200, 64), np.nan, dtype=np.float32)),
+    "pickled-object": lambda p: np.save(p, np.array([{"x": 1}], dtype=object), allow_pickle=True),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE_CORRUPTIONS))
+def test_corrupt_feature_table_is_reported_and_recomputed(case: str, cache: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    domain, encoder = synthetic_domain("synth-0"), get_encoder("hashing")
+    table = feature_table(domain, encoder, quiet=True)
+    (name,) = cache_files(cache)
+    TABLE_CORRUPTIONS[case](cache / name)
+    capsys.readouterr()
+
+    again = feature_table(domain, encoder, quiet=True)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the cached feature table {cache / name} is corrupt (")
+    assert err.endswith("); computing it again\n") and err.count("\n") == 1
+    np.testing.assert_array_equal(again, table)
+    assert cache_files(cache) == [name]
+    np.testing.assert_array_equal(np.load(cache / name), table)  # the cache is whole again
+
+
+def test_full_disk_while_caching_features_names_the_file_and_leaves_nothing(
+        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    domain = synthetic_domain("synth-0")
+    with pytest.raises(FedmergeError) as err:
+        feature_table(domain, get_encoder("hashing"), quiet=True)
+    message = str(err.value)
+    assert message.startswith(f"cannot write {cache / 'features' / 'hashing-64'}/") and ".npy: the disk is full" in message
+    assert "free disk space or set FEDMERGE_DATA" in message
+    assert cache_files(cache) == []

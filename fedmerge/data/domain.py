@@ -9,10 +9,13 @@ test target (marked -1): such a user is skipped when that split is evaluated.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +27,24 @@ from fedmerge.errors import FedmergeError
 TEXT_FIELDS: tuple[str, ...] = ("title", "brand", "category")
 NO_TARGET = -1
 _FORMAT_VERSION = 1
+_ARRAYS = ("train_offsets", "train_items", "valid", "test")
+
+
+class CorruptCacheError(FedmergeError):
+    """A cached domain file that cannot be read back; `path` names the file."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"the cached domain file {path} is corrupt ({detail}); delete {self.path.parent} and load it again")
+
+
+def cache_write_error(path: Path, err: OSError) -> FedmergeError:
+    """The error for a failed cache write of `path`: a full disk says to free space or move the cache."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FedmergeError(f"cannot write {path}: the disk is full ({err.strerror}); nothing was kept: free disk "
+                             "space or set FEDMERGE_DATA to a folder on a disk with room")
+    return FedmergeError(f"cannot write {path} ({err.strerror or err}); nothing was kept: check the folder's "
+                         "permissions or set FEDMERGE_DATA to a writable folder")
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,10 @@ class DomainData:
         n_users, n_items = len(self.user_ids), len(self.item_ids)
         if len(self.train_offsets) != n_users + 1 or len(self.valid) != n_users or len(self.test) != n_users:
             raise FedmergeError(f"domain {self.name!r}: split arrays do not match {n_users} users")
+        offsets = self.train_offsets
+        if offsets[0] != 0 or offsets[-1] != len(self.train_items) or (np.diff(offsets) < 0).any():
+            raise FedmergeError(f"domain {self.name!r}: train_offsets do not delimit the {len(self.train_items)} "
+                                "training items")
         for key, values in self.item_text.items():
             if len(values) != n_items:
                 raise FedmergeError(f"domain {self.name!r}: text field {key!r} has {len(values)} values for {n_items} items")
@@ -128,26 +153,30 @@ class DomainData:
         }
 
     def save(self, directory: Path) -> None:
-        """Write the domain to `directory` atomically (built in a temporary sibling, then renamed).
+        """Write the domain to `directory` atomically (built in a temporary sibling, then swapped in).
 
-        When another process finishes writing the same folder first, its copy is kept.
+        A folder already at `directory` is replaced only once the new one is complete; a failed
+        write (full disk: a FedmergeError naming the file) leaves it as it was. When another
+        process finishes writing the same folder first, its copy is kept.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            np.savez(tmp / "arrays.npz", train_offsets=self.train_offsets, train_items=self.train_items,
-                     valid=self.valid, test=self.test)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        except OSError as err:
+            raise cache_write_error(directory, err) from err
+        try:
+            try:
+                np.savez(tmp / "arrays.npz", **{key: getattr(self, key) for key in _ARRAYS})
+            except OSError as err:
+                raise cache_write_error(directory / "arrays.npz", err) from err
             meta = {"format_version": _FORMAT_VERSION, "name": self.name, "source": self.source,
                     "item_ids": self.item_ids, "item_text": self.item_text, "user_ids": self.user_ids}
-            (tmp / "domain.json").write_text(json.dumps(meta))
-            if directory.exists():
-                shutil.rmtree(directory)
             try:
-                os.replace(tmp, directory)
-            except OSError:
-                if not (directory / "domain.json").exists():
-                    raise  # not a concurrent writer that finished first
+                (tmp / "domain.json").write_text(json.dumps(meta))
+            except OSError as err:
+                raise cache_write_error(directory / "domain.json", err) from err
+            _swap_in(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -155,16 +184,65 @@ class DomainData:
     def load(cls, directory: Path) -> DomainData:
         """Read a domain written by :meth:`save`."""
         directory = Path(directory)
+        meta_path, arrays_path = directory / "domain.json", directory / "arrays.npz"
         try:
-            meta = json.loads((directory / "domain.json").read_text())
-            with np.load(directory / "arrays.npz") as arrays:
-                parts = {key: arrays[key] for key in ("train_offsets", "train_items", "valid", "test")}
-        except (OSError, ValueError, KeyError) as err:
-            raise FedmergeError(f"cached domain at {directory} is unreadable ({err}); delete that folder and load again") from err
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise FedmergeError(f"cached domain at {directory} has an old format; delete that folder and load again")
-        return cls(name=meta["name"], item_ids=meta["item_ids"], item_text=meta["item_text"],
-                   user_ids=meta["user_ids"], source=meta.get("source", {}), **parts)
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CorruptCacheError(meta_path, str(err)) from err
+        if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
+            raise CorruptCacheError(meta_path, f"not format version {_FORMAT_VERSION}")
+        try:
+            with np.load(arrays_path, allow_pickle=False) as arrays:
+                parts = {key: arrays[key] for key in _ARRAYS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise CorruptCacheError(arrays_path, str(err) or type(err).__name__) from err
+        if any(array.ndim != 1 or array.dtype.kind not in "iu" for array in parts.values()):
+            raise CorruptCacheError(arrays_path, "an array is not a vector of integers")
+        try:
+            return cls(name=meta["name"], item_ids=meta["item_ids"], item_text=meta["item_text"],
+                       user_ids=meta["user_ids"], source=meta.get("source", {}), **parts)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CorruptCacheError(meta_path, f"{type(err).__name__}: {err}") from err
+        except FedmergeError as err:  # DomainData's consistency checks
+            raise CorruptCacheError(arrays_path, f"does not match {meta_path.name}: {err}") from err
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Rename the complete folder `tmp` to `directory`, moving an existing one aside first and restoring it on failure."""
+    old: Path | None = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+        try:
+            os.replace(directory, old)
+        except FileNotFoundError:  # a concurrent writer moved it first
+            old.rmdir()
+            old = None
+    try:
+        os.replace(tmp, directory)
+    except OSError as err:
+        if old is not None:
+            os.replace(old, directory)
+            raise cache_write_error(directory, err) from err
+        if not (directory / "domain.json").exists():
+            raise cache_write_error(directory, err) from err
+        # else: a concurrent writer finished first; keep its copy
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_not_empty(domain: DomainData, where: str) -> None:
+    """Refuse a domain without users or interactions: it cannot be trained or evaluated.
+
+    Parameters
+    ----------
+    domain : DomainData
+        The imported domain.
+    where : str
+        The file it came from, for the message.
+    """
+    if domain.n_users == 0 or domain.n_interactions == 0:
+        raise FedmergeError(f"{where} holds no interactions ({domain.n_users} users, {domain.n_interactions} "
+                            "interactions), so it cannot be a domain; give a file with at least one user's items")
 
 
 def from_sequences(
@@ -178,8 +256,13 @@ def from_sequences(
     """Split full time-ordered sequences leave-one-out (RecBole's convention).
 
     A user with n >= 3 items gets n - 2 training items, a validation and a test target; with
-    n = 2, one training item and a test target; with n = 1, one training item only.
+    n = 2, one training item and a test target; with n = 1, one training item only. A user
+    without items, or a domain without users, is an error naming ``source["path"]`` (or `name`).
     """
+    where = (source or {}).get("path", f"domain {name!r}")
+    empty = next((user for user, seq in zip(user_ids, sequences, strict=True) if len(seq) == 0), None)
+    if empty is not None:
+        raise FedmergeError(f"{where}: user {empty!r} has no interactions; drop that user or give it its items")
     offsets = [0]
     train: list[int] = []
     valid = np.full(len(sequences), NO_TARGET, dtype=np.int64)
@@ -192,9 +275,11 @@ def from_sequences(
         if n_held == 2:
             valid[user] = seq[-2]
         offsets.append(len(train))
-    return DomainData(name=name, item_ids=list(item_ids), item_text=item_text, user_ids=list(user_ids),
-                      train_offsets=np.asarray(offsets, dtype=np.int64), train_items=np.asarray(train, dtype=np.int64),
-                      valid=valid, test=test, source=dict(source or {}))
+    domain = DomainData(name=name, item_ids=list(item_ids), item_text=item_text, user_ids=list(user_ids),
+                        train_offsets=np.asarray(offsets, dtype=np.int64),
+                        train_items=np.asarray(train, dtype=np.int64), valid=valid, test=test, source=dict(source or {}))
+    check_not_empty(domain, where)
+    return domain
 
 
 def full_sequences(domain: DomainData) -> list[np.ndarray]:

@@ -3,13 +3,20 @@
 The cache is ``$FEDMERGE_DATA`` (default ``~/.cache/fedmerge``). ``$FEDMERGE_MIRROR`` (an
 ``http(s)://`` or ``file://`` base laid out as ``OWNER/REPO/PATH``) replaces the upstream host.
 An archive is written to a temporary file beside its final place, its sha256 is checked, and
-only then is it renamed into place: a failed or corrupt download leaves nothing behind.
+only then is it renamed into place: a failed or corrupt download leaves nothing behind, and a
+full disk is an error that names the file. The temporary file of a download killed outright
+(``kill -9``), named ``.NAME.tmp-PID``, is removed by the next fetch of the same archive once
+process PID is gone and the file has not changed for :data:`STALE_AFTER_S` seconds (so that a
+download by another machine sharing the cache is left alone).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import http.client
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,12 +24,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
 
+from fedmerge.data.domain import cache_write_error
 from fedmerge.data.registry import DatasetSpec
 from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path
 from fedmerge.progress import progress_bar
 
 _CHUNK = 1 << 20
+STALE_AFTER_S = 60.0
+"""A dead process's temporary download untouched for this long is removed."""
 
 
 def cache_dir() -> Path:
@@ -74,17 +84,53 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
         if sha256_of(final) == spec.sha256:
             return final
         final.unlink()
-    final.parent.mkdir(parents=True, exist_ok=True)
     url = source_url(spec)
-    with atomic_path(final) as tmp:
-        _download(url, tmp, label=spec.name, quiet=quiet)
-        got = sha256_of(tmp)
-        if got != spec.sha256:
-            raise FedmergeError(
-                f"{spec.name}: the archive from {url} has sha256 {got}, expected {spec.sha256} "
-                "(corrupt, truncated or tampered); nothing was cached: check FEDMERGE_MIRROR or retry the download"
-            )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
+        with atomic_path(final) as tmp:
+            _download(url, tmp, label=spec.name, quiet=quiet)
+            got = sha256_of(tmp)
+            if got != spec.sha256:
+                raise FedmergeError(
+                    f"{spec.name}: the archive from {url} has sha256 {got}, expected {spec.sha256} "
+                    "(corrupt, truncated or tampered); nothing was cached: check FEDMERGE_MIRROR or retry the download"
+                )
+    except OSError as err:  # writing the cache failed (a full disk, most often); reading errors are reported below
+        raise cache_write_error(final, err) from err
     return final
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove temporary siblings ``.NAME.tmp-PID`` of `final` whose process is gone; return them.
+
+    A temporary file of a live process (a concurrent download) is kept, and so is one modified
+    in the last :data:`STALE_AFTER_S` seconds (it may belong to a process on another machine).
+    """
+    prefix = f".{final.name}.tmp-"
+    removed = []
+    for tmp in final.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):]
+        try:
+            if pid.isdigit() and not _alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # removed by a concurrent fetch
+            continue
+    return removed
 
 
 def _download(url: str, dest: Path, label: str, quiet: bool) -> None:
@@ -103,9 +149,12 @@ def _download(url: str, dest: Path, label: str, quiet: bool) -> None:
     ) as progress:
         length = response.headers.get("Content-Length")
         task = progress.add_task(f"download {label}", total=int(length) if length else None)
-        try:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-                progress.advance(task, len(chunk))
-        except OSError as err:
-            raise FedmergeError(f"download of {label} from {url} broke off ({err}); nothing was cached: retry") from err
+        while True:
+            try:
+                chunk = response.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as err:
+                raise FedmergeError(f"download of {label} from {url} broke off ({err}); nothing was cached: retry") from err
+            if not chunk:
+                break
+            out.write(chunk)  # an OSError here (full disk) is reported by fetch, naming the file
+            progress.advance(task, len(chunk))
