@@ -1,28 +1,38 @@
 """Experiment configuration: pydantic models loaded from TOML presets plus ``--set key=value``.
 
-Keys are dotted (``model.dim``, ``train.lr``); an unknown or ill-typed key is an error that
-names the key.
+Keys are dotted (``model.dim``, ``train.lr``); an unknown, ill-typed, non-finite or
+out-of-range key is an error that names the key. Every config model of the project derives
+from :class:`ConfigModel`, so none accepts NaN or infinity in a float field.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedmerge.errors import FedmergeError
 
 M = TypeVar("M", bound=BaseModel)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BERT_POSITIONS = 512  # position embeddings of the pretrained all-MiniLM-L6-v2 (textenc)
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
+"""Every learning rate: positive, at most 10."""
 
 
-class ModelConfig(BaseModel):
+class ConfigModel(BaseModel):
+    """The base of every config model: unknown keys, NaN and infinity are refused (also inside lists)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ModelConfig(ConfigModel):
     """The recommender (its parameter layout depends only on this, never on the domain)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["textseq", "textenc"] = "textseq"
     encoder: Literal["minilm", "hashing"] = Field("minilm", description="textseq: the frozen encoder of the item features")
@@ -32,23 +42,34 @@ class ModelConfig(BaseModel):
     max_len: int = Field(50, ge=1, description="most recent items a user vector sees")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     experts: int = Field(4, ge=1, description="experts of the text adaptor (mixture of whitening projections)")
-    temperature: float = Field(0.05, gt=0.0, description="softmax temperature on cosine scores")
+    temperature: float = Field(0.05, gt=0.0, le=10.0, description="softmax temperature on cosine scores")
     pretrained: bool = Field(True, description="textenc: start from all-MiniLM-L6-v2 (else a seeded dim/layers/heads BERT)")
     item_tokens: int = Field(32, ge=1, description="textenc: tokens kept of each item's text")
     history_tokens: int = Field(256, ge=8, description="textenc: tokens kept of a user's history text")
     code_tables: int = Field(8, ge=0, description="textseq: hashed text-code embedding tables added to item vectors")
     code_bits: int = Field(12, ge=1, le=20, description="textseq: bits of each text code (2**bits rows per table)")
 
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        """Refuse sizes the model cannot be built with: attention splits dim across heads; BERT's positions."""
+        if (self.kind == "textseq" or not self.pretrained) and self.dim % self.heads:
+            raise ValueError(f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each attention "
+                             "head gets dim / heads dimensions); change model.dim or model.heads")
+        if self.kind == "textenc" and self.pretrained:
+            for key, tokens in (("history_tokens", self.history_tokens), ("item_tokens", self.item_tokens + 2)):
+                if tokens > BERT_POSITIONS:
+                    raise ValueError(f"model.{key} = {getattr(self, key)} does not fit the {BERT_POSITIONS} positions "
+                                     "of the pretrained encoder (an item's text also takes [CLS] and [SEP]); lower it")
+        return self
 
-class TrainConfig(BaseModel):
+
+class TrainConfig(ConfigModel):
     """Local training."""
-
-    model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(30, ge=0)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    lr: LearningRate = 1e-3
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
     warmup_steps: int = Field(100, ge=0)
     patience: int = Field(3, ge=1, description="epochs without a better valid ndcg@10 before stopping")
     seed: int = 0
@@ -61,7 +82,7 @@ class TrainConfig(BaseModel):
     valid_users: int | None = Field(
         None, ge=1, description="early stopping and the text weight read valid ndcg@10 of this many users drawn "
         "once (seeded) per domain (None: every user); the reported metrics always use every user")
-    text_weights: list[float] = Field(
+    text_weights: list[Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
         [0.0, 0.1, 0.2, 0.3, 0.5], description="textseq: raw text-similarity weights tried on validation after training")
     device: str = Field("cpu", description="torch device to train and evaluate on: cpu, cuda, cuda:1, mps")
     max_minutes: float | None = Field(
@@ -74,10 +95,8 @@ class TrainConfig(BaseModel):
         "positions (a base pretrained with only the adaptor trained keeps the text-similarity start)")
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(ConfigModel):
     """Everything one training run needs besides the data."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -122,11 +141,15 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         file = Path(path)
         if not file.exists() and (CONFIG_DIR / f"{path}.toml").exists():
             file = CONFIG_DIR / f"{path}.toml"
+        presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
         try:
-            tree = tomllib.loads(file.read_text())
+            if not stat.S_ISREG(os.stat(file).st_mode):  # a folder or a FIFO: never read (a FIFO would block)
+                raise FedmergeError(f"config {file} is not a regular file; give a TOML file or a preset: {presets}")
+            tree = tomllib.loads(file.read_bytes().decode("utf-8"))
         except OSError as err:
-            presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
             raise FedmergeError(f"cannot read config {path} ({err.strerror}); give a TOML file or a preset: {presets}") from err
+        except UnicodeDecodeError as err:
+            raise FedmergeError(f"config {file} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8") from err
         except tomllib.TOMLDecodeError as err:
             raise FedmergeError(f"config {file} is not valid TOML ({err})") from err
     return validate(schema, apply_overrides(tree, overrides or []))
@@ -143,12 +166,32 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def validate(model: type[M], tree: dict[str, Any], prefix: str = "") -> M:
-    """`tree` validated as `model`; the first unknown or ill-typed key is named (``prefix.key``) in the error."""
+    """`tree` validated as `model`, or a FedmergeError that names the first bad key (``prefix.key``).
+
+    Parameters
+    ----------
+    model : type
+        The pydantic model (a :class:`ConfigModel`).
+    tree : dict
+        The nested settings.
+    prefix : str
+        Put before every key named in an error (``method.``).
+
+    Raises
+    ------
+    FedmergeError
+        One sentence: the key, what is wrong with its value, and the fix. A model validator's
+        own message (it names its keys) is passed on as it is.
+    """
     try:
         return model.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        key = prefix + ".".join(str(part) for part in first["loc"])
-        problem = "is not a known key" if first["type"] == "extra_forbidden" else first["msg"].lower()
-        raise FedmergeError(f"config key {key!r} {problem}"
-                            + (f" (got {first['input']!r})" if first["type"] != "extra_forbidden" else "")) from err
+        key = prefix + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])[1:]
+        if first["type"] == "extra_forbidden":
+            raise FedmergeError(f"config key {key!r} is not a known key") from err
+        if first["type"] == "value_error":
+            raise FedmergeError(str(first["ctx"]["error"])) from err
+        problem = first["msg"][0].lower() + first["msg"][1:]
+        problem = problem.replace("input should be", "must be", 1)
+        raise FedmergeError(f"config key {key!r} {problem} (got {first['input']!r}); set it to a valid value") from err

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedmerge.errors import FedmergeError
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -22,6 +24,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON, atomically."""
+    """Write `data` as indented JSON, atomically.
+
+    Raises
+    ------
+    FedmergeError
+        When `data` holds a NaN or infinite float (not JSON); nothing is written then.
+    """
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise FedmergeError(f"refusing to write {path}: its data holds a NaN or infinite number, which JSON cannot "
+                            "represent; the run that computed it diverged, so check its settings and inputs") from err
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(text)

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from fedmerge.config import ModelConfig, TrainConfig
+from fedmerge.config import ConfigModel, ModelConfig, TrainConfig
 from fedmerge.data.domain import user_subset
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
@@ -46,10 +46,8 @@ from fedmerge.train.loop import (
 from fedmerge.train.run import load_parts
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(ConfigModel):
     """The server's merge: a training-free initialisation, then (optionally) learned coefficients."""
-
-    model_config = ConfigDict(extra="forbid")
 
     method: str = "ties"
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (see `fedmerge merge`)")
@@ -63,10 +61,8 @@ class MergeConfig(BaseModel):
         return self
 
 
-class FederationConfig(BaseModel):
+class FederationConfig(ConfigModel):
     """One federated run: which domains, how many parties, the model, local training and the merge."""
-
-    model_config = ConfigDict(extra="forbid")
 
     domains: list[str] = Field(default_factory=list, description="one or more registered domains, each once")
     parties_per_domain: int = Field(1, ge=1, description="parties each domain's users are split across (FedAvg inside)")
@@ -75,9 +71,9 @@ class FederationConfig(BaseModel):
     seed: int = 0
     base: str | None = Field(None, description="base weights theta_0 (a safetensors file or checkpoint folder); "
                              "default: the seeded init of the model config")
-    client_cpus: float = Field(1.0, gt=0.0, description="CPUs per party: Ray resources, and its torch threads "
+    client_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per party: Ray resources, and its torch threads "
                                "in every backend")
-    client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated party (fractions allowed)")
+    client_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per simulated party (fractions allowed)")
     evaluate_valid: bool = Field(True, description="parties evaluate every model on their valid split as well as "
                                  "on test (false: test only, half the evaluation time)")
     local_text_weight: bool = Field(True, description="textseq: each party sets the text weight of every model it "

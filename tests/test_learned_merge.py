@@ -226,7 +226,7 @@ def test_merge_beats_the_worst_single_model_on_every_domain(finetuned: dict, tmp
     coefficients = json.loads((tmp_path / "merged" / "coefficients.json").read_text())
     assert len(coefficients["log"]) == 100 and coefficients["teacher_bytes"] > 0
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
-        "coefficients.json", "config.json", "merged.safetensors", "metrics.csv", "metrics.json"]
+        "coefficients.json", "config.json", "merged.safetensors", "metrics.csv", "metrics.json", "run.json"]
     model, _, _ = load_checkpoint(tmp_path / "merged")  # a merge folder is a checkpoint `evaluate` can read
     again = evaluate_domain(model_scorer(model, finetuned["parts"][1].features), finetuned["parts"][1].domain, "test")
     assert again["recall@10"] == merged["synth-1"]
@@ -333,6 +333,37 @@ def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monke
     rows, _ = merge_run(tmp_path / "noisy.safetensors", [root / d for d in DOMAINS[:2]], DOMAINS[:2], average,
                         tmp_path / "d")
     assert {r["domain"] for r in rows} == set(DOMAINS[:2])
+
+
+def test_merge_checks_each_model_domain_and_never_loses_a_finished_merge(
+        finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMERGE_DATA", str(finetuned["root"] / "cache"))
+    root, base = finetuned["root"], finetuned["root"] / DOMAINS[0] / "base.safetensors"
+    models, average, out = [root / d for d in DOMAINS[:2]], MergeConfig(method="average"), tmp_path / "merged"
+    with pytest.raises(FedmergeError, match="was trained on synth-0, not on synth-1"):
+        merge_run(base, models, ["synth-1", "synth-0"], average, out)
+    assert not out.exists() and not (tmp_path / "merged.partial").exists()
+    merge_run(base, models, DOMAINS[:2], average, out, quiet=True)
+    finished = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FedmergeError, match="trained on synth-0, synth-1, not on synth-0"):  # a merge is no member
+        merge_run(base, [out, models[1]], DOMAINS[:2], average, tmp_path / "again")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the merge broke half-way")
+
+    monkeypatch.setattr("fedmerge.merge.run.server_merge", broken)
+    with pytest.raises(RuntimeError, match="half-way"):
+        merge_run(base, models, DOMAINS[:2], average, out, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished  # the finished merge, byte for byte
+    assert not (tmp_path / "merged.partial").exists()  # and no half-written folder beside it
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "metrics.json").write_text("my own numbers")
+    with pytest.raises(FedmergeError, match="not empty and was not written by fedmerge"):
+        merge_run(base, models, DOMAINS[:2], average, foreign)
+    assert (foreign / "metrics.json").read_text() == "my own numbers"
+    with pytest.raises(FedmergeError, match="--models is empty"):
+        merge_run(base, [], [], average, tmp_path / "none")
 
 
 def test_merge_command(finetuned: dict, tmp_path: Path) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedmerge.config import ExperimentConfig, load_config
 from fedmerge.data.synthetic import synthetic_domain

@@ -20,10 +20,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from fedmerge.config import ConfigModel, LearningRate
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.losses import LOSSES, NEEDS_TEACHER
 from fedmerge.merge.methods import Prepared
@@ -41,16 +42,14 @@ Mode = Literal["none", "task-wise", "layer-wise", "tensor-wise"]
 ItemVectors = Literal["fixed", "history", "current"]
 
 
-class LearnConfig(BaseModel):
+class LearnConfig(ConfigModel):
     """Learning the merge coefficients on pseudo-users (MergeRec's published defaults)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mode: Mode = "task-wise"
     loss: Literal[tuple(LOSSES)] = "mergerec"  # type: ignore[valid-type]  # the registry's names
-    temperature: float = Field(0.05, gt=0.0)
-    kd_weight: float = Field(2.5, ge=0.0, description="beta * T^2, the weight of the KL term")
-    lr: float = Field(1e-3, gt=0.0)
+    temperature: float = Field(0.05, gt=0.0, le=10.0)
+    kd_weight: float = Field(2.5, ge=0.0, le=1000.0, description="beta * T^2, the weight of the KL term")
+    lr: LearningRate = 1e-3
     batch_size: int = Field(16, ge=1)
     steps: int = Field(500, ge=0)
     held_out: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of pseudo-users held out; best w is restored")
@@ -71,7 +70,7 @@ class LearnConfig(BaseModel):
     teacher_top_k: int = Field(200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)")
     fit_scale: bool = Field(True, description="kd / mergerec: learn one score scale per domain for the KL term, "
                                               "so that it compares rankings, not the merged model's sharpness")
-    scale_lr: float = Field(0.05, gt=0.0, description="Adam lr of the log score scales (fit_scale)")
+    scale_lr: LearningRate = Field(0.05, description="Adam lr of the log score scales (fit_scale)")
     balance: bool = Field(False, description="every domain weighs the same in each step and in the held-out loss, "
                                              "whatever its catalogue size (false: uniform over all pseudo-users, "
                                              "as in MergeRec)")

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from fedmerge.config import validate
+from fedmerge.config import ConfigModel, validate
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict, combine, flatten, task_vector, unflatten
 
 Scope = Literal["global", "tensor"]
+Coefficient = Annotated[float, Field(ge=-100.0, le=100.0)]
+"""A merge coefficient (lambda, a model's weight): at most 100 in size."""
 
 
 @dataclass(frozen=True)
@@ -34,29 +36,29 @@ class Prepared:
     weights: list[float]
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Params(ConfigModel):
+    """The parameters of a merge method (finite, and coefficients bounded: :data:`Coefficient`)."""
 
 
 class AverageParams(Params):
-    weights: list[float] | None = Field(None, description="one weight per model (default: 1/K each)")
+    weights: list[Coefficient] | None = Field(None, description="one weight per model (default: 1/K each)")
 
 
 class TaskArithmeticParams(Params):
-    lam: float = Field(0.2, description="lambda: the same coefficient for every task vector")
+    lam: Coefficient = Field(0.2, description="lambda: the same coefficient for every task vector")
 
 
 class TiesParams(Params):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task vector")
     scope: Scope = "global"
-    lam: float = Field(1.0, description="scale of the merged vector (1 = TIES)")
+    lam: Coefficient = Field(1.0, description="scale of the merged vector (1 = TIES)")
 
 
 class DareParams(Params):
-    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop rate; kept entries are scaled by 1/(1-p)")
+    p: float = Field(0.5, ge=0.0, le=0.99, description="drop rate; kept entries are scaled by 1/(1-p)")
     seed: int = 0
     then: Literal["task_arithmetic", "ties"] = "task_arithmetic"
-    lam: float = Field(0.2, description="lambda of the method applied after dropping")
+    lam: Coefficient = Field(0.2, description="lambda of the method applied after dropping")
     density: float = Field(1.0, gt=0.0, le=1.0, description="with then = ties: TIES density")
     scope: Scope = "global"
 
@@ -64,13 +66,13 @@ class DareParams(Params):
 class MagnitudeParams(Params):
     density: float = Field(0.2, gt=0.0, le=1.0)
     scope: Scope = "global"
-    lam: float = 0.2
+    lam: Coefficient = 0.2
 
 
 class BreadcrumbsParams(Params):
     density: float = Field(0.9, gt=0.0, le=1.0, description="fraction of entries kept per tensor")
     gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of the largest entries dropped as outliers")
-    lam: float = 0.2
+    lam: Coefficient = 0.2
 
 
 class ModelStockParams(Params):
@@ -186,13 +188,45 @@ def method_params(name: str, values: dict | None = None) -> Params:
 
 
 def prepare(name: str, vectors: list[StateDict], params: Params | dict | None = None) -> Prepared:
-    """Run method `name` on task vectors (params: a validated model, a dict, or None for defaults)."""
+    """Run method `name` on task vectors (params: a validated model, a dict, or None for defaults).
+
+    Raises
+    ------
+    FedmergeError
+        When a coefficient or a processed vector is NaN or infinite: naming the method and its parameters.
+    """
     if not isinstance(params, Params):
         params = method_params(name, params)
-    return METHODS[name].prepare(vectors, params)
+    prepared = METHODS[name].prepare(vectors, params)
+    check_finite(name, params, {f"coefficient {k}": torch.tensor(w) for k, w in enumerate(prepared.weights)})
+    for vector in prepared.vectors:
+        check_finite(name, params, vector)
+    return prepared
+
+
+def check_finite(name: str, params: Params, state: StateDict) -> None:
+    """Raise a FedmergeError naming method `name`, its `params` and the first NaN or infinite tensor of `state`.
+
+    Parameters
+    ----------
+    name : str
+        The merge method that computed `state`.
+    params : Params
+        Its parameters.
+    state : StateDict
+        Merged weights, processed task vectors or coefficients.
+    """
+    bad = next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise FedmergeError(f"merge method {name!r} with {params.model_dump()} gave NaN or infinite values in {bad!r}; "
+                            "use smaller coefficients or check that the input models are finite")
 
 
 def merge(base: StateDict, models: list[StateDict], name: str, params: Params | dict | None = None) -> StateDict:
     """The training-free merge `name` of fine-tuned `models` that all started from `base`."""
+    if not isinstance(params, Params):
+        params = method_params(name, params)
     prepared = prepare(name, [task_vector(base, m) for m in models], params)
-    return combine(base, prepared.vectors, prepared.weights)
+    merged = combine(base, prepared.vectors, prepared.weights)
+    check_finite(name, params, merged)
+    return merged

@@ -21,15 +21,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from fedmerge.config import ConfigModel
 
 Selection = Literal["all", "random", "kmeans"]
 
 
-class PseudoConfig(BaseModel):
+class PseudoConfig(ConfigModel):
     """How the server builds pseudo-users for each domain."""
-
-    model_config = ConfigDict(extra="forbid")
 
     selection: Selection = "all"
     count: int = Field(1000, ge=1, description="random / kmeans: pseudo-users per domain (capped at the catalogue)")
