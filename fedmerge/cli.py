@@ -11,6 +11,7 @@ from typing import Annotated, get_args
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedmerge.config import apply_overrides, load_config, validate
 from fedmerge.data.catalog import import_domain, imported_names, load_domain
@@ -28,6 +29,7 @@ from fedmerge.models import MODELS
 from fedmerge.models.popularity import popularity_scorer
 from fedmerge.models.scoring import model_scorer
 from fedmerge.protocol import FederationConfig, MergeConfig
+from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
 from fedmerge.text import feature_table, get_encoder
 from fedmerge.train.checkpoint import load_checkpoint
@@ -37,7 +39,7 @@ app = typer.Typer(help="Federated cross-domain sequential recommendation by mode
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: list, download, inspect, import, export.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(markup=False)  # text is text: a path or name with [...] prints as given
 
 BASELINES = {"popularity": popularity_scorer}
 
@@ -109,9 +111,11 @@ def data_import(
     name: Annotated[str, typer.Option("--name", help="Domain name to use it under.")],
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle",
                                                help="Unpickle an unpinned seqrec-zip (runs its code).")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an earlier import of NAME (kept if this "
+                                          "import fails).")] = False,
 ) -> None:
     """Import your own archive as domain NAME."""
-    summary = import_domain(path, fmt, name, allow_pickle=allow_pickle).summary()
+    summary = import_domain(path, fmt, name, allow_pickle=allow_pickle, replace=replace).summary()
     console.print(f"imported {name}: {summary['users']:,} users, {summary['items']:,} items, "
                   f"{summary['interactions']:,} interactions")
 
@@ -162,6 +166,8 @@ def evaluate(
     if splits is None:
         raise FedmergeError(f"unknown split {split!r}; use valid, test or both")
     names = _split_names(domain)
+    if out is not None:
+        check_out(out, "evaluate")
     if checkpoint is not None:
         model, config, _ = load_checkpoint(checkpoint)
         label = str(checkpoint)
@@ -176,8 +182,9 @@ def evaluate(
             rows.append(metric_row(label, name, part, metrics | {"exclude_seen": exclude_seen}))
     console.print(metrics_table(rows, title=f"{label}"))
     if out is not None:
-        json_path, csv_path = write_metrics(rows, out)
-        console.print(f"wrote {json_path} and {csv_path}")
+        with Output(out, "evaluate", {"checkpoint": str(checkpoint), "baseline": baseline}).writing() as folder:
+            write_metrics(rows, folder)
+        console.print(f"wrote {out / 'metrics.json'} and {out / 'metrics.csv'}")
 
 
 @app.command("train")
@@ -285,21 +292,85 @@ def simulate(
         raise FedmergeError(f"unknown backend {backend!r}; use flower or inprocess")
     try:
         run_simulation(federation, transport, out, console)
-    except KeyboardInterrupt:
-        console.print(f"interrupted: {out / 'run.json'} says so, and no results were written")
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (its name is the argument; see fedmerge.pipeline.simulate)
+        import signal
+
+        from fedmerge.runs.outdir import RECORD, partial_dir
+
+        code = 128 + signal.Signals[str(err.args[0]) if err.args else "SIGINT"]
+        console.print(f"interrupted: {partial_dir(out) / RECORD} says so; {out} is untouched and no results were "
+                      "written", markup=False, highlight=False, soft_wrap=True)
         if backend == "flower":
             from server.app import leave_after_interrupt
 
-            leave_after_interrupt()
-        raise typer.Exit(130) from None
-    console.print(f"wrote {out} (report.md, metrics.csv, metrics.png, merged.safetensors)")
+            leave_after_interrupt(code)
+        raise typer.Exit(code) from None
+    console.print(f"wrote {out} (report.md, metrics.csv, metrics.png, merged.safetensors)", markup=False)
+
+
+@app.command("status")
+def status(
+    out: Annotated[Path, typer.Argument(help="The --out folder of a fedmerge command.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: {\"out\": record or null, "
+                                                           "\"partial\": record or null}, each with its liveness.")] = False,
+) -> None:
+    """How the run in OUT ended, and whether the one being written into OUT.partial is running or dead.
+
+    A command writes into OUT.partial and only a finished run replaces OUT. A partial run whose
+    process is gone (killed, or its machine went down), or whose heartbeat stopped, is dead: the
+    same command given again replaces it (``train`` resumes it).
+    """
+    from fedmerge.runs.outdir import RECORD, liveness, partial_dir, read_record
+
+    now = time.time()
+    records = {"out": read_record(out), "partial": read_record(partial_dir(out))}
+    if records["out"] is None and records["partial"] is None:
+        raise FedmergeError(f"{out} holds no fedmerge run (no {RECORD} in it or in {partial_dir(out)}); "
+                            "give the --out of a fedmerge command")
+    for record in records.values():
+        if record is not None:
+            record["liveness"] = liveness(record, now)
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return
+
+    def ago(stamp: object) -> str:
+        seconds = now - float(stamp)  # type: ignore[arg-type]
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+    plain = Console(markup=False, highlight=False, soft_wrap=True)
+    for folder, record in ((out, records["out"]), (partial_dir(out), records["partial"])):
+        if record is None:
+            continue
+        command, state = record.get("command", "?"), record.get("status", "?")
+        if record["liveness"] == "live":
+            state = f"running (PID {record.get('pid')} on {record.get('host')}, heartbeat {ago(record['heartbeat'])} ago)"
+        elif record["liveness"] == "dead":
+            beat = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(float(record.get("heartbeat", 0))))
+            state = (f"dead: the process that wrote it is gone (PID {record.get('pid')} on {record.get('host')}, last "
+                     f"heartbeat {beat}, {ago(record.get('heartbeat', 0))} ago); rerun the command to "
+                     + ("resume it" if command == "train" else "replace it"))
+        elif "signal" in record:
+            state += f" ({record['signal']})"
+        facts = [f"{key} {record[key]}" for key in ("started", "ended") if key in record]
+        facts += [f"{record['seconds']} s"] if "seconds" in record else []
+        plain.print(f"{folder}: {command} {state}" + "".join(f", {fact}" for fact in facts)
+                    + (f"\n  error: {record['error']}" if "error" in record else ""))
 
 
 def main() -> None:
-    """Entry point: a FedmergeError is reported as one line on stderr, exit code 2."""
+    """Entry point: bad input (a FedmergeError, or a file that cannot be read or written) is reported
+    as one line on stderr, exit code 2."""
     try:
         app()
     except FedmergeError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(err))
+    except OSError as err:  # a full disk, a missing permission, a path that is not what it should be
+        name = err.filename or "a file"
+        _fail(f"cannot use {name} ({err.strerror or err}); check the path, its permissions and the free disk space")
 
+
+def _fail(message: str) -> None:
+    Console(stderr=True, markup=False).print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
+                                             soft_wrap=True)
+    sys.exit(2)

@@ -27,7 +27,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
 from fedmerge.merge import method_params
 from fedmerge.merge.learn import LearnConfig, LearnResult, learn_coefficients, server_domain
-from fedmerge.merge.methods import prepare
+from fedmerge.merge.methods import check_finite, prepare
 from fedmerge.merge.rows import RowMode, usage_rows
 from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
 from fedmerge.models import TextSeqRec
@@ -268,6 +268,7 @@ def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig,
             teacher.load_state_dict(reply.weights)
             server.append(server_domain(reply.domain, reply.features, teacher, merge.learn))
     result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
+    check_finite(merge.method, params, result.merged)
     selection = _choose(result, judge) if result.candidates else None
     coefficients = {"method": merge.method, "params": params.model_dump(), "rows": merge.rows,
                     "learn": merge.learn.model_dump(),

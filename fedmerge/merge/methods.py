@@ -21,7 +21,7 @@ from pydantic import Field
 
 from fedmerge.config import ConfigModel, validate
 from fedmerge.errors import FedmergeError
-from fedmerge.merge.vectors import StateDict, combine, flatten, task_vector, unflatten
+from fedmerge.merge.vectors import StateDict, combine, flatten, nonfinite, task_vector, unflatten
 
 Scope = Literal["global", "tensor"]
 Coefficient = Annotated[float, Field(ge=-100.0, le=100.0)]
@@ -216,8 +216,7 @@ def check_finite(name: str, params: Params, state: StateDict) -> None:
     state : StateDict
         Merged weights, processed task vectors or coefficients.
     """
-    bad = next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:
+    if (bad := nonfinite(state)) is not None:
         raise FedmergeError(f"merge method {name!r} with {params.model_dump()} gave NaN or infinite values in {bad!r}; "
                             "use smaller coefficients or check that the input models are finite")
 

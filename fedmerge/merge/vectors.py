@@ -13,6 +13,11 @@ from fedmerge.errors import FedmergeError
 StateDict = dict[str, torch.Tensor]
 
 
+def nonfinite(state: StateDict) -> str | None:
+    """The name of the first floating tensor of `state` that holds NaN or an infinity (None: all finite)."""
+    return next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def check_aligned(base: StateDict, models: list[StateDict], names: list[str] | None = None) -> None:
     """Raise a FedmergeError naming the first model whose tensors do not align with `base`, or hold NaN."""
     names = names or [f"model {k}" for k in range(len(models))]
@@ -25,11 +30,11 @@ def check_aligned(base: StateDict, models: list[StateDict], names: list[str] | N
             if model[key].shape != tensor.shape:
                 raise FedmergeError(f"{name}: tensor {key!r} has shape {tuple(model[key].shape)}, the base has "
                                     f"{tuple(tensor.shape)}; merge models fine-tuned from the same base config")
-            if model[key].is_floating_point() and not torch.isfinite(model[key]).all():
-                raise FedmergeError(f"{name}: tensor {key!r} holds NaN or infinite values; it cannot be merged")
             if not tensor.is_floating_point() and not torch.equal(model[key], tensor):
                 raise FedmergeError(f"{name}: integer tensor {key!r} differs from the base's; "
                                     "it was not fine-tuned from this base")
+        if (bad := nonfinite(model)) is not None:
+            raise FedmergeError(f"{name}: tensor {bad!r} holds NaN or infinite values; it cannot be merged")
 
 
 def task_vector(base: StateDict, model: StateDict) -> StateDict:

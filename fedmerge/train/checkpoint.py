@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from fedmerge.config import ExperimentConfig, ModelConfig, validate
 from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path
+from fedmerge.merge.vectors import nonfinite
 from fedmerge.models import MODELS, Recommender
 
 
@@ -37,8 +38,7 @@ def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -
         When a floating tensor holds NaN or infinity (named with the file); nothing is written then.
     """
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    bad = next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:
+    if (bad := nonfinite(state)) is not None:
         raise FedmergeError(f"refusing to write {path}: tensor {bad!r} holds NaN or infinite values; the training or "
                             "merge that computed it diverged, so lower its learning rate or coefficients")
     with atomic_path(path) as tmp:
@@ -61,8 +61,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     except (OSError, SafetensorError) as err:
         raise FedmergeError(f"cannot read weights {path} ({err}); it is truncated or not safetensors: give a "
                             "model.safetensors written by fedmerge") from err
-    bad = next((k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:
+    if (bad := nonfinite(weights)) is not None:
         raise FedmergeError(f"{path} holds NaN or infinite weights (tensor {bad!r}); it cannot be used")
     return weights
 

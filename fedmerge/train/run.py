@@ -103,7 +103,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     if start is not None:
         load_weights(model, start)
     inputs = {"domains": names, "holdout": holdout or [], "config": config.model_dump(mode="json"),
-              "init": None if start is None else {"path": str(init), "sha256": sha256_of(start)},
+              "init": None if start is None else sha256_of(start),
               "data": {p.domain.name: fingerprint(p.domain) for p in parts + held}}
     output = Output(out, "train", inputs, resume=True)
     with output.writing(keep=lambda: has_state(output.dir)):
