@@ -149,8 +149,14 @@ def test_a_failing_party_is_left_out_and_named_or_stops_the_run(tmp_path: Path, 
     strict = tiny("parties_per_domain=2")
     with pytest.raises(FedmergeError, match=f"only 3 of 4 parties replied.*synth-0/1.*{reason}"):
         simulate(strict, _Faulty(strict, fault), tmp_path / "stopped")
-    status = json.loads((tmp_path / "stopped" / "run.json").read_text())
-    assert status["status"] == "failed" and not (tmp_path / "stopped" / "metrics.json").exists()
+    status = json.loads((tmp_path / "stopped.partial" / "run.json").read_text())  # the failed run's record and log
+    assert status["status"] == "failed" and "only 3 of 4 parties" in status["error"]
+    assert not (tmp_path / "stopped").exists() and not (tmp_path / "stopped.partial" / "metrics.json").exists()
+    if fault == "raise":  # a failing rerun into a finished run's folder leaves it byte for byte
+        finished = {p.name: p.read_bytes() for p in (tmp_path / "ok").iterdir()}
+        with pytest.raises(FedmergeError, match="only 3 of 4 parties replied"):
+            simulate(strict, _Faulty(strict, fault), tmp_path / "ok")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "ok").iterdir()} == finished
 
 
 def test_bad_federation_configs_are_named(tmp_path: Path) -> None:
@@ -177,10 +183,11 @@ def test_an_interrupted_run_is_marked_and_presents_no_results(tmp_path: Path, ca
     config = tiny()
     with pytest.raises(KeyboardInterrupt):
         simulate(config, _Interrupted(config), tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
-    assert not any((tmp_path / "run" / name).exists() for name in ("metrics.json", "report.md", "merged.safetensors"))
+    assert json.loads((tmp_path / "run.partial" / "run.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "run").exists()
+    assert not any((tmp_path / "run.partial" / name).exists() for name in ("metrics.json", "report.md", "merged.safetensors"))
     late = RunDir(tmp_path / "late", {})  # a server thread that finishes after the interrupt writes nothing
     late.finish("interrupted")
     with pytest.raises(FedmergeError, match="ended as 'interrupted'; its results are not written"):
         late.write_results([], {}, {}, "")
-    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["config.json", "events.jsonl", "run.json"]
+    assert sorted(p.name for p in (tmp_path / "late.partial").iterdir()) == ["config.json", "events.jsonl", "run.json"]
