@@ -296,19 +296,47 @@ def simulate(config: FederationConfig, transport: Transport | Callable[[RunDir],
 
     `transport` is a :class:`Transport` (the run happens here), or a callable that runs
     :func:`execute` itself, given the run directory (the Flower backend, whose ServerApp does).
+
+    SIGTERM is handled like Ctrl-C while the run lasts: it raises ``KeyboardInterrupt("SIGTERM")``
+    in the main thread (a real Ctrl-C raises one without arguments), the run is recorded as
+    ``interrupted`` with the signal's name, and the exception goes on to the caller. This holds
+    only where nothing else handles SIGTERM (in the main thread, with the default action): a
+    deployed ServerApp process keeps Flower's own handler. While the run record is being made,
+    both signals wait, so a run is never left ``running`` by one.
     """
+    import signal
+    import threading
+
     if not config.domains:
         raise FedmergeError("no domains given; pass --domains A,B (registered names, see `fedmerge data list`)")
     for name in config.domains:
         check_domain_name(name)
-    run = RunDir(out, {"federation": config.model_dump()}, console)
+    if config.base:
+        read_weights(Path(config.base))  # an unreadable base is refused before the run folder is made
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, interrupt)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    run: RunDir | None = None
     try:
+        run = RunDir(out, {"federation": config.model_dump()}, console)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
         results = transport(run) if callable(transport) else execute(config, transport, run)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
+    except KeyboardInterrupt as err:
+        if run is not None:
+            run.finish("interrupted", signal=str(err.args[0]) if err.args else "SIGINT")
         raise
     except Exception as err:
-        run.finish("failed", error=f"{type(err).__name__}: {err}")
+        if run is not None:
+            run.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run.finish("complete", failed={f"round {r.round}": r.failed for r in results if r.failed})
     return results

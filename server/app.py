@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -226,8 +227,9 @@ def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
         holder: dict = {"run": run_dir, "stop": threading.Event()}
         backend = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}}
         try:
-            run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
-                           backend_config=backend)  # type: ignore[arg-type]
+            with ray_keeps_sigterm_handler():
+                run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
+                               backend_config=backend)  # type: ignore[arg-type]
         except KeyboardInterrupt:
             holder["stop"].set()  # the ServerApp's thread stops at its next wait for the parties
             raise
@@ -240,18 +242,47 @@ def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
     return run
 
 
+@contextmanager
+def ray_keeps_sigterm_handler() -> Iterator[None]:
+    """While inside, Ray's driver leaves the process's SIGTERM handler alone.
+
+    ``ray.init`` installs a SIGTERM handler that exits with ``SystemExit(15)``
+    (``ray/_private/worker.py`` lines 1656-1660 in Ray 2.55, in ``init``), and
+    starting the head node replaces it by one that kills Ray's processes and exits with
+    ``SystemExit(1)`` (``ray/_private/node.py`` lines 527-531, ``_register_shutdown_hooks``).
+    Either bypasses :func:`fedmerge.pipeline.simulate`'s handler (SIGTERM as Ctrl-C): the run
+    stayed ``running`` and the process aborted (exit 134) on Flower's waiting threads. Both go
+    through ``ray._private.utils.set_sigterm_handler``, which does nothing here; Ray's processes
+    are stopped by :func:`leave_after_interrupt`, or die with this process (Ray starts them
+    with ``PR_SET_PDEATHSIG``).
+    """
+    import ray._private.utils as ray_utils
+
+    install = ray_utils.set_sigterm_handler  # an AttributeError here: Ray changed, see above
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = install
+
+
 def leave_after_interrupt(code: int = 130) -> NoReturn:
-    """End this process at once after Ctrl-C stopped a simulation (the run directory already says ``interrupted``).
+    """End this process at once after Ctrl-C or SIGTERM stopped a simulation (its record already says ``interrupted``).
 
     A terminal's Ctrl-C also stops Ray's workers; Flower's runtime threads then wait forever
     for their replies, and a normal exit would wait for those threads. Ray is shut down first.
+
+    Parameters
+    ----------
+    code : int
+        The exit status: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
     """
     import os
     import sys
 
-    import ray
-
     try:
+        import ray  # fails when the signal came while Ray was being imported: then nothing of Ray runs yet
+
         ray.shutdown()
     finally:
         sys.stdout.flush()
@@ -287,4 +318,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation on the deployed SuperNodes and write the run directory (``run.json`` says how it ended)."""
     config, out = deployed_run(context.run_config)
-    simulate(config, lambda run: execute(config, FlowerBackend(grid, config), run), out, Console())
+    simulate(config, lambda run: execute(config, FlowerBackend(grid, config), run), out, Console(markup=False))

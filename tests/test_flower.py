@@ -157,23 +157,50 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
     assert host.failed["synth-1/2"] == "no reply (timed out)"
 
 
-@pytest.mark.parametrize("backend", ["flower", "inprocess"])
-def test_ctrl_c_marks_the_run_interrupted_and_leaves_no_process(tmp_path: Path, cache: Path, backend: str) -> None:
+ENDLESS = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "train.max_minutes=null",
+           "train.epochs=100000", "train.patience=100000"]
+"""Settings of a run that trains until it is stopped."""
+
+
+def simulate_command(backend: str, out: Path, settings: list[str]) -> list[str]:
+    """``fedmerge simulate`` on synth-0 and synth-1 into `out`, as a command line for a subprocess."""
+    return [sys.executable, "-m", "fedmerge", "simulate", "--domains", "synth-0,synth-1", "--backend", backend,
+            "--out", str(out), *[x for item in settings for x in ("--set", item)]]
+
+
+def _reached(moment: str, partial: Path, session: int) -> bool:
+    """Whether the run in `partial` is training, or (``start-up``) Ray has begun to start its processes."""
+    if moment == "training":
+        return (partial / "events.jsonl").exists() and "train_start" in (partial / "events.jsonl").read_text()
+    return any(p.info["name"] == "gcs_server" and _session(p) == session for p in psutil.process_iter(["name"]))
+
+
+@pytest.mark.parametrize(("backend", "signum", "moment"), [
+    ("flower", signal.SIGINT, "training"), ("flower", signal.SIGTERM, "training"),
+    ("inprocess", signal.SIGTERM, "training"),
+    ("flower", signal.SIGINT, "start-up"), ("flower", signal.SIGTERM, "start-up")],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else None)
+def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_leaves_no_process(
+        tmp_path: Path, cache: Path, backend: str, signum: signal.Signals, moment: str) -> None:
     out = tmp_path / "run"
-    endless = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "train.max_minutes=null",
-               "train.epochs=100000", "train.patience=100000"]
-    command = [sys.executable, "-m", "fedmerge", "simulate", "--domains", "synth-0,synth-1", "--backend", backend,
-               "--out", str(out), *[x for item in endless for x in ("--set", item)]]
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    partial = tmp_path / "run.partial"
+    child = subprocess.Popen(simulate_command(backend, out, ENDLESS), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                              start_new_session=True)  # its own process group, as a terminal's foreground job
     try:
         deadline = time.monotonic() + 120
-        while "train_start" not in ((out / "events.jsonl").read_text() if (out / "events.jsonl").exists() else ""):
-            assert child.poll() is None and time.monotonic() < deadline, "the run did not start training"
-            time.sleep(0.5)
-        time.sleep(3)  # the parties are training
-        os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        assert child.wait(timeout=60) == 130
+        while not _reached(moment, partial, child.pid):
+            assert child.poll() is None and time.monotonic() < deadline, f"the run did not reach its {moment}"
+            time.sleep(0.5 if moment == "training" else 0.05)
+        if moment == "training":
+            time.sleep(3)  # the parties are training
+        else:
+            assert "parties" not in (partial / "events.jsonl").read_text()  # the ServerApp still waits for Ray
+        if signum == signal.SIGINT:
+            os.killpg(child.pid, signum)  # what Ctrl-C in a terminal does: the whole foreground group
+        else:
+            os.kill(child.pid, signum)  # what `kill PID` does: fedmerge alone, which must stop Ray itself
+        assert child.wait(timeout=60) == 128 + signum
     finally:
         for _ in range(20):  # Ray's daemons take a moment to exit after the signal
             time.sleep(0.5)
@@ -185,8 +212,10 @@ def test_ctrl_c_marks_the_run_interrupted_and_leaves_no_process(tmp_path: Path, 
         if child.poll() is None:
             child.kill()
     assert not left, [p.pid for p in left]
-    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "events.jsonl", "run.json"]
+    assert not out.exists()  # a fresh --out stays absent: only a finished run replaces it
+    record = json.loads((partial / "run.json").read_text())
+    assert (record["status"], record["signal"]) == ("interrupted", signum.name)
+    assert sorted(p.name for p in partial.iterdir()) == ["config.json", "events.jsonl", "run.json"]
 
 
 def _session(process: psutil.Process) -> int | None:

@@ -141,7 +141,7 @@ def _download(url: str, dest: Path, label: str, quiet: bool) -> None:
         reason = getattr(err, "reason", err)
         raise FedmergeError(f"cannot download {label} from {url} ({reason}); check the network or set "
                             "FEDMERGE_MIRROR to a mirror of the archives") from err
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False)
     if not quiet and not console.is_terminal:
         console.print(f"download {label} from {url}", highlight=False, soft_wrap=True)
     with response, open(dest, "wb") as out, progress_bar(

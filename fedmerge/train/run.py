@@ -138,7 +138,7 @@ def _train(model: Recommender, parts: list[Part], held: list[Part], config: Expe
     write_json(folder / "config.json", facts)
     write_metrics(rows, folder)
     if not quiet:
-        Console(stderr=True).print(f"best epoch {result.best_epoch} ({result.stopped}); "
+        Console(stderr=True, markup=False).print(f"best epoch {result.best_epoch} ({result.stopped}); "
                                    f"{result.train_seconds:.0f} s of training", highlight=False)
     return rows
 
