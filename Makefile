@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.11 with venv):
 #   make run     install fedmerge into .venv, then run the main job
 #   make test    install fedmerge with its test tools into .venv, then run the test suite
+#   make lint    the lint gate (ruff)
 # Both read FEDMERGE_DATA (cache folder) and FEDMERGE_MIRROR (dataset mirror), see README.md.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install run test bench bench-quality clean
+.PHONY: install run test lint bench bench-quality clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ run: install
 
 test: install
 	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python benchmarks/eval_speed.py

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file, a failed write leaves nothing."""
+"""Atomic file writes (a reader never sees a half-written file, a failed write leaves nothing), and the
+checks that tell whose temporary files they are."""
 
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def write_json(path: Path, data: Any) -> None:
                             "represent; the run that computed it diverged, so check its settings and inputs") from err
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (the owner of a ``.NAME.tmp-PID`` file or a run record)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedCo
 from fedmerge.data.domain import cache_write_error
 from fedmerge.data.registry import DatasetSpec
 from fedmerge.errors import FedmergeError
-from fedmerge.files import atomic_path
+from fedmerge.files import atomic_path, pid_alive
 from fedmerge.progress import progress_bar
 
 _CHUNK = 1 << 20
@@ -101,19 +101,6 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
     return final
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (on this machine)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def remove_stale_temps(final: Path) -> list[Path]:
     """Remove temporary siblings ``.NAME.tmp-PID`` of `final` whose process is gone; return them.
 
@@ -125,7 +112,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
     for tmp in final.parent.glob(glob.escape(prefix) + "*"):
         pid = tmp.name[len(prefix):]
         try:
-            if pid.isdigit() and not _alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
+            if pid.isdigit() and not pid_alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
                 tmp.unlink()
                 removed.append(tmp)
         except FileNotFoundError:  # removed by a concurrent fetch

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedmerge.errors import FedmergeError
-from fedmerge.files import write_json
+from fedmerge.files import pid_alive, write_json
 
 RECORD = "run.json"
 HEARTBEAT_SECONDS = 30.0
@@ -77,20 +77,8 @@ def liveness(record: dict[str, Any], now: float | None = None) -> Liveness:
     age = (now or time.time()) - float(record.get("heartbeat", 0.0))
     recent = age < 3 * HEARTBEAT_SECONDS
     if record.get("host") == socket.gethostname():
-        return "live" if recent and _pid_alive(int(record.get("pid", -1))) else "dead"
+        return "live" if recent and pid_alive(int(record.get("pid", -1))) else "dead"
     return "live" if recent else "dead"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_out(out: Path, command: str) -> None:
