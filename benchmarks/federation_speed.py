@@ -56,7 +56,7 @@ def run(backend: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     thread.join()
     total = time.perf_counter() - started
     if code != 0:
-        raise SystemExit(f"{backend} run failed (exit {code}); see {out}/run.json")
+        raise SystemExit(f"{backend} run failed (exit {code}); see {out}.partial/run.json")
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     ready = next(e["t"] for e in events if e["event"] == "parties")
     done = next(e["t"] for e in reversed(events) if e["event"] == "round_done")
