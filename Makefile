@@ -33,6 +33,11 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# Regenerate docs/cli.md and docs/config.md from the code (tests/test_docs.py checks they are current).
+.PHONY: docs
+docs: install
+	$(BIN)/python docs/generate.py
+
 bench: install
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/popularity.py

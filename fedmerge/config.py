@@ -34,13 +34,14 @@ class ConfigModel(BaseModel):
 class ModelConfig(ConfigModel):
     """The recommender (its parameter layout depends only on this, never on the domain)."""
 
-    kind: Literal["textseq", "textenc"] = "textseq"
+    kind: Literal["textseq", "textenc"] = Field(
+        "textseq", description="model family: textseq (text-feature transformer) or textenc (fine-tuned MiniLM)")
     encoder: Literal["minilm", "hashing"] = Field("minilm", description="textseq: the frozen encoder of the item features")
     dim: int = Field(128, ge=8, description="item / user vector size (textenc: only when not pretrained)")
-    layers: int = Field(2, ge=0)
-    heads: int = Field(2, ge=1)
+    layers: int = Field(2, ge=0, description="transformer layers (textenc: only when not pretrained)")
+    heads: int = Field(2, ge=1, description="attention heads; dim must be a multiple of it")
     max_len: int = Field(50, ge=1, description="most recent items a user vector sees")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate in the transformer and adaptor")
     experts: int = Field(4, ge=1, description="experts of the text adaptor (mixture of whitening projections)")
     temperature: float = Field(0.05, gt=0.0, le=10.0, description="softmax temperature on cosine scores")
     pretrained: bool = Field(True, description="textenc: start from all-MiniLM-L6-v2 (else a seeded dim/layers/heads BERT)")
@@ -66,14 +67,14 @@ class ModelConfig(ConfigModel):
 class TrainConfig(ConfigModel):
     """Local training."""
 
-    epochs: int = Field(30, ge=0)
-    batch_size: int = Field(256, ge=1)
-    lr: LearningRate = 1e-3
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
-    warmup_steps: int = Field(100, ge=0)
+    epochs: int = Field(30, ge=0, description="most training epochs (early stopping may end sooner)")
+    batch_size: int = Field(256, ge=1, description="training sequences per batch")
+    lr: LearningRate = Field(1e-3, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay")
+    warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
     patience: int = Field(3, ge=1, description="epochs without a better valid ndcg@10 before stopping")
-    seed: int = 0
-    eval_batch_size: int = Field(1024, ge=1)
+    seed: int = Field(0, description="seed of theta_0, the batch order and the validation sample")
+    eval_batch_size: int = Field(1024, ge=1, description="users scored per batch in evaluation")
     targets: Literal["all", "last"] = Field(
         "all", description="train on every position of each sequence (every prefix), or on its last item only")
     negatives: int | None = Field(

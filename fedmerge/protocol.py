@@ -49,7 +49,7 @@ from fedmerge.train.run import load_parts
 class MergeConfig(ConfigModel):
     """The server's merge: a training-free initialisation, then (optionally) learned coefficients."""
 
-    method: str = "ties"
+    method: str = Field("ties", description="the training-free merge that initialises the coefficients")
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (see `fedmerge merge`)")
     learn: LearnConfig = LearnConfig()
     rows: RowMode = Field("usage", description="item-memory rows: merged by catalogue usage, or by the method "
@@ -68,7 +68,7 @@ class FederationConfig(ConfigModel):
     parties_per_domain: int = Field(1, ge=1, description="parties each domain's users are split across (FedAvg inside)")
     rounds: int = Field(1, ge=1, description="merging rounds; round r > 1 starts from round r - 1's merged model")
     min_parties: int | None = Field(None, ge=1, description="parties that must reply per round (default: all)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of theta_0 (the seeded base) and of the parties' training")
     base: str | None = Field(None, description="base weights theta_0 (a safetensors file or checkpoint folder); "
                              "default: the seeded init of the model config")
     client_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per party: Ray resources, and its torch threads "

@@ -45,15 +45,17 @@ ItemVectors = Literal["fixed", "history", "current"]
 class LearnConfig(ConfigModel):
     """Learning the merge coefficients on pseudo-users (MergeRec's published defaults)."""
 
-    mode: Mode = "task-wise"
-    loss: Literal[tuple(LOSSES)] = "mergerec"  # type: ignore[valid-type]  # the registry's names
-    temperature: float = Field(0.05, gt=0.0, le=10.0)
+    mode: Mode = Field("task-wise", description="coefficients learned: none, one per domain (task-wise), per domain "
+                       "and layer group (layer-wise), or per domain and tensor (tensor-wise)")
+    loss: Literal[tuple(LOSSES)] = Field(  # type: ignore[valid-type]  # the registry's names
+        "mergerec", description="mergerec (CE + KL to the teacher), adamerging (entropy), kd (KL only) or ce")
+    temperature: float = Field(0.05, gt=0.0, le=10.0, description="T of the KL term's softmaxes")
     kd_weight: float = Field(2.5, ge=0.0, le=1000.0, description="beta * T^2, the weight of the KL term")
-    lr: LearningRate = 1e-3
-    batch_size: int = Field(16, ge=1)
-    steps: int = Field(500, ge=0)
+    lr: LearningRate = Field(1e-3, description="Adam learning rate of the coefficients")
+    batch_size: int = Field(16, ge=1, description="pseudo-users per step")
+    steps: int = Field(500, ge=0, description="optimisation steps (0: the training-free merge)")
     held_out: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of pseudo-users held out; best w is restored")
-    eval_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, description="steps between held-out loss evaluations and log entries")
     valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
                                   "merge first, that the parties score on their valid split; the best mean valid "
                                   "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
@@ -74,7 +76,7 @@ class LearnConfig(ConfigModel):
     balance: bool = Field(False, description="every domain weighs the same in each step and in the held-out loss, "
                                              "whatever its catalogue size (false: uniform over all pseudo-users, "
                                              "as in MergeRec)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the batch order and held-out split")
     pseudo: PseudoConfig = PseudoConfig()
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ the training-free merge.
 
 Trimming (TIES, magnitude pruning, DARE-TIES) keeps the top ``density`` fraction of each
 vector's entries by magnitude, either over the whole flattened vector (``scope = "global"``,
-as MergeRec does) or within each tensor (``scope = "tensor"``, as the TIES paper's code does).
+as the TIES paper's code and MergeRec do) or within each tensor (``scope = "tensor"``, as
+mergekit does).
 """
 
 from __future__ import annotations
@@ -50,29 +51,29 @@ class TaskArithmeticParams(Params):
 
 class TiesParams(Params):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept per task vector")
-    scope: Scope = "global"
+    scope: Scope = Field("global", description="trim over the whole flattened vector (global) or per tensor")
     lam: Coefficient = Field(1.0, description="scale of the merged vector (1 = TIES)")
 
 
 class DareParams(Params):
     p: float = Field(0.5, ge=0.0, le=0.99, description="drop rate; kept entries are scaled by 1/(1-p)")
-    seed: int = 0
-    then: Literal["task_arithmetic", "ties"] = "task_arithmetic"
+    seed: int = Field(0, description="seed of the random drops")
+    then: Literal["task_arithmetic", "ties"] = Field("task_arithmetic", description="the merge applied after dropping")
     lam: Coefficient = Field(0.2, description="lambda of the method applied after dropping")
     density: float = Field(1.0, gt=0.0, le=1.0, description="with then = ties: TIES density")
-    scope: Scope = "global"
+    scope: Scope = Field("global", description="with then = ties: trim globally or per tensor")
 
 
 class MagnitudeParams(Params):
-    density: float = Field(0.2, gt=0.0, le=1.0)
-    scope: Scope = "global"
-    lam: Coefficient = 0.2
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of entries kept, by magnitude")
+    scope: Scope = Field("global", description="trim over the whole flattened vector (global) or per tensor")
+    lam: Coefficient = Field(0.2, description="coefficient of every pruned task vector")
 
 
 class BreadcrumbsParams(Params):
     density: float = Field(0.9, gt=0.0, le=1.0, description="fraction of entries kept per tensor")
     gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of the largest entries dropped as outliers")
-    lam: Coefficient = 0.2
+    lam: Coefficient = Field(0.2, description="coefficient of every pruned task vector")
 
 
 class ModelStockParams(Params):

@@ -31,7 +31,8 @@ Selection = Literal["all", "random", "kmeans"]
 class PseudoConfig(ConfigModel):
     """How the server builds pseudo-users for each domain."""
 
-    selection: Selection = "all"
+    selection: Selection = Field("all", description="which items start pseudo-users: all (MergeRec), random or "
+                                 "kmeans (count per domain)")
     count: int = Field(1000, ge=1, description="random / kmeans: pseudo-users per domain (capped at the catalogue)")
     walk_length: int = Field(1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)")
     walk_top: int = Field(10, ge=1, description="walks step to one of the current item's top teacher neighbours")
@@ -39,7 +40,7 @@ class PseudoConfig(ConfigModel):
     target: Literal["last", "next"] = Field(
         "last", description="each pseudo-user's own item: the history's last item (MergeRec) or the walk's next "
         "step after the history, which the loss then scores without the history's last item")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the selection and the walks")
 
 
 @dataclass
