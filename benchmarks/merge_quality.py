@@ -9,13 +9,18 @@ base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain``
 on its own domain; *joint* one model trained on the pooled data (the non-private reference);
 *task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
 density 0.2 (global), *dare* p = 0.5 then TIES; *adamerging* and *mergerec* learn coefficients
-on pseudo-users (500 steps, TIES init, fitted KL score scale; one row from the average
-instead). These rows merge the text-code rows by the method, as published; the rows marked
-*usage rows* merge them by catalogue usage (``fedmerge.merge.rows``, the framework's default),
-and their MergeRec rows start from task arithmetic at the lambda chosen on valid with usage
-rows; in the *scale on valid* rows the parties choose the size of the learned layer-wise
-coefficients, or of that init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1).
-*Unseen*: merge all domains but one (MergeRec task-wise, usage rows, that init) and test on
+on pseudo-users (500 steps, TIES init; one row from the average instead) with the framework's
+defaults, which are not MergeRec as published: the *mergerec* rows use MergeRec's loss (CE +
+2.5 KL at T = 0.05) with a fitted KL score scale per domain (``learn.fit_scale``; published:
+none), every learned row scores the candidates with the history items' current vectors
+(``learn.item_vectors = "history"``; published: ``"fixed"``, every candidate from the initial
+merge), and the last step is kept. Rows without *usage rows* merge the text-code rows by the
+method (``--rows method``, the methods' own rows); the rows marked *usage rows* merge them by
+catalogue usage (``fedmerge.merge.rows``, the framework's default), and their MergeRec rows
+start from task arithmetic at the lambda chosen on valid with usage rows; in the *scale on
+valid* rows the parties choose the size of the learned layer-wise coefficients, or of that
+init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1). *Unseen*: merge all
+domains but one (mergerec loss, fitted KL scale, task-wise, usage rows, that init) and test on
 the one left out, against theta_0 and every single fine-tuned model.
 
 Runs are kept under ``--runs`` and reused when complete. Each finished base regime and seed is
@@ -69,6 +74,17 @@ MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConf
     "task arithmetic, usage rows, scale on valid": ("task_arithmetic", None, "none", "mergerec", "usage", SCALES),
     "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
                                                                  "usage", SCALES),
+}
+SHOWN = {  # record key (also in the run folder's name) -> the label the table shows, saying what the row ran
+    "mergerec task-wise": "mergerec loss, fitted KL scale, task-wise",
+    "mergerec layer-wise": "mergerec loss, fitted KL scale, layer-wise",
+    "mergerec task-wise, average init": "mergerec loss, fitted KL scale, task-wise, average init",
+    "mergerec task-wise, usage rows, TA init": "mergerec loss, fitted KL scale, task-wise, usage rows, TA init",
+    "mergerec layer-wise, usage rows, TA init": "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init",
+    "mergerec layer-wise, usage rows, TA init, scale on valid":
+        "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init, scale on valid",
+    "unseen: mergerec of the others": "unseen: merge of the others (mergerec loss, fitted KL scale, task-wise, usage "
+                                      "rows, TA init)",
 }
 
 
@@ -197,7 +213,8 @@ def _summary(tables: list[dict], domains: list[str]) -> list[dict]:
     out = []
     for label in dict.fromkeys(label for t in tables for label in t):
         having = [t[label] for t in tables if label in t]  # rows added since are missing from older records
-        name = label if len(having) == len(tables) else f"{label} ({len(having)} of {len(tables)} seeds)"
+        shown = SHOWN.get(label, label)
+        name = shown if len(having) == len(tables) else f"{shown} ({len(having)} of {len(tables)} seeds)"
         record: dict[str, object] = {"model": name}
         for metric, index in (("recall@10", 0), ("ndcg@10", 1)):
             per_seed = [[cells[d][index] for d in domains if d in cells] for cells in having]

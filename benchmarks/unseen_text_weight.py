@@ -2,7 +2,8 @@
 
 Protocol: for one seed's runs of ``merge_quality.py`` (``--runs``/``{base}``/``seed{N}``), each
 domain in turn is the unseen one. theta_0, every model fine-tuned on another domain, and the
-unseen merge (MergeRec task-wise of the other domains, ``unseen-{domain}``) are scored on the
+unseen merge (of the other domains, ``unseen-{domain}``: mergerec loss with a fitted KL scale,
+task-wise, usage rows, task-arithmetic init) are scored on the
 unseen domain's test split after the unseen party sets each model's text weight on its own
 valid users (``train.valid_users`` of the runs' config, best ndcg@10 over ``--weights``), as
 a party of the federation does with ``local_text_weight``. Full ranking over the domain's items,
