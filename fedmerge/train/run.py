@@ -61,7 +61,7 @@ def pretrain_config(preset: str | Path | None, overrides: list[str]) -> Experime
     Pretrained on public domains, the transformer blocks, positions and text-code rows move a
     user vector away from its last item's text and make the base worse than theta_0 zero-shot
     on every federation domain; the adaptor alone keeps theta_0's text-similarity quality
-    (README). ``--set train.frozen=...`` (``[]``: none) or a preset whose ``train.frozen`` is
+    (docs/results). ``--set train.frozen=...`` (``[]``: none) or a preset whose ``train.frozen`` is
     not empty is kept as given; a preset's empty list reads as unset and gets the default.
     """
     config = load_config(preset, overrides)
