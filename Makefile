@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python >= 3.11 with venv):
 #   make run     install fedmerge into .venv, then run the main job
+#   make demo    the same federation in about a minute, offline, on generated domains (both backends)
 #   make test    install fedmerge with its test tools into .venv, then run the test suite
 #   make lint    the lint gate (ruff)
 # Both read FEDMERGE_DATA (cache folder) and FEDMERGE_MIRROR (dataset mirror), see README.md.
@@ -14,7 +15,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install run test lint bench bench-quality clean
+.PHONY: install run demo test lint bench bench-quality clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +25,19 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The main job: books and movies, one party each, Flower's simulation (configs/simulate.toml); it
+# prints a line per step, the results table and the run directory (runs/simulate).
 run: install
-	$(BIN)/fedmerge data info
+	$(BIN)/fedmerge simulate --domains books,movies
+
+# About a minute, offline: the demo federation (configs/simulate-demo.toml, generated domains) on
+# both backends, which must write the same metrics.
+demo: install
+	$(BIN)/fedmerge simulate --config simulate-demo --backend inprocess --out runs/demo-inprocess
+	$(BIN)/fedmerge simulate --config simulate-demo --backend flower --out runs/demo-flower
+	@cmp -s runs/demo-inprocess/metrics.csv runs/demo-flower/metrics.csv \
+		&& echo "in-process and Flower wrote the same metrics (runs/demo-*/metrics.csv)" \
+		|| { echo "the two backends' metrics differ: diff runs/demo-inprocess/metrics.csv runs/demo-flower/metrics.csv"; exit 1; }
 
 test: install
 	$(BIN)/pytest

@@ -275,8 +275,14 @@ def simulate(
                                                                       "merge.learn.steps=200, ...")] = None,
     backend: Annotated[str, typer.Option("--backend", help="flower (Flower simulation on Ray) or inprocess.")] = "flower",
     out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/simulate"),
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show Flower's and Ray's own log lines and warnings "
+                                                            "(hidden by default).")] = False,
 ) -> None:
-    """Run the federation: parties fine-tune privately, the server merges, every party evaluates."""
+    """Run the federation: parties fine-tune privately, the server merges, every party evaluates.
+
+    Prints a line per step (rounded; events.jsonl in the run directory keeps every value) and, at
+    the end, the results table and the run directory.
+    """
     from fedmerge.pipeline import InProcess
     from fedmerge.pipeline import simulate as run_simulation
 
@@ -285,11 +291,16 @@ def simulate(
     if backend == "inprocess":
         transport = InProcess(federation)
     elif backend == "flower":
-        from server.app import flower_backend
+        from server.simulation import flower_backend
 
-        transport = flower_backend(federation)
+        transport = flower_backend(federation, verbose=verbose)
     else:
         raise FedmergeError(f"unknown backend {backend!r}; use flower or inprocess")
+    parties = f"{federation.parties_per_domain} parties each" if federation.parties_per_domain > 1 else "one party each"
+    if federation.domains:
+        console.print(Text(f"fedmerge simulate: {', '.join(federation.domains)} ({parties}), {federation.rounds} "
+                           f"round{'s' if federation.rounds > 1 else ''}, backend {backend}, run directory {out}"),
+                      soft_wrap=True, highlight=False)
     try:
         run_simulation(federation, transport, out, console)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (its name is the argument; see fedmerge.pipeline.simulate)
@@ -301,11 +312,10 @@ def simulate(
         console.print(f"interrupted: {partial_dir(out) / RECORD} says so; {out} is untouched and no results were "
                       "written", markup=False, highlight=False, soft_wrap=True)
         if backend == "flower":
-            from server.app import leave_after_interrupt
+            from server.simulation import leave_after_interrupt
 
             leave_after_interrupt(code)
         raise typer.Exit(code) from None
-    console.print(f"wrote {out} (report.md, metrics.csv, metrics.png, merged.safetensors)", markup=False)
 
 
 @app.command("status")

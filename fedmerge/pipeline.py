@@ -48,13 +48,22 @@ from fedmerge.train.run import load_parts
 
 Metrics = dict[str, dict[str, float]]
 """A party's evaluation of one model: {split: {metric: value}}."""
+Log = Callable[..., None]
+"""Records one event of the run: ``log(event, **fields)`` (:meth:`fedmerge.runs.rundir.RunDir.log`)."""
+
+
+def _silent(event: str, **fields: object) -> None:
+    """A log that records nothing."""
 
 
 class Transport(Protocol):
     """How the server reaches the parties."""
 
-    def describe(self) -> dict[int, dict[str, float | str] | Exception]:
-        """Each party's domain name, catalogue size and item-table width (``query``): a value or the error."""
+    def describe(self, log: Log) -> dict[int, dict[str, float | str] | Exception]:
+        """Each party's domain name, catalogue size and item-table width (``query``): a value or the error.
+
+        Each party that is ready is logged as it replies (:func:`log_ready`), where the transport sees it.
+        """
         ...
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
@@ -70,6 +79,8 @@ class InProcess:
         self.specs = party_specs(config)
         self._parts: dict[int, Part] = {}
         self._domains: dict[str, Part] = {}
+        self.log: Log = _silent  # the run's log while it runs: each party's reply is logged as it comes
+        self.round = 0
 
     def part(self, spec: PartySpec) -> Part:
         """The party's data (each domain is loaded once and shared by its shards' parties)."""
@@ -79,32 +90,42 @@ class InProcess:
             self._parts[spec.party] = party_data(spec, self.config, whole=self._domains[spec.domain])
         return self._parts[spec.party]
 
-    def _each(self, call: Callable[[PartySpec], object]) -> dict[int, object]:
+    def _each(self, call: Callable[[PartySpec], object],
+              report: Callable[[PartySpec, object, float], None] | None = None) -> dict[int, object]:
+        """`call` for every party: its value or its error; `report` (spec, value, seconds) follows each value."""
         results: dict[int, object] = {}
         for spec in self.specs:
+            began = time.perf_counter()
             try:
                 results[spec.party] = call(spec)
             except Exception as err:  # noqa: BLE001 - a failing party is reported, not fatal
                 results[spec.party] = err
+                continue
+            if report is not None:
+                report(spec, results[spec.party], time.perf_counter() - began)
         return results
 
-    def describe(self) -> dict[int, dict[str, float | str] | Exception]:
-        return self._each(lambda s: {"domain": s.domain, "n_items": float(self.part(s).domain.n_items),
-                                     "text_dim": float(self.part(s).features.shape[1])})  # type: ignore[return-value]
+    def describe(self, log: Log = _silent) -> dict[int, dict[str, float | str] | Exception]:
+        return self._each(lambda s: {"domain": s.domain, "n_items": float(self.part(s).domain.n_items),  # type: ignore[return-value]
+                                     "text_dim": float(self.part(s).features.shape[1])},
+                          lambda s, value, seconds: log_ready(log, s, value))  # type: ignore[arg-type]
 
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
         """Every party fine-tunes from `start`."""
-        return self._each(lambda s: party_train(self.part(s), start, self.config, self.quiet))  # type: ignore[return-value]
+        return self._each(lambda s: party_train(self.part(s), start, self.config, self.quiet),  # type: ignore[return-value]
+                          lambda s, reply, seconds: log_trained(self.log, self.round, s, reply.metrics))  # type: ignore[attr-defined]
 
     def evaluate(self, models: dict, splits: tuple[str, ...] | None = None,
                  sample: bool = False) -> dict[int, dict[str, Metrics] | Exception]:
         """Every party evaluates every model of `models` (label -> weights) on its private `splits`."""
         return self._each(lambda s: {label: party_evaluate(self.part(s), weights, self.config, splits, sample)  # type: ignore[return-value]
-                                     for label, weights in models.items()})
+                                     for label, weights in models.items()},
+                          lambda s, value, seconds: log_evaluated(self.log, self.round, s, len(models), seconds, sample))
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
-        start = base
+        start, self.log = base, server.log
         for round_ in range(1, self.config.rounds + 1):
+            self.round = round_
             server.begin(round_)
             replies = server.accept(round_, start, self.train(start))
 
@@ -112,9 +133,26 @@ class InProcess:
                 return server.valid_scores(round_, self.evaluate(dict(enumerate(candidates)), ("valid",), sample=True))
 
             outcome, models = server.merge(round_, start, replies, judge)
+            server.evaluating(round_, list(models))
             server.record(round_, list(models), self.evaluate(models))
             start = outcome.merged
         return server.results
+
+
+def log_ready(log: Log, spec: PartySpec, described: dict[str, float | str]) -> None:
+    """A party has loaded its data and said who it is (its ``describe`` reply)."""
+    log("party_ready", party=party_name(spec), domain=spec.domain, n_items=described["n_items"])
+
+
+def log_trained(log: Log, round_: int, spec: PartySpec, metrics: dict[str, float]) -> None:
+    """A party's training reply arrived: its metrics as sent (epochs, last loss, best valid ndcg@10, seconds...)."""
+    log("party_trained", round=round_, party=party_name(spec), **metrics)
+
+
+def log_evaluated(log: Log, round_: int, spec: PartySpec, models: int, seconds: float, sample: bool) -> None:
+    """A party's evaluation of `models` models arrived (``sample``: candidate merges scored on its valid users)."""
+    log("party_evaluated", round=round_, party=party_name(spec), models=models, valid_selection=sample,
+        seconds=seconds)
 
 
 @dataclass
@@ -136,7 +174,7 @@ class Server:
     and closes the round. Parties left out are collected per round in ``failed``.
     """
 
-    def __init__(self, config: FederationConfig, log: Callable[..., None] = lambda event, **fields: None) -> None:
+    def __init__(self, config: FederationConfig, log: Log = _silent) -> None:
         self.config, self.log = config, log
         self.specs = {s.party: s for s in party_specs(config)}
         self.need = config.min_parties or len(self.specs)
@@ -154,7 +192,7 @@ class Server:
         """The usable training replies; the others are named in ``failed`` (too few: an error)."""
         replies: dict[int, TrainReply] = {}
         for party, reply in sorted(raw.items()):
-            name = _party_name(self.specs[party])
+            name = party_name(self.specs[party])
             try:
                 if isinstance(reply, Exception):
                     raise reply
@@ -165,14 +203,14 @@ class Server:
             except Exception as err:  # noqa: BLE001 - reported and left out
                 self._fail(round_, name, f"{type(err).__name__}: {err}")
         for party in self.specs.keys() - raw.keys():
-            self._fail(round_, _party_name(self.specs[party]), "no reply (timed out)")
+            self._fail(round_, party_name(self.specs[party]), "no reply (timed out)")
         if len(replies) < self.need:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise FedmergeError(f"only {len(replies)} of {len(self.specs)} parties replied, fewer than min_parties = "
                                 f"{self.need} ({reasons}); fix the failing parties or lower min_parties")
         self.clock["trained"] = time.perf_counter()
         self.log("train_done", round=round_, replied=len(replies),
-                 train_seconds={_party_name(self.specs[p]): round(r.metrics["train_seconds"], 2)
+                 train_seconds={party_name(self.specs[p]): round(r.metrics["train_seconds"], 2)
                                 for p, r in replies.items()})
         return replies
 
@@ -186,8 +224,8 @@ class Server:
         per_domain = [average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
                       for d in domains]
         self.log("merge_start", round=round_, domains=domains)
-        outcome = server_merge(start, per_domain, self.config.model, self.config.seed, self.config.merge, quiet=True,
-                               judge=judge)
+        outcome = server_merge(start, per_domain, self.config.model, self.config.seed, self.config.merge, quiet=False,
+                               judge=judge)  # its bar: on a run's console only (fedmerge.progress)
         self.clock["merged"] = time.perf_counter()
         self.log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"],
                  selection=outcome.coefficients["selection"])
@@ -196,6 +234,10 @@ class Server:
         models |= {f"{self.config.merge.method} (training-free)": outcome.initial, _merged_label(self.config): outcome.merged}
         self.outcome = outcome
         return outcome, models
+
+    def evaluating(self, round_: int, labels: list[str]) -> None:
+        """The parties are asked to evaluate the models `labels` on their private splits."""
+        self.log("evaluate_start", round=round_, models=labels, splits=list(self.config.splits), parties=len(self.specs))
 
     def valid_scores(self, round_: int, evaluations: dict[int, dict[int, Metrics] | Exception]) -> list[float]:
         """Each candidate's mean valid ndcg@10 over the domains, from the parties' evaluations of candidates 0..n-1."""
@@ -223,7 +265,7 @@ class Server:
         usable = []
         for party, value in sorted(evaluations.items()):
             if isinstance(value, Exception):
-                self._fail(round_, _party_name(self.specs[party]), f"{step}: {type(value).__name__}: {value}")
+                self._fail(round_, party_name(self.specs[party]), f"{step}: {type(value).__name__}: {value}")
             else:
                 usable.append((self.specs[party], value))
         return usable
@@ -255,7 +297,8 @@ def _candidate_name(step: int, scale: float) -> str:
     return f"step {step}" + ("" if scale == 1.0 else f" x {scale:g}")
 
 
-def _party_name(spec: PartySpec) -> str:
+def party_name(spec: PartySpec) -> str:
+    """How the run names a party: its domain, or domain/shard when the domain is split across parties."""
     return spec.domain if spec.shards == 1 else f"{spec.domain}/{spec.shard}"
 
 
@@ -264,7 +307,8 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
 
     The caller sets the final status of `run` (see :func:`simulate`).
     """
-    described = transport.describe()
+    run.log("data_start", domains=config.domains, shards=config.parties_per_domain)
+    described = transport.describe(run.log)
     broken = {p: v for p, v in described.items() if isinstance(v, Exception)}
     if broken:
         party, err = next(iter(broken.items()))
@@ -339,4 +383,6 @@ def simulate(config: FederationConfig, transport: Transport | Callable[[RunDir],
         if ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run.finish("complete", failed={f"round {r.round}": r.failed for r in results if r.failed})
+    if run.screen is not None:
+        run.screen.results([r for result in results for r in result.rows], run.out)
     return results

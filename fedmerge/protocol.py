@@ -170,8 +170,11 @@ def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: b
         result = fit(model, [part], config.train, quiet=quiet)
         model.load_state_dict(result.best_state)
         fit_text_weight(model, [part], config.train)
+    trained = [h for h in result.history if "loss" in h]  # the epochs trained (epoch 0 is the start)
     metrics = {"users": float(part.domain.n_users), "n_items": float(part.domain.n_items),
-               "best_epoch": float(result.best_epoch), "best_valid_ndcg@10": float(result.best_score),
+               "epochs": float(len(trained)), "best_epoch": float(result.best_epoch),
+               "best_valid_ndcg@10": float(result.best_score), **({"last_loss": float(trained[-1]["loss"])} if trained
+                                                                 else {}),
                "train_seconds": float(result.train_seconds), "seconds": time.perf_counter() - began}
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainReply(part.domain.name, weights, part.features.cpu(), metrics)

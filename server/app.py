@@ -3,7 +3,7 @@
 :class:`MergeRecStrategy` is a Flower ``Strategy`` (so Flower's wrappers can wrap it): its
 ``configure_*`` methods build the messages, its ``aggregate_*`` methods decode the replies and
 call the very steps the in-process pipeline calls (accept, merge, record). ``Strategy.start``
-runs the rounds. :func:`flower_backend` runs it all in Flower's simulation runtime (Ray); the
+runs the rounds. :func:`server.simulation.flower_backend` runs it all in Flower's simulation runtime (Ray); the
 module-level :data:`app` is the ServerApp of a deployed federation (SuperLink + SuperNodes,
 ``flwr run``), which reads its run config and writes the same run directory as ``fedmerge simulate``.
 """
@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfig
 from flwr.serverapp import Grid, ServerApp
@@ -26,8 +25,18 @@ from rich.console import Console
 from fedmerge.config import load_config
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict
-from fedmerge.pipeline import Metrics, RoundResult, Server, execute, simulate
-from fedmerge.protocol import FederationConfig, TrainReply
+from fedmerge.pipeline import (
+    Log,
+    Metrics,
+    RoundResult,
+    Server,
+    execute,
+    log_evaluated,
+    log_ready,
+    log_trained,
+    simulate,
+)
+from fedmerge.protocol import FederationConfig, TrainReply, party_specs
 
 
 def _error(msg: Message) -> Exception:
@@ -109,6 +118,7 @@ class MergeRecStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        self.server.evaluating(server_round, list(self.models))
         return self._evaluate_messages(self.models, self.config.splits, server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -149,7 +159,8 @@ class FlowerBackend:
         self.grid, self.config = grid, config
         self.found: dict[int, dict[str, float | str] | Exception] = {}
 
-    def describe(self) -> dict[int, dict[str, float | str] | Exception]:
+    def describe(self, log: Log) -> dict[int, dict[str, float | str] | Exception]:
+        """Each party's description; a grid built with :func:`reply_logger` logs each one as it arrives."""
         self.found = discover(self.grid, self.config)
         return self.found
 
@@ -161,15 +172,21 @@ class FlowerBackend:
         return server.results
 
 
+Reporter = Callable[[Message, Message, float], None]
+"""Called with (request, reply, seconds since the request was sent) for every reply as it arrives."""
+
+
 class StoppableGrid:
-    """A grid whose waits for replies end with an error once `stop` is set.
+    """A grid whose waits for replies end with an error once `stop` is set, and that reports each reply as it arrives.
 
     In simulation the ServerApp runs in a thread of its own, and Ctrl-C reaches the main thread
     only: without this, the ServerApp would wait out its timeout for parties that are gone.
+    `on_reply` (see :func:`reply_logger`) hears of each party's reply when it comes, not when the
+    last party's does; `poll` is the pause between two pulls of the replies.
     """
 
-    def __init__(self, grid: Grid, stop: threading.Event) -> None:
-        self.grid, self.stop = grid, stop
+    def __init__(self, grid: Grid, stop: threading.Event, on_reply: Reporter | None = None, poll: float = 0.1) -> None:
+        self.grid, self.stop, self.on_reply, self.poll = grid, stop, on_reply, poll
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -184,110 +201,51 @@ class StoppableGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull replies until all arrived, `timeout` seconds passed, or the run stops."""
-        pending = set(self.grid.push_messages(messages))
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        messages = list(messages)
+        ids = list(self.grid.push_messages(messages))
+        requests, pending, sent = dict(zip(ids, messages, strict=False)), set(ids), time.monotonic()
+        deadline = sent + (timeout if timeout is not None else float("inf"))
         replies: list[Message] = []
         while pending and time.monotonic() < deadline:
             self._check()
             arrived = list(self.grid.pull_messages(pending))
             replies += arrived
             pending -= {msg.metadata.reply_to_message_id for msg in arrived}
+            for msg in arrived:
+                if self.on_reply is not None and msg.metadata.reply_to_message_id in requests:
+                    self.on_reply(requests[msg.metadata.reply_to_message_id], msg, time.monotonic() - sent)
             if pending:
-                time.sleep(0.1)
+                time.sleep(self.poll)
         return replies
 
 
-def server_app(config: FederationConfig, holder: dict) -> ServerApp:
-    """A ServerApp that runs `config` via :func:`fedmerge.pipeline.execute`; its outcome goes into `holder`.
+def reply_logger(config: FederationConfig, log: Log) -> Reporter:
+    """Logs each party's reply as it arrives: ready (``query``), trained (its metrics), evaluated.
 
-    ``holder["stop"]`` (a ``threading.Event``) ends its waits for the parties (see :class:`StoppableGrid`).
+    An error reply or a malformed one is not logged here: the server names the party when it
+    takes in the round's replies (``party_failed``).
     """
-    from fedmerge.pipeline import execute
+    specs = {spec.party: spec for spec in party_specs(config)}
 
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
+    def report(request: Message, reply: Message, seconds: float) -> None:
+        if reply.has_error():
+            return
         try:
-            holder["results"] = execute(config, FlowerBackend(StoppableGrid(grid, holder["stop"]), config),
-                                        holder["run"])
-        except BaseException as err:  # noqa: BLE001 - handed back to the caller of run_simulation
-            holder["error"] = err
+            spec = specs[int(reply.content["party"]["party"])]  # type: ignore[arg-type]
+            kind = request.metadata.message_type
+            if kind == "query":
+                log_ready(log, spec, {"n_items": float(reply.content["party"]["n_items"])})  # type: ignore[arg-type]
+            elif kind == "train":
+                log_trained(log, int(request.metadata.group_id), spec,
+                            {k: float(v) for k, v in reply.content["metrics"].items()})  # type: ignore[arg-type]
+            elif kind == "evaluate":
+                asked = request.content["config"]
+                log_evaluated(log, int(request.metadata.group_id), spec, int(asked["models"]), seconds,  # type: ignore[arg-type]
+                              bool(asked["sample"]))
+        except (KeyError, TypeError, ValueError):
+            return
 
-    return app
-
-
-def flower_backend(config: FederationConfig):  # type: ignore[no-untyped-def]
-    """A callable for :func:`fedmerge.pipeline.simulate`: the run in Flower's simulation runtime (Ray)."""
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-
-    def run(run_dir):  # type: ignore[no-untyped-def]
-        holder: dict = {"run": run_dir, "stop": threading.Event()}
-        backend = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}}
-        try:
-            with ray_keeps_sigterm_handler():
-                run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
-                               backend_config=backend)  # type: ignore[arg-type]
-        except KeyboardInterrupt:
-            holder["stop"].set()  # the ServerApp's thread stops at its next wait for the parties
-            raise
-        if "error" in holder:
-            raise holder["error"]
-        if "results" not in holder:
-            raise FedmergeError("the Flower simulation ended without results; see the log above")
-        return holder["results"]
-
-    return run
-
-
-@contextmanager
-def ray_keeps_sigterm_handler() -> Iterator[None]:
-    """While inside, Ray's driver leaves the process's SIGTERM handler alone.
-
-    ``ray.init`` installs a SIGTERM handler that exits with ``SystemExit(15)``
-    (``ray/_private/worker.py`` lines 1656-1660 in Ray 2.55, in ``init``), and
-    starting the head node replaces it by one that kills Ray's processes and exits with
-    ``SystemExit(1)`` (``ray/_private/node.py`` lines 527-531, ``_register_shutdown_hooks``).
-    Either bypasses :func:`fedmerge.pipeline.simulate`'s handler (SIGTERM as Ctrl-C): the run
-    stayed ``running`` and the process aborted (exit 134) on Flower's waiting threads. Both go
-    through ``ray._private.utils.set_sigterm_handler``, which does nothing here; Ray's processes
-    are stopped by :func:`leave_after_interrupt`, or die with this process (Ray starts them
-    with ``PR_SET_PDEATHSIG``).
-    """
-    import ray._private.utils as ray_utils
-
-    install = ray_utils.set_sigterm_handler  # an AttributeError here: Ray changed, see above
-    ray_utils.set_sigterm_handler = lambda handler: None
-    try:
-        yield
-    finally:
-        ray_utils.set_sigterm_handler = install
-
-
-def leave_after_interrupt(code: int = 130) -> NoReturn:
-    """End this process at once after Ctrl-C or SIGTERM stopped a simulation (its record already says ``interrupted``).
-
-    A terminal's Ctrl-C also stops Ray's workers; Flower's runtime threads then wait forever
-    for their replies, and a normal exit would wait for those threads. Ray is shut down first.
-
-    Parameters
-    ----------
-    code : int
-        The exit status: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
-    """
-    import os
-    import sys
-
-    try:
-        import ray  # fails when the signal came while Ray was being imported: then nothing of Ray runs yet
-
-        ray.shutdown()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    return report
 
 
 def deployed_run(run_config: UserConfig) -> tuple[FederationConfig, Path]:
@@ -318,4 +276,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation on the deployed SuperNodes and write the run directory (``run.json`` says how it ended)."""
     config, out = deployed_run(context.run_config)
-    simulate(config, lambda run: execute(config, FlowerBackend(grid, config), run), out, Console(markup=False))
+
+    def run(run_dir):  # type: ignore[no-untyped-def]
+        watched = StoppableGrid(grid, threading.Event(), reply_logger(config, run_dir.log), poll=1.0)
+        return execute(config, FlowerBackend(watched, config), run_dir)
+
+    simulate(config, run, out, Console(markup=False))

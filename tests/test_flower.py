@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 import server.app
+import server.simulation
 from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
 from fedmerge.pipeline import InProcess, Server, simulate
@@ -25,8 +26,8 @@ from fedmerge.protocol import base_weights, party_data, party_specs
 from tests.test_pipeline import tiny
 
 ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items", "text_dim"}
-ALLOWED_METRICS = {"users", "n_items", "best_epoch", "best_valid_ndcg@10", "train_seconds", "seconds", "merge_seconds",
-                   "text_weight"}
+ALLOWED_METRICS = {"users", "n_items", "epochs", "best_epoch", "best_valid_ndcg@10", "last_loss", "train_seconds",
+                   "seconds", "merge_seconds", "text_weight"}
 
 
 class Recording:
@@ -56,7 +57,7 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
         original(self, grids[-1], config)
 
     monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
-    simulate(config, server.app.flower_backend(config), tmp_path / "flower")
+    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
     simulate(config, InProcess(config), tmp_path / "inprocess")
     flower, inprocess = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("flower", "inprocess"))
     assert flower == inprocess

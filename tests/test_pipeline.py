@@ -53,7 +53,8 @@ def test_inprocess_run_writes_every_model_for_every_domain(tmp_path: Path, cache
     assert all(torch.equal(merged[k], v) for k, v in results[-1].merge.merged.items())
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    assert events[0] == "parties" and events[-1] == "round_done"
+    assert events[:2] == ["data_start", "party_ready"] and "parties" in events and events[-1] == "round_done"
+    assert events.count("party_trained") == events.count("party_ready") == 2  # each party, as it replies
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| merged (task-wise, mergerec) |" in report and "synth-0 text_weight" in report
     assert all(r["text_weight"] in tiny().train.text_weights for r in rows)  # each party's choice, reported

@@ -21,6 +21,7 @@ from rich.text import Text
 from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path, write_json
 from fedmerge.merge.vectors import StateDict
+from fedmerge.progress import Status, attach, detach
 from fedmerge.runs.outdir import Output
 from fedmerge.runs.results import PROTOCOL, Row, write_metrics
 from fedmerge.train.checkpoint import save_weights
@@ -40,6 +41,7 @@ class RunDir:
         self.events.write_text("")
         self.console = console
         self.started = time.time()
+        self.screen = RunScreen(console, self.started) if console is not None else None
         self.output.update(machine=f"{platform.machine()}, Python {platform.python_version()}")
         write_json(self.out / "config.json", config)
 
@@ -49,18 +51,19 @@ class RunDir:
         return self.output.record
 
     def log(self, event: str, **fields: Any) -> None:
-        """Append one event (with the seconds since the start) to ``events.jsonl`` and show it."""
+        """Append one event (with the seconds since the start) to ``events.jsonl``, unrounded, and show it
+        on the console rounded (:class:`RunScreen`)."""
         record = {"t": round(time.time() - self.started, 2), "event": event, **fields}
         with open(self.events, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.console is not None:
-            details = ", ".join(f"{k} {v}" for k, v in fields.items() if k != "weights")
-            line = Text.assemble((f"{record['t']:>8.1f} s", "dim"), f" {event.replace('_', ' ')}: {details}")
-            self.console.print(line, highlight=False)
+        if self.screen is not None:
+            self.screen.show(record)
 
     def finish(self, status: str, **facts: Any) -> None:
         """Record the final status (``complete``: ``OUT.partial`` replaces ``OUT``; ``failed``, ``interrupted``)."""
         facts["seconds"] = round(time.time() - self.started, 2)
+        if self.screen is not None:
+            self.screen.close()
         if status == "complete":
             self.output.commit(**facts)
             self.out, self.events = self.final, self.final / "events.jsonl"
@@ -76,6 +79,151 @@ class RunDir:
         (self.out / "report.md").write_text(report)
         plot_rows(rows, self.out / "metrics.png")
         write_metrics(rows, self.out)
+
+
+RESULT_FILES = "report.md, metrics.csv, metrics.png, merged.safetensors, coefficients.json, events.jsonl"
+
+
+class RunScreen:
+    """What a person reads of a run: one line per event, numbers rounded; the results table at the end.
+
+    Each line starts with the seconds since the start; metrics and losses show 4 decimals, seconds
+    one (``events.jsonl`` keeps every value unrounded). On a terminal a status line shows the phase
+    the run waits in (start-up, local training, evaluation) with its elapsed time, and the learned
+    merge draws its bar; off a terminal (a file, a pipe) every line is plain text, the merge
+    prints a line at each quarter of its steps. Values are printed as text, never as markup.
+    """
+
+    def __init__(self, console: Console, started: float) -> None:
+        self.console, self.started = console, started
+        self.status = Status(console)
+        self.phase, self.expected, self.arrived = "", 0, 0
+        self.domains: list[str] = []
+        attach(console, self.line, self.status)
+
+    def show(self, record: dict[str, Any]) -> None:
+        """Show one event of the run (a known event as a sentence, any other as its rounded fields)."""
+        render = getattr(self, f"_on_{record['event']}", None)
+        text = render(record) if render is not None else self._generic(record)
+        if text:
+            self.line(text, record["t"], "red" if record["event"] == "party_failed" else "")
+
+    def line(self, text: str, t: float | None = None, style: str = "") -> None:
+        """One line: the seconds since the start, then `text`."""
+        t = time.time() - self.started if t is None else t
+        self.console.print(Text.assemble((f"{t:>7.1f} s", "dim"), "  ", (text, style)), highlight=False, soft_wrap=True)
+
+    def results(self, rows: list[Row], out: Path) -> None:
+        """The models x domains table of test recall@10 and ndcg@10 (as in ``report.md``) and the run directory."""
+        self.console.print(Text(f"\nResults: test recall@10 and ndcg@10 per domain; {PROTOCOL}.\n"), soft_wrap=True,
+                           highlight=False)
+        self.console.print(Text(markdown_table(rows)), soft_wrap=True, highlight=False)
+        self.console.print(Text(f"\nrun directory: {out} ({RESULT_FILES})"), soft_wrap=True, highlight=False)
+
+    def close(self) -> None:
+        """The run ended: no status line, progress bars go back to stderr."""
+        self.status.stop()
+        detach()
+
+    def _wait(self, label: str, expected: int) -> None:
+        """A phase that waits for `expected` replies begins."""
+        self.phase, self.expected, self.arrived = label, expected, 0
+        self.status.show(f"{label}: 0 of {expected} done", restart=True)
+
+    def _arrived(self) -> None:
+        self.arrived += 1
+        self.status.show(f"{self.phase}: {self.arrived} of {self.expected} done")
+
+    def _on_runtime_start(self, r: dict[str, Any]) -> str:
+        self.status.show("start-up: Flower's simulation runtime (Ray)", restart=True)
+        return f"start-up: Flower's simulation runtime (Ray), {r['nodes']} nodes"
+
+    def _on_data_start(self, r: dict[str, Any]) -> str:
+        self._wait("start-up: the parties load their data", len(r["domains"]) * int(r.get("shards", 1)))
+        return f"start-up: the parties load their data ({', '.join(r['domains'])}: download, item features)"
+
+    def _on_party_ready(self, r: dict[str, Any]) -> str:
+        self._arrived()
+        return f"  {r['party']} ready: {int(r['n_items']):,} items"
+
+    def _on_parties(self, r: dict[str, Any]) -> str:
+        self.status.stop()
+        return f"start-up done: {len(r['parties'])} parties"
+
+    def _on_strategy(self, r: dict[str, Any]) -> None:
+        return None  # Flower's strategy object: nothing a person needs
+
+    def _on_train_start(self, r: dict[str, Any]) -> str:
+        self._wait(f"round {r['round']}: local training", int(r["parties"]))
+        return f"round {r['round']}: local training on {r['parties']} parties"
+
+    def _on_party_trained(self, r: dict[str, Any]) -> str:
+        self._arrived()
+        best = f"best valid ndcg@10 {r['best_valid_ndcg@10']:.4f}"
+        if "epochs" not in r:
+            return f"  {r['party']} trained: {best}, {r['seconds']:.1f} s"
+        loss = "" if r.get("last_loss") is None else f", last loss {r['last_loss']:.4f}"
+        return (f"  {r['party']} trained: {int(r['epochs'])} epochs (best {int(r['best_epoch'])}){loss}, {best}, "
+                f"{r['seconds']:.1f} s")
+
+    def _on_party_failed(self, r: dict[str, Any]) -> str:
+        return f"  {r['party']} left out: {r['error']}"
+
+    def _on_train_done(self, r: dict[str, Any]) -> str:
+        self.status.stop()
+        return f"round {r['round']}: local training done, {r['replied']} of {self.expected or r['replied']} parties replied"
+
+    def _on_merge_start(self, r: dict[str, Any]) -> str:
+        self.status.stop()
+        self.domains = list(r["domains"])
+        return f"round {r['round']}: the server merges {', '.join(self.domains)}"
+
+    def _on_merge_done(self, r: dict[str, Any]) -> str:
+        text = f"round {r['round']}: merged in {r['seconds']:.1f} s"
+        selection = r.get("selection")
+        if selection:
+            pick = list(zip(selection["steps"], selection["scales"], strict=True)).index(
+                (selection["chosen_step"], selection["chosen_scale"]))
+            scale = "" if selection["chosen_scale"] == 1.0 else f" x {selection['chosen_scale']:g}"
+            text += (f", kept step {selection['chosen_step']}{scale} (mean valid ndcg@10 "
+                     f"{selection['scores'][pick]:.4f}, the best of {len(selection['steps'])} candidates)")
+        weights = r.get("weights") or []
+        if len(weights) == len(self.domains):
+            text += "; coefficients " + ", ".join(f"{d} {_plain(w[0] if len(w) == 1 else w)}"
+                                                  for d, w in zip(self.domains, weights, strict=True))
+        return text
+
+    def _on_evaluate_start(self, r: dict[str, Any]) -> str:
+        self._wait(f"round {r['round']}: evaluation", int(r["parties"]))
+        return (f"round {r['round']}: every party evaluates {len(r['models'])} models on its private "
+                f"{' and '.join(r['splits'])} split")
+
+    def _on_party_evaluated(self, r: dict[str, Any]) -> str:
+        if r.get("valid_selection"):
+            return f"  {r['party']} scored {r['models']} candidate merges on its valid users, {r['seconds']:.1f} s"
+        self._arrived()
+        return f"  {r['party']} evaluated {r['models']} models, {r['seconds']:.1f} s"
+
+    def _on_round_done(self, r: dict[str, Any]) -> str:
+        self.status.stop()
+        seconds = ", ".join(f"{step} {value:.1f} s" for step, value in r["seconds"].items())
+        left = f"; left out: {', '.join(r['failed'])}" if r.get("failed") else ""
+        return f"round {r['round']} done: {seconds}{left}"
+
+    def _generic(self, r: dict[str, Any]) -> str:
+        details = ", ".join(f"{key} {_plain(value)}" for key, value in r.items() if key not in ("t", "event"))
+        return f"{str(r['event']).replace('_', ' ')}: {details}"
+
+
+def _plain(value: Any) -> str:
+    """A value as short text: floats with 4 decimals, lists and dicts element by element."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_plain(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def last_round(rows: list[Row], split: str) -> list[Row]:
