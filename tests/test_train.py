@@ -40,7 +40,8 @@ def test_config_preset_overrides_and_errors() -> None:
         load_config(None, ["model.dropout=1.5"])
     with pytest.raises(FedmergeError, match="not key=value"):
         load_config(None, ["train.lr"])
-    with pytest.raises(FedmergeError, match="cannot read config nonexistent .*simulate, simulate-paper, textenc, textseq"):
+    presets = "simulate, simulate-demo, simulate-paper, textenc, textseq"
+    with pytest.raises(FedmergeError, match=f"cannot read config nonexistent .*{presets}"):
         load_config("nonexistent")
 
 
