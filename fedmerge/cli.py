@@ -237,6 +237,15 @@ def pretrain(
     console.print(f"wrote {out}; fine-tune from it with `fedmerge train --init {out}`")
 
 
+def merge_config(method: str, learn: str, loss: str, rows: str, overrides: list[str]) -> MergeConfig:
+    """The merge of ``fedmerge merge``: its options, and ``--set method.KEY=V`` / ``learn.KEY=V`` overrides."""
+    tree = apply_overrides({"method": {}, "learn": {"mode": learn, "loss": loss}}, overrides)
+    unknown = sorted(set(tree) - {"method", "learn"})
+    if unknown:
+        raise FedmergeError(f"--set {unknown[0]}.*: merge settings are method.KEY or learn.KEY")
+    return validate(MergeConfig, {"method": method, "params": tree["method"], "learn": tree["learn"], "rows": rows})
+
+
 @app.command("merge")
 def merge(
     base: Annotated[Path, typer.Option("--base", help="theta_0: base.safetensors of a train folder, or a pretrain folder.")],
@@ -254,11 +263,7 @@ def merge(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Merge fine-tuned domain models (server side: weights and public item tables only)."""
-    tree = apply_overrides({"method": {}, "learn": {"mode": learn, "loss": loss}}, overrides or [])
-    unknown = sorted(set(tree) - {"method", "learn"})
-    if unknown:
-        raise FedmergeError(f"--set {unknown[0]}.*: merge settings are method.KEY or learn.KEY")
-    config = validate(MergeConfig, {"method": method, "params": tree["method"], "learn": tree["learn"], "rows": rows})
+    config = merge_config(method, learn, loss, rows, overrides or [])
     paths = [Path(p.strip()) for item in models for p in item.split(",") if p.strip()]
     metrics, outcome = merge_run(base, paths, _split_names(domains), config, out, quiet=quiet)
     console.print(metrics_table(metrics, title=f"{method} merge ({learn}{'' if learn == 'none' else ', ' + loss})"))

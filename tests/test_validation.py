@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmerge.config import CONFIG_DIR, ExperimentConfig, apply_overrides, load_config, validate
+from fedmerge import cli
+from fedmerge.config import CONFIG_DIR, ExperimentConfig, load_config, validate
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
 from fedmerge.merge.methods import merge
@@ -20,10 +21,8 @@ from fedmerge.train.checkpoint import save_weights
 
 
 def merge_config(*overrides: str) -> MergeConfig:
-    """The MergeConfig that ``fedmerge merge --set ...`` builds (see cli.merge)."""
-    tree = apply_overrides({"method": {}, "learn": {"mode": "task-wise", "loss": "mergerec"}}, list(overrides))
-    return validate(MergeConfig, {"method": "task_arithmetic", "params": tree["method"], "learn": tree["learn"],
-                                  "rows": "usage"})
+    """The MergeConfig that ``fedmerge merge --method task_arithmetic --set ...`` builds."""
+    return cli.merge_config("task_arithmetic", "task-wise", "mergerec", "usage", list(overrides))
 
 
 @pytest.mark.parametrize(("value", "problem"), [("nan", "must be a finite number (got nan)"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import tempfile
 import zipfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmerge.errors import FedmergeError
+from fedmerge.files import swap_folder
 
 TEXT_FIELDS: tuple[str, ...] = ("title", "brand", "category")
 NO_TARGET = -1
@@ -208,26 +208,12 @@ class DomainData:
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
-    """Rename the complete folder `tmp` to `directory`, moving an existing one aside first and restoring it on failure."""
-    old: Path | None = None
-    if directory.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        try:
-            os.replace(directory, old)
-        except FileNotFoundError:  # a concurrent writer moved it first
-            old.rmdir()
-            old = None
+    """Rename the complete folder `tmp` to `directory` (:func:`fedmerge.files.swap_folder`); a concurrent
+    writer's complete copy is kept, any other failure is a cache write error."""
     try:
-        os.replace(tmp, directory)
+        swap_folder(tmp, directory, complete=lambda folder: (folder / "domain.json").exists())
     except OSError as err:
-        if old is not None:
-            os.replace(old, directory)
-            raise cache_write_error(directory, err) from err
-        if not (directory / "domain.json").exists():
-            raise cache_write_error(directory, err) from err
-        # else: a concurrent writer finished first; keep its copy
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        raise cache_write_error(directory, err) from err
 
 
 def check_not_empty(domain: DomainData, where: str) -> None:

@@ -6,17 +6,15 @@ An archive is written to a temporary file beside its final place, its sha256 is 
 only then is it renamed into place: a failed or corrupt download leaves nothing behind, and a
 full disk is an error that names the file. The temporary file of a download killed outright
 (``kill -9``), named ``.NAME.tmp-PID``, is removed by the next fetch of the same archive once
-process PID is gone and the file has not changed for :data:`STALE_AFTER_S` seconds (so that a
-download by another machine sharing the cache is left alone).
+process PID is gone and the file has not changed for a minute (so that a download by another
+machine sharing the cache is left alone; :func:`fedmerge.files.remove_stale_temps`).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import http.client
 import os
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,12 +25,10 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedCo
 from fedmerge.data.domain import cache_write_error
 from fedmerge.data.registry import DatasetSpec
 from fedmerge.errors import FedmergeError
-from fedmerge.files import atomic_path, pid_alive
+from fedmerge.files import atomic_path, remove_stale_temps
 from fedmerge.progress import progress_bar
 
 _CHUNK = 1 << 20
-STALE_AFTER_S = 60.0
-"""A dead process's temporary download untouched for this long is removed."""
 
 
 def cache_dir() -> Path:
@@ -99,25 +95,6 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
     except OSError as err:  # writing the cache failed (a full disk, most often); reading errors are reported below
         raise cache_write_error(final, err) from err
     return final
-
-
-def remove_stale_temps(final: Path) -> list[Path]:
-    """Remove temporary siblings ``.NAME.tmp-PID`` of `final` whose process is gone; return them.
-
-    A temporary file of a live process (a concurrent download) is kept, and so is one modified
-    in the last :data:`STALE_AFTER_S` seconds (it may belong to a process on another machine).
-    """
-    prefix = f".{final.name}.tmp-"
-    removed = []
-    for tmp in final.parent.glob(glob.escape(prefix) + "*"):
-        pid = tmp.name[len(prefix):]
-        try:
-            if pid.isdigit() and not pid_alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
-                tmp.unlink()
-                removed.append(tmp)
-        except FileNotFoundError:  # removed by a concurrent fetch
-            continue
-    return removed
 
 
 def _download(url: str, dest: Path, label: str, quiet: bool) -> None:

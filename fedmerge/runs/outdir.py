@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedmerge.errors import FedmergeError
-from fedmerge.files import pid_alive, write_json
+from fedmerge.files import pid_alive, swap_folder, write_json
 
 RECORD = "run.json"
 HEARTBEAT_SECONDS = 30.0
@@ -205,18 +205,7 @@ class Output:
         with self._lock:
             self.record |= {"status": "complete", "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), **facts}
             self.write_record()
-            replace_folder(self.dir, self.out)
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Put the folder `new` in place of `out` (which may not exist); the old `out` is removed after the swap."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+            swap_folder(self.dir, self.out)
 
 
 def difference(now: dict[str, Any], before: dict[str, Any]) -> str:
