@@ -28,12 +28,14 @@ from pathlib import Path
 
 from report import train_once
 
-from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.config import load_config
 from fedmerge.data import load_domain
 from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.popularity import popularity_scorer
-from fedmerge.train.checkpoint import build_model, load_checkpoint
-from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config
+from fedmerge.evaluate.popularity import popularity_scorer
+from fedmerge.models import build_model, load_parts
+from fedmerge.train.checkpoint import load_checkpoint
+from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.run import evaluate_rows, pretrain_config
 
 COLUMNS = ("popularity", "base", "pretrained", "fine-tuned", "from pretrained", "joint")
 SKIPPABLE = ("fine-tuned", "pretrained", "from pretrained", "joint")
@@ -62,7 +64,7 @@ def main() -> None:
         parser.error(f"--skip {','.join(sorted(unknown))}: not a column; use {', '.join(SKIPPABLE)}")
     if not args.pretrain:
         args.skip = sorted(set(args.skip) | {"pretrained", "from pretrained"})
-    config = load_config("textseq", args.overrides)
+    config = load_config("textseq", args.overrides, ExperimentConfig)
     domains = args.domains.split(",")
     cells: dict[str, dict[str, tuple[float, float]]] = {d: {} for d in domains}
     facts: dict[str, dict] = {}

@@ -48,13 +48,16 @@ from pathlib import Path
 import numpy as np
 from report import train_once
 
-from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.config import load_config
 from fedmerge.files import write_json
 from fedmerge.merge.learn import LearnConfig
 from fedmerge.merge.run import merge_run
-from fedmerge.protocol import MergeConfig
+from fedmerge.merge.server import MergeConfig
+from fedmerge.models import load_parts
+from fedmerge.models.family import upgrade_stored
 from fedmerge.train.checkpoint import load_checkpoint
-from fedmerge.train.run import evaluate_rows, load_parts, pretrain_config
+from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.run import evaluate_rows, pretrain_config
 
 BASES = ("seeded", "pretrained")
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -127,7 +130,7 @@ def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str)
 def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict, dict[str, float]]:
     """All table cells of one base regime and seed, {row label: {domain: (recall@10, ndcg@10)}},
     and task arithmetic's lambda chosen on valid for each way of merging rows."""
-    config = load_config("textseq", [*args.overrides, f"train.seed={seed}"])
+    config = load_config("textseq", [*args.overrides, f"train.seed={seed}"], ExperimentConfig)
     runs = args.runs / base_kind / f"seed{seed}"
     init = None
     if base_kind == "pretrained":
@@ -168,8 +171,9 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
 
 def _preset(config: dict) -> dict:
     """A resolved preset as recorded, without the seed; keys added to the config since a record
-    was written take their defaults (which keep the old behaviour), so the record still matches."""
-    dump = ExperimentConfig.model_validate(config).model_dump(mode="json")
+    was written take their defaults (which keep the old behaviour), so the record still matches,
+    and a record written before each family had its own config is read in today's layout."""
+    dump = ExperimentConfig.model_validate(upgrade_stored(config)).model_dump(mode="json")
     del dump["train"]["seed"]
     return dump
 
@@ -183,7 +187,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: boo
     again (reusing the runs), unless `report`: then it is read back as it is."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
     settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
-                "config": _preset(load_config("textseq", args.overrides).model_dump(mode="json"))}
+                "config": _preset(load_config("textseq", args.overrides, ExperimentConfig).model_dump(mode="json"))}
     if base_kind == "pretrained":
         settings["pretrain config"] = _preset(pretrain_config("textseq", args.overrides).model_dump(mode="json"))
     if path.exists():

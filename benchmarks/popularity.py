@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedmerge.data import REGISTRY, load_domain
 from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.popularity import popularity_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
 from fedmerge.runs.results import metric_row, write_metrics
 
 

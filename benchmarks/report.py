@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from fedmerge.config import ExperimentConfig
+from fedmerge.train.config import ExperimentConfig
 from fedmerge.train.run import same_config, train_run
 
 

@@ -23,10 +23,10 @@ import torch
 from report import write_row
 
 from fedmerge.config import load_config
+from fedmerge.models import build_model, load_parts
 from fedmerge.train.batches import length_batches, training_sequences
-from fedmerge.train.checkpoint import build_model
+from fedmerge.train.config import ExperimentConfig
 from fedmerge.train.loop import fit
-from fedmerge.train.run import load_parts
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    config = load_config("textseq", ["train.epochs=1", *args.overrides])
+    config = load_config("textseq", ["train.epochs=1", *args.overrides], ExperimentConfig)
     part = load_parts([args.domain], config.model, quiet=True)[0]
     base = build_model(config.model, part.features.shape[1], config.train.seed)
     sequences = training_sequences(part.domain, config.model.max_len)
@@ -46,7 +46,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
         start = time.perf_counter()
         for inputs, targets in batches:
-            loss = model.loss(part.features, inputs, targets, config.train.negatives)
+            loss = model.loss(part.features, inputs, targets)  # sampled softmax: the model config's negatives
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -6,7 +6,7 @@ unseen merge (of the other domains, ``unseen-{domain}``: mergerec loss with a fi
 task-wise, usage rows, task-arithmetic init) are scored on the
 unseen domain's test split after the unseen party sets each model's text weight on its own
 valid users (``train.valid_users`` of the runs' config, best ndcg@10 over ``--weights``), as
-a party of the federation does with ``local_text_weight``. Full ranking over the domain's items,
+a party of the federation does with ``local_calibration``. Full ranking over the domain's items,
 seen items not excluded; recall@10 and ndcg@10.
 
     python benchmarks/unseen_text_weight.py [--runs runs/merge] [--base seeded] [--seed 0]
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from merge_quality import BASES
 
+from fedmerge.evaluate import model_scorer
 from fedmerge.evaluate.ranking import evaluate_domain
 from fedmerge.files import write_json
-from fedmerge.models.scoring import model_scorer
+from fedmerge.models import load_parts
 from fedmerge.train.checkpoint import load_checkpoint, load_weights
-from fedmerge.train.loop import choose_text_weight, text_weight_metrics
-from fedmerge.train.run import load_parts
+from fedmerge.train.loop import calibration_metrics, choose_calibration
 
 
 def unseen_rows(runs: Path, domains: list[str], weights: list[float]) -> list[dict]:
@@ -37,11 +37,12 @@ def unseen_rows(runs: Path, domains: list[str], weights: list[float]) -> list[di
         load_weights(base, runs / others[0] / "base.safetensors")
         models = {"theta_0": base} | {f"fine-tuned on {d}": load_checkpoint(runs / d)[0] for d in others}
         models["merge of the others"] = load_checkpoint(runs / f"unseen-{unseen}")[0]
-        train = config.train.model_copy(update={"text_weights": weights})
+        train = config.train
         part = load_parts([unseen], config.model, quiet=True)[0]
         for label, model in models.items():
             arrived = float(model.text_weight)
-            scores = choose_text_weight(model, text_weight_metrics(model, [part], train))
+            model.config = model.config.model_copy(update={"text_weights": weights})  # the weights tried
+            scores = choose_calibration(model, calibration_metrics(model, [part], train))
             test = evaluate_domain(model_scorer(model, part.features), part.domain, "test", train.eval_batch_size)
             rows.append({"unseen": unseen, "model": label, "arrived text weight": arrived,
                          "chosen text weight": float(model.text_weight), "valid ndcg@10 by weight": scores,

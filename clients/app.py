@@ -2,27 +2,30 @@
 
 The party is resolved from the node config: ``domain`` (plus optional ``shard`` / ``shards``)
 on a deployed SuperNode, or ``partition-id`` in simulation, mapped through the federation
-config the server sends. Private data never leaves this process: replies hold weights, the
-public item-feature table and aggregate metrics only.
+config the server sends. Private data never leaves this process: replies hold the update, the
+public item table (once, in the ``query`` reply) and aggregate metrics only; the wire layout
+lives in :mod:`server.records`.
 """
 
 from __future__ import annotations
 
-import json
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.errors import FedmergeError
-from fedmerge.protocol import FederationConfig, PartySpec, party_data, party_evaluate, party_specs, party_train
-from fedmerge.train.loop import Part
+from fedmerge.models import Part
+from fedmerge.protocol import FederationConfig, PartySpec, describe, party_data, party_evaluate, party_specs, party_train
+from server.records import (
+    description_content,
+    evaluate_reply_content,
+    read_evaluate_request,
+    read_federation,
+    read_start,
+    train_reply_content,
+)
 
 app = ClientApp()
 _DATA: dict[tuple[str, str], Part] = {}  # (party, config) -> data, reused while this process serves the party
-
-
-def _config(msg: Message) -> FederationConfig:
-    return FederationConfig.model_validate(json.loads(str(msg.content["config"]["federation"])))
 
 
 def _spec(config: FederationConfig, context: Context) -> PartySpec:
@@ -46,40 +49,30 @@ def _data(config: FederationConfig, spec: PartySpec) -> Part:
     return _DATA[key]
 
 
+def _party(msg: Message, context: Context) -> tuple[FederationConfig, PartySpec, Part]:
+    config = read_federation(msg)
+    spec = _spec(config, context)
+    return config, spec, _data(config, spec)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who this party is: its party id, domain and catalogue size."""
-    config = _config(msg)
-    spec = _spec(config, context)
-    part = _data(config, spec)
-    party = ConfigRecord({"party": spec.party, "domain": spec.domain, "n_items": part.domain.n_items,
-                          "text_dim": int(part.features.shape[1])})
-    return Message(RecordDict({"party": party}), reply_to=msg)
+    """Who this party is (id, domain, catalogue size) and its domain's public item table."""
+    _, spec, part = _party(msg, context)
+    return Message(description_content(describe(spec, part)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Fine-tune from the received weights; reply with weights, the item table and aggregate facts."""
-    config = _config(msg)
-    spec = _spec(config, context)
-    reply = party_train(_data(config, spec), msg.content["arrays"].to_torch_state_dict(), config)
-    content = RecordDict({"arrays": ArrayRecord(reply.weights), "features": ArrayRecord({"features": reply.features}),
-                          "metrics": MetricRecord(reply.metrics),
-                          "party": ConfigRecord({"party": spec.party, "domain": spec.domain})})
-    return Message(content, reply_to=msg)
+    """Fine-tune from the received weights; reply with the update and aggregate facts."""
+    config, spec, part = _party(msg, context)
+    return Message(train_reply_content(spec.party, party_train(part, read_start(msg), config)), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate every received model on the private splits the server names; reply with metrics only."""
-    config = _config(msg)
-    spec = _spec(config, context)
-    part = _data(config, spec)
-    request = msg.content["config"]
-    splits, sample = tuple(json.loads(str(request["splits"]))), bool(request["sample"])
-    content = RecordDict({"party": ConfigRecord({"party": spec.party, "domain": spec.domain})})
-    for index in range(int(request["models"])):  # type: ignore[arg-type]
-        metrics = party_evaluate(part, msg.content[f"model-{index}"].to_torch_state_dict(), config, splits, sample)
-        for split, values in metrics.items():
-            content[f"metrics-{index}-{split}"] = MetricRecord(values)
-    return Message(content, reply_to=msg)
+    config, spec, part = _party(msg, context)
+    request = read_evaluate_request(msg)
+    evaluations = [party_evaluate(part, weights, config, request.splits, request.sample) for weights in request.models]
+    return Message(evaluate_reply_content(spec.party, spec.domain, evaluations), reply_to=msg)

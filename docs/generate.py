@@ -239,9 +239,27 @@ class ConfigDoc:
             if key.rsplit(".", 1)[0] + "." == prefix:
                 render(level)
 
+    def families(self, level: int) -> None:
+        """The `model` section: one table per registered model family (its config class)."""
+        from fedmerge.models import FAMILIES
+        from fedmerge.models.family import DEFAULT_KIND
+
+        kinds = sorted((kind for kind, cls in FAMILIES.items() if cls.__module__.startswith("fedmerge.")),
+                       key=lambda kind: kind != DEFAULT_KIND)  # fedmerge's own families, the default first
+        self.add("#" * level + " `model`", "",
+                 "The keys of `model` depend on `model.kind`, the model family (`fedmerge.models.FAMILIES`); a key of "
+                 "another family is refused. Families: " + ", ".join(f"`{k}`" for k in kinds) + ".", "")
+        for kind in kinds:
+            cls = FAMILIES[kind]
+            self.add("#" * (level + 1) + f" `model.kind = {kind}`" + (" (the default)" if kind == DEFAULT_KIND else ""),
+                     "")
+            if doc := _doc(cls.Config):
+                self.add(doc, "")
+            self.table(cls.Config, "model.", where=f"{cls.Config.__name__}, model.kind = {kind}")
+
     def method_params(self, level: int) -> None:
         from fedmerge.merge.methods import METHODS
-        from fedmerge.protocol import MergeConfig
+        from fedmerge.merge.server import MergeConfig
 
         default = MergeConfig.model_fields["method"].default
         self.add("#" * level + " `merge.params`: the merge method's parameters", "",
@@ -305,7 +323,7 @@ def preset_section(doc: ConfigDoc, path: Path, schemas: dict[str, tuple[type[Bas
     schema, title, command = schemas[preset_kind(path)]
     config = load_config(path, [], schema)
     values = _resolved(config)
-    defaults = _resolved(schema())
+    defaults = _resolved(schema(model=type(config.model)()))  # type: ignore[call-arg,attr-defined]  # its family's defaults
     if isinstance(config, FederationConfig):  # a method's parameters default to that method's defaults
         own = _flatten({"merge": {"params": method_params(config.merge.method, {}).model_dump(mode="json")}})
         defaults = {k: v for k, v in defaults.items() if not k.startswith("merge.params.")} | own
@@ -329,8 +347,8 @@ def preset_section(doc: ConfigDoc, path: Path, schemas: dict[str, tuple[type[Bas
 
 def config_markdown(doc: ConfigDoc | None = None) -> str:
     """docs/config.md: every key of the presets' schemas, then what each preset in configs/ changes."""
-    from fedmerge.config import ExperimentConfig
     from fedmerge.protocol import FederationConfig
+    from fedmerge.train.config import ExperimentConfig
 
     doc = doc or ConfigDoc()
     schemas = {"training": (ExperimentConfig, "a training preset", "fedmerge train --config {name}"),
@@ -346,10 +364,13 @@ def config_markdown(doc: ConfigDoc | None = None) -> str:
             "preset nor `--set` gives one, written as in TOML (`null`: none); *constraints* are the ranges and "
             "choices the value is checked against.", "")
     doc.add("## Training presets", "",
-            "Schema `fedmerge.config.ExperimentConfig`, used by `fedmerge train` and `fedmerge pretrain`. Presets: "
-            + ", ".join(f"`{s}`" for s in by_kind["training"]) + ".", "")
+            "Schema `fedmerge.train.config.ExperimentConfig`, used by `fedmerge train` and `fedmerge pretrain`. "
+            "Presets: " + ", ".join(f"`{s}`" for s in by_kind["training"]) + ".", "")
     for name, field in ExperimentConfig.model_fields.items():
-        doc.sections(field.annotation, name + ".", 3, {}, {})  # type: ignore[arg-type]
+        if name == "model":
+            doc.families(3)
+        else:
+            doc.sections(field.annotation, name + ".", 3, {}, {})  # type: ignore[arg-type]
     doc.add("## Federation presets", "",
             "Schema `fedmerge.protocol.FederationConfig`, used by `fedmerge simulate` and the Flower apps. Presets: "
             + ", ".join(f"`{s}`" for s in by_kind["federation"]) + ".", "")

@@ -20,20 +20,21 @@ from fedmerge.data.importers import IMPORTERS
 from fedmerge.data.importers.recbole import write_recbole
 from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain
+from fedmerge.evaluate import evaluate_domain, model_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
 from fedmerge.merge import METHODS
 from fedmerge.merge.learn import Mode
 from fedmerge.merge.losses import LOSSES
 from fedmerge.merge.run import merge_run
-from fedmerge.models import MODELS
-from fedmerge.models.popularity import popularity_scorer
-from fedmerge.models.scoring import model_scorer
-from fedmerge.protocol import FederationConfig, MergeConfig
+from fedmerge.merge.server import MergeConfig
+from fedmerge.models import family, load_parts
+from fedmerge.protocol import FederationConfig
 from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import metric_row, metrics_table, write_metrics
 from fedmerge.text import feature_table, get_encoder
 from fedmerge.train.checkpoint import load_checkpoint
-from fedmerge.train.run import load_parts, pretrain_config, train_run
+from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.run import pretrain_config, train_run
 
 app = typer.Typer(help="Federated cross-domain sequential recommendation by model merging.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -193,7 +194,8 @@ def train(
     domain: Annotated[str | None, typer.Option("--domain", help="The domain to fine-tune on.")] = None,
     joint: Annotated[bool, typer.Option("--joint", help="Train one model on the pooled data of --domains.")] = False,
     domains: Annotated[str | None, typer.Option("--domains", help="With --joint: domains separated by commas.")] = None,
-    model: Annotated[str, typer.Option("--model", help="Model kind: textseq or textenc.")] = "textseq",
+    model: Annotated[str, typer.Option("--model", help="Model family (model.kind): textseq, textenc, or one "
+                                                       "registered by a FEDMERGE_PLUGINS module.")] = "textseq",
     config: Annotated[str | None, typer.Option("--config", help="TOML file or preset name in configs/ "
                                                 "(default: the preset named like --model).")] = None,
     init: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint instead of the seeded base.")] = None,
@@ -203,10 +205,9 @@ def train(
     """Fine-tune a recommender on one domain's private data (or jointly on several)."""
     if joint == (domain is not None) or (joint and not domains) or (domains and not joint):
         raise FedmergeError("give --domain NAME, or --joint --domains A,B,...")
-    if model not in MODELS:
-        raise FedmergeError(f"unknown model kind {model!r}; use one of: {', '.join(MODELS)}")
+    family(model)  # an unknown family is named, with the registered ones
     names = _split_names(domains) if joint else [domain]
-    experiment = load_config(config or model, [f"model.kind={model}", *(overrides or [])])
+    experiment = load_config(config or model, [f"model.kind={model}", *(overrides or [])], ExperimentConfig)
     rows = train_run(names, experiment, out, init=init, quiet=quiet)
     console.print(metrics_table(rows, title=f"{model} on {', '.join(names)}"))
     console.print(f"wrote {out}")
@@ -237,13 +238,21 @@ def pretrain(
     console.print(f"wrote {out}; fine-tune from it with `fedmerge train --init {out}`")
 
 
-def merge_config(method: str, learn: str, loss: str, rows: str, overrides: list[str]) -> MergeConfig:
-    """The merge of ``fedmerge merge``: its options, and ``--set method.KEY=V`` / ``learn.KEY=V`` overrides."""
-    tree = apply_overrides({"method": {}, "learn": {"mode": learn, "loss": loss}}, overrides)
+def merge_config(method: str | None, learn: str | None, loss: str | None, rows: str | None, overrides: list[str],
+                 preset: str | None = None) -> MergeConfig:
+    """The merge of ``fedmerge merge``: the ``[merge]`` table of `preset` (a federation preset or TOML file; none:
+    the defaults), then the options given (None: not given), then ``--set method.KEY=V`` / ``learn.KEY=V``."""
+    start = load_config(preset, [], FederationConfig).merge if preset else MergeConfig()
+    method = method or start.method
+    tree = apply_overrides({"method": dict(start.params) if method == start.method else {},
+                            "learn": start.learn.model_dump(mode="json") | {k: v for k, v in
+                                                                           (("mode", learn), ("loss", loss)) if v}},
+                           overrides)
     unknown = sorted(set(tree) - {"method", "learn"})
     if unknown:
         raise FedmergeError(f"--set {unknown[0]}.*: merge settings are method.KEY or learn.KEY")
-    return validate(MergeConfig, {"method": method, "params": tree["method"], "learn": tree["learn"], "rows": rows})
+    return validate(MergeConfig, {"method": method, "params": tree["method"], "learn": tree["learn"],
+                                  "rows": rows or start.rows})
 
 
 @app.command("merge")
@@ -253,20 +262,27 @@ def merge(
                                                                  "comma-separated or repeated.")],
     domains: Annotated[str, typer.Option("--domains", help="The models' domains, in the same order.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for merged.safetensors, coefficients.json, metrics.")],
-    method: Annotated[str, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)}.")] = "ties",
-    learn: Annotated[str, typer.Option("--learn", help=f"Coefficients: {', '.join(get_args(Mode))}.")] = "task-wise",
-    loss: Annotated[str, typer.Option("--loss", help=f"Loss: {', '.join(LOSSES)}.")] = "mergerec",
-    rows: Annotated[str, typer.Option("--rows", help="Item-memory rows: usage (weighted by which domains' items "
-                                                     "read them) or method.")] = "usage",
+    config: Annotated[str | None, typer.Option(
+        "--config", help="Start from the [merge] table of this federation preset or TOML file, e.g. simulate-mergerec "
+        "(MergeRec as published); the options below and --set change it.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=f"Training-free merge: {', '.join(METHODS)} "
+                                                                "(default: ties).")] = None,
+    learn: Annotated[str | None, typer.Option("--learn", help=f"Coefficients: {', '.join(get_args(Mode))} "
+                                                              "(default: task-wise).")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help=f"Loss: {', '.join(LOSSES)} (default: mergerec).")] = None,
+    rows: Annotated[str | None, typer.Option("--rows", help="Item-memory rows: usage (weighted by which domains' items "
+                                                            "read them, the default) or method.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="method.KEY=V (merge method), learn.KEY=V, "
                                                                       "learn.pseudo.KEY=V.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Merge fine-tuned domain models (server side: weights and public item tables only)."""
-    config = merge_config(method, learn, loss, rows, overrides or [])
+    """Merge fine-tuned domain models (server side: updates and public item tables only)."""
+    chosen = merge_config(method, learn, loss, rows, overrides or [], config)
     paths = [Path(p.strip()) for item in models for p in item.split(",") if p.strip()]
-    metrics, outcome = merge_run(base, paths, _split_names(domains), config, out, quiet=quiet)
-    console.print(metrics_table(metrics, title=f"{method} merge ({learn}{'' if learn == 'none' else ', ' + loss})"))
+    metrics, outcome = merge_run(base, paths, _split_names(domains), chosen, out, quiet=quiet)
+    mode = chosen.learn.mode
+    console.print(metrics_table(metrics, title=f"{chosen.method} merge "
+                                               f"({mode}{'' if mode == 'none' else ', ' + chosen.learn.loss})"))
     weights, groups = outcome.coefficients["weights"], outcome.coefficients["groups"]
     console.print(f"coefficients {[[round(w, 3) for w in row] for row in weights]} ({', '.join(groups)}); wrote {out}")
 

@@ -19,35 +19,36 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from fedmerge.data.catalog import check_domain_name
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.run import read_weights
+from fedmerge.merge.server import Judge, Member, MergeOutcome, server_merge
 from fedmerge.merge.vectors import StateDict
+from fedmerge.models import Part, load_parts
 from fedmerge.protocol import (
+    Description,
+    Evaluation,
     FederationConfig,
-    Judge,
-    MergeOutcome,
     PartySpec,
     TrainReply,
     average_parties,
     base_weights,
+    check_description,
     check_reply,
+    describe,
     domain_rows,
+    fine_tuned,
     party_data,
     party_evaluate,
     party_specs,
     party_train,
-    server_merge,
 )
 from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
-from fedmerge.train.loop import Part
-from fedmerge.train.run import load_parts
 
-Metrics = dict[str, dict[str, float]]
-"""A party's evaluation of one model: {split: {metric: value}}."""
 Log = Callable[..., None]
 """Records one event of the run: ``log(event, **fields)`` (:meth:`fedmerge.runs.rundir.RunDir.log`)."""
 
@@ -59,8 +60,8 @@ def _silent(event: str, **fields: object) -> None:
 class Transport(Protocol):
     """How the server reaches the parties."""
 
-    def describe(self, log: Log) -> dict[int, dict[str, float | str] | Exception]:
-        """Each party's domain name, catalogue size and item-table width (``query``): a value or the error.
+    def describe(self, log: Log) -> dict[int, Description | Exception]:
+        """Each party's description and item table (``query``): a value or the error.
 
         Each party that is ready is logged as it replies (:func:`log_ready`), where the transport sees it.
         """
@@ -105,9 +106,8 @@ class InProcess:
                 report(spec, results[spec.party], time.perf_counter() - began)
         return results
 
-    def describe(self, log: Log = _silent) -> dict[int, dict[str, float | str] | Exception]:
-        return self._each(lambda s: {"domain": s.domain, "n_items": float(self.part(s).domain.n_items),  # type: ignore[return-value]
-                                     "text_dim": float(self.part(s).features.shape[1])},
+    def describe(self, log: Log = _silent) -> dict[int, Description | Exception]:
+        return self._each(lambda s: describe(s, self.part(s)),  # type: ignore[return-value]
                           lambda s, value, seconds: log_ready(log, s, value))  # type: ignore[arg-type]
 
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
@@ -116,7 +116,7 @@ class InProcess:
                           lambda s, reply, seconds: log_trained(self.log, self.round, s, reply.metrics))  # type: ignore[attr-defined]
 
     def evaluate(self, models: dict, splits: tuple[str, ...] | None = None,
-                 sample: bool = False) -> dict[int, dict[str, Metrics] | Exception]:
+                 sample: bool = False) -> dict[int, dict[str, Evaluation] | Exception]:
         """Every party evaluates every model of `models` (label -> weights) on its private `splits`."""
         return self._each(lambda s: {label: party_evaluate(self.part(s), weights, self.config, splits, sample)  # type: ignore[return-value]
                                      for label, weights in models.items()},
@@ -139,9 +139,9 @@ class InProcess:
         return server.results
 
 
-def log_ready(log: Log, spec: PartySpec, described: dict[str, float | str]) -> None:
+def log_ready(log: Log, spec: PartySpec, described: Description) -> None:
     """A party has loaded its data and said who it is (its ``describe`` reply)."""
-    log("party_ready", party=party_name(spec), domain=spec.domain, n_items=described["n_items"])
+    log("party_ready", party=party_name(spec), domain=spec.domain, n_items=float(described.n_items))
 
 
 def log_trained(log: Log, round_: int, spec: PartySpec, metrics: dict[str, float]) -> None:
@@ -174,8 +174,8 @@ class Server:
     and closes the round. Parties left out are collected per round in ``failed``.
     """
 
-    def __init__(self, config: FederationConfig, log: Log = _silent) -> None:
-        self.config, self.log = config, log
+    def __init__(self, config: FederationConfig, tables: dict[str, torch.Tensor], log: Log = _silent) -> None:
+        self.config, self.tables, self.log = config, tables, log
         self.specs = {s.party: s for s in party_specs(config)}
         self.need = config.min_parties or len(self.specs)
         self.results: list[RoundResult] = []
@@ -224,13 +224,14 @@ class Server:
         per_domain = [average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
                       for d in domains]
         self.log("merge_start", round=round_, domains=domains)
-        outcome = server_merge(start, per_domain, self.config.model, self.config.seed, self.config.merge, quiet=False,
-                               judge=judge)  # its bar: on a run's console only (fedmerge.progress)
+        members = [Member(r.domain, r.update, self.tables[r.domain]) for r in per_domain]
+        outcome = server_merge(start, members, self.config.model, self.config.seed, self.config.merge, quiet=False,
+                               judge=judge, device=self.config.train.device)  # its bar: on a run's console only
         self.clock["merged"] = time.perf_counter()
         self.log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"],
                  selection=outcome.coefficients["selection"])
         models = {"theta_0" if round_ == 1 else f"start of round {round_}": start}
-        models |= {f"fine-tuned on {r.domain}": r.weights for r in per_domain}
+        models |= {f"fine-tuned on {r.domain}": fine_tuned(start, r) for r in per_domain}
         models |= {f"{self.config.merge.method} (training-free)": outcome.initial, _merged_label(self.config): outcome.merged}
         self.outcome = outcome
         return outcome, models
@@ -239,7 +240,7 @@ class Server:
         """The parties are asked to evaluate the models `labels` on their private splits."""
         self.log("evaluate_start", round=round_, models=labels, splits=list(self.config.splits), parties=len(self.specs))
 
-    def valid_scores(self, round_: int, evaluations: dict[int, dict[int, Metrics] | Exception]) -> list[float]:
+    def valid_scores(self, round_: int, evaluations: dict[int, dict[int, Evaluation] | Exception]) -> list[float]:
         """Each candidate's mean valid ndcg@10 over the domains, from the parties' evaluations of candidates 0..n-1."""
         usable = self._usable(round_, evaluations, "valid selection")
         if not usable:
@@ -247,7 +248,8 @@ class Server:
         return [float(np.mean([r["ndcg@10"] for r in domain_rows(str(i), [(s, v[i]) for s, v in usable])]))
                 for i in range(len(usable[0][1]))]
 
-    def record(self, round_: int, labels: list[str], evaluations: dict[int, dict[str, Metrics] | Exception]) -> RoundResult:
+    def record(self, round_: int, labels: list[str],
+               evaluations: dict[int, dict[str, Evaluation] | Exception]) -> RoundResult:
         """Rows of every model on every domain from the parties' evaluations; closes the round."""
         usable = self._usable(round_, evaluations, "evaluation")
         rows = [r | {"round": round_} for label in labels
@@ -313,11 +315,14 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
     if broken:
         party, err = next(iter(broken.items()))
         raise FedmergeError(f"party {party} could not load its data: {err}")
-    text_dims = {int(v["text_dim"]) for v in described.values()}  # type: ignore[index]
-    run.log("parties", parties={p: f"{v['domain']} ({int(v['n_items']):,} items)"  # type: ignore[index]
-                                for p, v in sorted(described.items())})
-    base = read_weights(Path(config.base)) if config.base else base_weights(config, text_dims.pop())
-    results = transport.run_rounds(base, Server(config, run.log))
+    parties: dict[int, Description] = described  # type: ignore[assignment]
+    for party, description in parties.items():
+        check_description(description, f"party {party}")
+    tables = {d.domain: d.table for d in parties.values()}
+    run.log("parties", parties={p: f"{d.domain} ({d.n_items:,} items)" for p, d in sorted(parties.items())})
+    width = next(iter(tables.values())).shape[1]
+    base = read_weights(Path(config.base)) if config.base else base_weights(config, width)
+    results = transport.run_rounds(base, Server(config, tables, run.log))
     last = results[-1]
     rows = [r for result in results for r in result.rows]
     facts = {"domains": ", ".join(config.domains), "parties": config.n_parties, "rounds": config.rounds,

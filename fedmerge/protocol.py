@@ -6,59 +6,41 @@ private splits. The *server* averages the parties of one domain (FedAvg), merges
 (training-free initialisation, then learned coefficients on pseudo-users) and aggregates the
 parties' metrics. :mod:`fedmerge.pipeline` calls these functions in one process; ``clients/``
 and ``server/`` call the very same functions from Flower handlers. Between the two sides pass
-only weights, item-feature tables (public catalogue), configs and aggregate metrics.
+only typed values: weights and configs to the parties; from them, each domain's public item
+table (once, :class:`Description`), updates after the ``updates`` chain (:class:`TrainReply`)
+and aggregate metrics (:data:`Evaluation`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from fedmerge.config import ConfigModel, ModelConfig, TrainConfig
+from fedmerge.config import ConfigModel
 from fedmerge.data.domain import user_subset
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain
-from fedmerge.merge import method_params
-from fedmerge.merge.learn import LearnConfig, LearnResult, learn_coefficients, server_domain
-from fedmerge.merge.methods import check_finite, prepare
-from fedmerge.merge.rows import RowMode, usage_rows
-from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
-from fedmerge.models import TextSeqRec
-from fedmerge.models.scoring import model_scorer
+from fedmerge.evaluate import evaluate_domain, model_scorer
+from fedmerge.merge.server import MergeConfig
+from fedmerge.merge.vectors import StateDict, check_aligned, combine
+from fedmerge.models import ModelConfig, Part, build_model, default_model, load_parts
 from fedmerge.runs.results import Row, metric_row
-from fedmerge.train.checkpoint import build_model
+from fedmerge.train.config import TrainConfig
 from fedmerge.train.loop import (
-    Part,
-    choose_text_weight,
+    calibrate,
+    calibration_metrics,
+    choose_calibration,
     fit,
-    fit_text_weight,
     reads_every_user,
-    text_weight_metrics,
+    resolve_device,
     validation_parts,
 )
-from fedmerge.train.run import load_parts
-
-
-class MergeConfig(ConfigModel):
-    """The server's merge: a training-free initialisation, then (optionally) learned coefficients."""
-
-    method: str = Field("ties", description="the training-free merge that initialises the coefficients")
-    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (see `fedmerge merge`)")
-    learn: LearnConfig = LearnConfig()
-    rows: RowMode = Field("usage", description="item-memory rows: merged by catalogue usage, or by the method "
-                                               "(see fedmerge.merge.rows)")
-
-    @model_validator(mode="after")
-    def _known_method(self) -> MergeConfig:
-        method_params(self.method, self.params)  # raises a FedmergeError naming the bad method or parameter
-        return self
+from fedmerge.updates import check_mechanisms, send_update
 
 
 class FederationConfig(ConfigModel):
@@ -76,11 +58,13 @@ class FederationConfig(ConfigModel):
     client_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per simulated party (fractions allowed)")
     evaluate_valid: bool = Field(True, description="parties evaluate every model on their valid split as well as "
                                  "on test (false: test only, half the evaluation time)")
-    local_text_weight: bool = Field(True, description="textseq: each party sets the text weight of every model it "
-                                    "evaluates on its own valid users (from train.text_weights), as after its own "
-                                    "training (false: the weight the model arrives with)")
+    local_calibration: bool = Field(True, description="each party calibrates every model it evaluates on its own "
+                                    "valid users, as after its own training, when the model family has a calibration "
+                                    "(false: the calibration the model arrives with)")
+    updates: list[str] = Field(default_factory=list, description="update mechanisms each party's update passes, in "
+                               "order, before it is sent (empty: the update as computed; see fedmerge.updates)")
     timeout_minutes: float = Field(120.0, gt=0.0, description="how long the server waits for the parties of a round")
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(default_factory=default_model, description="the model family and its settings")
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
 
@@ -92,6 +76,7 @@ class FederationConfig(ConfigModel):
         if self.min_parties is not None and self.min_parties > self.n_parties:
             raise FedmergeError(f"min_parties = {self.min_parties} but the run has only {self.n_parties} parties "
                                 f"({len(self.domains)} domains x {self.parties_per_domain}); lower min_parties")
+        check_mechanisms(self.updates)
         return self
 
     @property
@@ -136,18 +121,45 @@ def party_data(spec: PartySpec, config: FederationConfig, quiet: bool = True, wh
 
 
 @dataclass
+class Description:
+    """A party's answer to ``query``: who it is, and its domain's public item table (sent once per run)."""
+
+    party: int
+    domain: str
+    n_items: int
+    table: torch.Tensor
+
+
+@dataclass
 class TrainReply:
-    """What a party sends after local training: weights, its public item table, aggregate facts."""
+    """What a party sends after local training: its update (exchanged state - start) and aggregate facts."""
 
     domain: str
-    weights: StateDict
-    features: torch.Tensor
+    update: StateDict
     metrics: dict[str, float]
 
 
-def base_weights(config: FederationConfig, text_dim: int) -> StateDict:
-    """theta_0: the seeded init of the model config (``config.base`` is read by the caller)."""
-    return {k: v.detach().clone() for k, v in build_model(config.model, text_dim, config.seed).state_dict().items()}
+@dataclass
+class EvaluateRequest:
+    """Models (exchanged states) for a party to evaluate on its private `splits` (``sample``: see party_evaluate)."""
+
+    models: list[StateDict]
+    splits: tuple[str, ...]
+    sample: bool = False
+
+
+Evaluation = dict[str, dict[str, float]]
+"""A party's evaluation of one model: {split: {metric: value}}."""
+
+
+def describe(spec: PartySpec, part: Part) -> Description:
+    """The party's ``query`` answer."""
+    return Description(spec.party, spec.domain, part.domain.n_items, part.features.cpu())
+
+
+def base_weights(config: FederationConfig, width: int) -> StateDict:
+    """theta_0: the exchanged state of the model config's seeded init (``config.base`` is read by the caller)."""
+    return {k: v.detach().clone() for k, v in build_model(config.model, width, config.seed).exchanged().items()}
 
 
 @contextmanager
@@ -162,138 +174,84 @@ def party_threads(config: FederationConfig) -> Iterator[None]:
 
 
 def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: bool = True) -> TrainReply:
-    """Fine-tune from `start` on the party's training split (the same loop as ``fedmerge train``)."""
+    """Fine-tune from `start` on the party's training split (the same loop as ``fedmerge train``); the
+    reply carries the update after the ``updates`` chain, not the weights."""
     model = build_model(config.model, part.features.shape[1], config.seed)
-    model.load_state_dict(start)
+    model.load_exchanged(start)
     began = time.perf_counter()
     with party_threads(config):
         result = fit(model, [part], config.train, quiet=quiet)
         model.load_state_dict(result.best_state)
-        fit_text_weight(model, [part], config.train)
+        calibrate(model, [part], config.train)
     trained = [h for h in result.history if "loss" in h]  # the epochs trained (epoch 0 is the start)
     metrics = {"users": float(part.domain.n_users), "n_items": float(part.domain.n_items),
                "epochs": float(len(trained)), "best_epoch": float(result.best_epoch),
                "best_valid_ndcg@10": float(result.best_score), **({"last_loss": float(trained[-1]["loss"])} if trained
                                                                  else {}),
                "train_seconds": float(result.train_seconds), "seconds": time.perf_counter() - began}
-    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return TrainReply(part.domain.name, weights, part.features.cpu(), metrics)
+    after = model.exchanged()
+    update = {k: after[k].detach().cpu() - v for k, v in start.items() if v.is_floating_point()}
+    return TrainReply(part.domain.name, send_update(update, config.updates), metrics)
 
 
 def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, splits: tuple[str, ...] | None = None,
-                   sample: bool = False) -> dict[str, dict[str, float]]:
+                   sample: bool = False) -> Evaluation:
     """Aggregate metrics of `weights` on the party's private `splits` (default ``config.splits``): {split: metrics}.
 
     ``sample`` reads only the ``train.valid_users`` seeded users that chose the party's epoch
     (how candidate merges are scored); the reported rows always read every user. With
-    ``local_text_weight`` a textseq model's text weight is first chosen on those sampled users;
-    when they are every valid user, that pass is also the valid split's result. A textseq
-    model's metrics include the text weight it was evaluated with.
+    ``local_calibration`` a family's calibration is first chosen on those sampled users; when
+    they are every valid user, that pass is also the valid split's result. The metrics include
+    the family's facts (the calibrated value).
     """
     if sample:
         part = validation_parts([part], config.train.valid_users, config.train.seed)[0]
     model = build_model(config.model, part.features.shape[1], config.seed)
-    model.load_state_dict(weights)
+    model.load_exchanged(weights)
+    model.to(resolve_device(config.train.device))
     with party_threads(config):
         known = {}
-        if config.local_text_weight:
-            tried = text_weight_metrics(model, [part], config.train)
-            scores = choose_text_weight(model, tried)
+        if config.local_calibration:
+            tried = calibration_metrics(model, [part], config.train)
+            scores = choose_calibration(model, tried)
             if scores and reads_every_user(part, config.train.valid_users):
-                known["valid"] = tried[max(scores, key=scores.get)][0]
+                known["valid"] = tried[max(scores, key=scores.get)][0]  # type: ignore[arg-type]
         scorer = model_scorer(model, part.features)
-        extra = {"text_weight": round(float(model.text_weight), 6)} if isinstance(model, TextSeqRec) else {}
         return {split: {k: float(v) for k, v in (known.get(split) or evaluate_domain(
-                    scorer, part.domain, split, config.train.eval_batch_size)).items()} | extra
+                    scorer, part.domain, split, config.train.eval_batch_size)).items()} | model.facts()
                 for split in splits or config.splits}
 
 
-def check_reply(reply: TrainReply, base: StateDict, party: str) -> None:
-    """Reject a reply whose weights do not match theta_0's layout or are not finite (names the party)."""
-    check_aligned(base, [reply.weights], [party])
-    if reply.features.ndim != 2 or not torch.isfinite(reply.features).all():
-        raise FedmergeError(f"{party} sent an item table of shape {tuple(reply.features.shape)} with non-finite "
-                            "values or the wrong rank; it is rejected")
+def check_reply(reply: TrainReply, start: StateDict, party: str) -> None:
+    """Reject a reply whose update does not match the floating tensors of `start`, or is not finite (names the party)."""
+    check_aligned({k: v for k, v in start.items() if v.is_floating_point()}, [reply.update], [party])
+
+
+def check_description(description: Description, party: str) -> None:
+    """Reject an item table that is not a finite (n_items, width) matrix (names the party)."""
+    table = description.table
+    if table.ndim != 2 or len(table) != description.n_items or (table.is_floating_point()
+                                                                 and not torch.isfinite(table).all()):
+        raise FedmergeError(f"{party} sent an item table of shape {tuple(table.shape)} for {description.n_items} items, "
+                            "with non-finite values or the wrong shape; it is rejected")
 
 
 def average_parties(replies: list[TrainReply]) -> TrainReply:
-    """FedAvg of one domain's parties, weighted by their number of users (integer buffers: the first's)."""
+    """FedAvg of one domain's parties' updates, weighted by their number of users."""
     if len(replies) == 1:
         return replies[0]
     users = torch.tensor([r.metrics["users"] for r in replies], dtype=torch.float64)
     share = (users / users.sum()).tolist()
-    weights = {k: sum(s * r.weights[k] for s, r in zip(share, replies, strict=True)).to(v.dtype)
-               if v.is_floating_point() else v for k, v in replies[0].weights.items()}
+    update = {k: sum(s * r.update[k] for s, r in zip(share, replies, strict=True)).to(v.dtype)
+              for k, v in replies[0].update.items()}
     metrics = {"users": float(users.sum()), "n_items": replies[0].metrics["n_items"], "parties": float(len(replies)),
                "train_seconds": max(r.metrics["train_seconds"] for r in replies)}
-    return TrainReply(replies[0].domain, weights, replies[0].features, metrics)
+    return TrainReply(replies[0].domain, update, metrics)
 
 
-@dataclass
-class MergeOutcome:
-    """The server's merge: the training-free initialisation, the learned merge and its coefficients."""
-
-    initial: StateDict
-    merged: StateDict
-    coefficients: dict[str, Any]
-    seconds: float
-    teacher_bytes: int
-
-
-Judge = Callable[[list[StateDict]], list[float]]
-"""Scores candidate merged models by the parties' mean valid ndcg@10 over the domains (one number each)."""
-
-
-def server_merge(base: StateDict, replies: list[TrainReply], model: ModelConfig, seed: int, merge: MergeConfig,
-                 quiet: bool = True, judge: Judge | None = None) -> MergeOutcome:
-    """Merge one model per domain: task vectors, the init method, then coefficients learned on pseudo-users.
-
-    The replies' weights must match `base` (:func:`check_reply`, :func:`check_aligned`).
-
-    ``seed`` seeds the skeleton models (their weights are always overwritten). With
-    ``merge.learn.valid_candidates`` or ``valid_scales``, `judge` (the parties, on their valid
-    split) scores the candidate coefficients and the best one is kept; its scores go into the
-    coefficients.
-    """
-    started = time.perf_counter()
-    names = [r.domain for r in replies]
-    params = method_params(merge.method, merge.params)
-    vectors = [task_vector(base, r.weights) for r in replies]
-    prepared = prepare(merge.method, vectors, params)
-    skeleton = build_model(model, replies[0].features.shape[1], seed)
-    if merge.rows == "usage":
-        usage = [skeleton.row_usage(r.features) for r in replies]
-        prepared = usage_rows(prepared, vectors, {key: torch.stack([u[key] for u in usage]) for key in usage[0]})
-    server = []
-    if merge.learn.mode != "none":
-        for reply in replies:
-            teacher = build_model(model, reply.features.shape[1], seed)
-            teacher.load_state_dict(reply.weights)
-            server.append(server_domain(reply.domain, reply.features, teacher, merge.learn))
-    result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)
-    check_finite(merge.method, params, result.merged)
-    selection = _choose(result, judge) if result.candidates else None
-    coefficients = {"method": merge.method, "params": params.model_dump(), "rows": merge.rows,
-                    "learn": merge.learn.model_dump(),
-                    "domains": names, "groups": result.groups, "initial": prepared.weights,
-                    "weights": result.weights.tolist(), "best_step": result.best_step, "selection": selection,
-                    "log": result.log}
-    return MergeOutcome(result.initial, result.merged, coefficients, time.perf_counter() - started,
-                        sum(d.teacher.nbytes for d in server if d.teacher))
-
-
-def _choose(result: LearnResult, judge: Judge | None) -> dict[str, Any]:
-    """Keep the candidate with the best valid score (the earliest of equals) in `result`; what was scored."""
-    if judge is None:
-        raise FedmergeError("learn.valid_candidates / valid_scales need the parties to score the candidates on their "
-                            "valid split, which only `fedmerge merge` and `fedmerge simulate` do; turn them off here")
-    started = time.perf_counter()
-    scores = judge([c.merged for c in result.candidates])
-    best = result.candidates[max(range(len(scores)), key=lambda i: (scores[i], -i))]
-    result.best_step, result.weights, result.merged = best.step, best.weights, best.merged
-    return {"criterion": "mean valid ndcg@10 over the domains", "steps": [c.step for c in result.candidates],
-            "scales": [c.scale for c in result.candidates], "scores": [float(v) for v in scores],
-            "chosen_step": best.step, "chosen_scale": best.scale, "seconds": round(time.perf_counter() - started, 2)}
+def fine_tuned(start: StateDict, reply: TrainReply) -> StateDict:
+    """The weights a reply stands for: `start` + its update."""
+    return combine(start, [reply.update], [1.0])
 
 
 def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]]) -> list[Row]:

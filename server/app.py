@@ -10,7 +10,6 @@ module-level :data:`app` is the ServerApp of a deployed federation (SuperLink + 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +26,6 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict
 from fedmerge.pipeline import (
     Log,
-    Metrics,
     RoundResult,
     Server,
     execute,
@@ -36,30 +34,35 @@ from fedmerge.pipeline import (
     log_trained,
     simulate,
 )
-from fedmerge.protocol import FederationConfig, TrainReply, party_specs
+from fedmerge.protocol import Description, EvaluateRequest, Evaluation, FederationConfig, TrainReply, party_specs
+from server.records import (
+    evaluate_asked,
+    evaluate_content,
+    federation,
+    read_description,
+    read_evaluations,
+    read_metrics,
+    read_train_reply,
+    sender,
+    train_content,
+)
 
 
 def _error(msg: Message) -> Exception:
     return RuntimeError(msg.error.reason if msg.has_error() else "empty reply")
 
 
-def train_reply(msg: Message) -> TrainReply:
-    """The protocol value of a party's training reply."""
-    features = msg.content["features"].to_torch_state_dict()["features"]
-    metrics = {k: float(v) for k, v in msg.content["metrics"].items()}  # type: ignore[arg-type]
-    return TrainReply(str(msg.content["party"]["domain"]), msg.content["arrays"].to_torch_state_dict(), features, metrics)
-
-
 class MergeRecStrategy(Strategy):
-    """Send theta_0, receive each party separately, merge with learned coefficients, evaluate every model everywhere."""
+    """Send the round's start, receive each party's update separately, merge with learned coefficients, evaluate
+    every model everywhere. The ConfigRecords Flower hands ``configure_*`` travel in every request."""
 
     def __init__(self, config: FederationConfig, server: Server, nodes: dict[int, int]) -> None:
         self.config, self.server, self.nodes = config, server, nodes  # nodes: party id -> node id
         self.party_of = {node: party for party, node in nodes.items()}
-        self.federation = json.dumps(config.model_dump())
         self.start_weights: StateDict = {}
         self.models: dict[str, StateDict] = {}
         self.grid: Grid | None = None
+        self.train_config = federation(config)
 
     def _messages(self, content: RecordDict, kind: str, server_round: int) -> list[Message]:
         return [Message(content=content, message_type=kind, dst_node_id=node, group_id=str(server_round))
@@ -67,10 +70,9 @@ class MergeRecStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.start_weights, self.grid = arrays.to_torch_state_dict(), grid
+        self.start_weights, self.grid, self.train_config = arrays.to_torch_state_dict(), grid, config
         self.server.begin(server_round)
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"federation": self.federation})})
-        return self._messages(content, "train", server_round)
+        return self._messages(train_content(arrays, config), "train", server_round)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -78,14 +80,15 @@ class MergeRecStrategy(Strategy):
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
             try:
-                raw[party] = _error(msg) if msg.has_error() else train_reply(msg)
-            except (KeyError, TypeError, ValueError) as err:
-                raw[party] = FedmergeError(f"malformed reply ({err})")
+                raw[party] = _error(msg) if msg.has_error() else read_train_reply(msg)
+            except FedmergeError as err:
+                raw[party] = err
         accepted = self.server.accept(server_round, self.start_weights, raw)
 
         def judge(candidates: list[StateDict]) -> list[float]:
             assert self.grid is not None  # set by configure_train
-            messages = self._evaluate_messages(dict(enumerate(candidates)), ("valid",), server_round, sample=True)
+            request = EvaluateRequest(candidates, ("valid",), sample=True)
+            messages = self._messages(evaluate_content(self.train_config, request), "evaluate", server_round)
             replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
             return self.server.valid_scores(server_round,
                                             self._evaluations(replies, list(range(len(candidates))), ("valid",)))
@@ -93,33 +96,24 @@ class MergeRecStrategy(Strategy):
         outcome, self.models = self.server.merge(server_round, self.start_weights, accepted, judge)
         return ArrayRecord(outcome.merged), MetricRecord({"merge_seconds": outcome.seconds})
 
-    def _evaluate_messages(self, models: dict, splits: tuple[str, ...], server_round: int,
-                           sample: bool = False) -> list[Message]:
-        """Every party is asked to evaluate `models` (in order) on `splits` (``sample``: see ``party_evaluate``)."""
-        content = RecordDict({"config": ConfigRecord({"federation": self.federation, "models": len(models),
-                                                       "splits": json.dumps(splits), "sample": sample})})
-        for index, weights in enumerate(models.values()):
-            content[f"model-{index}"] = ArrayRecord(weights)
-        return self._messages(content, "evaluate", server_round)
-
     def _evaluations(self, replies: Iterable[Message], labels: list,
-                     splits: tuple[str, ...]) -> dict[int, dict[Any, Metrics] | Exception]:
-        """Each party's metrics of the models sent in order, keyed by `labels`, on `splits`; or its error."""
-        evaluations: dict[int, dict[Any, Metrics] | Exception] = {}
+                     splits: tuple[str, ...]) -> dict[int, dict[Any, Evaluation] | Exception]:
+        """Each party's evaluations of the models sent in order, keyed by `labels`, on `splits`; or its error."""
+        evaluations: dict[int, dict[Any, Evaluation] | Exception] = {}
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
-            if msg.has_error():
-                evaluations[party] = _error(msg)
-                continue
-            evaluations[party] = {label: {split: {k: float(v) for k, v in  # type: ignore[arg-type]
-                                                  msg.content[f"metrics-{i}-{split}"].items()} for split in splits}
-                                  for i, label in enumerate(labels)}
+            try:
+                evaluations[party] = (_error(msg) if msg.has_error() else
+                                      dict(zip(labels, read_evaluations(msg, len(labels), splits), strict=True)))
+            except (KeyError, TypeError, ValueError) as err:
+                evaluations[party] = FedmergeError(f"malformed reply ({type(err).__name__}: {err})")
         return evaluations
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         self.server.evaluating(server_round, list(self.models))
-        return self._evaluate_messages(self.models, self.config.splits, server_round)
+        request = EvaluateRequest(list(self.models.values()), self.config.splits)
+        return self._messages(evaluate_content(config, request), "evaluate", server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         labels = list(self.models)
@@ -130,8 +124,8 @@ class MergeRecStrategy(Strategy):
         self.server.log("strategy", name=type(self).__name__, parties=len(self.nodes), rounds=self.config.rounds)
 
 
-def discover(grid: Grid, config: FederationConfig) -> dict[int, dict[str, float | str] | Exception]:
-    """Wait for every party's node, ask each who it is (``query``); keyed by party id, with ``node`` ids."""
+def discover(grid: Grid, config: FederationConfig) -> tuple[dict[int, Description], dict[int, int]]:
+    """Wait for every party's node and ask each who it is (``query``): descriptions and node ids by party id."""
     deadline = time.monotonic() + 60 * config.timeout_minutes
     nodes: list[int] = []
     while len(nodes) < config.n_parties and time.monotonic() < deadline:
@@ -140,16 +134,16 @@ def discover(grid: Grid, config: FederationConfig) -> dict[int, dict[str, float 
     if len(nodes) < config.n_parties:
         raise FedmergeError(f"only {len(nodes)} of {config.n_parties} parties connected within "
                             f"{config.timeout_minutes} minutes; start more SuperNodes or lower the party count")
-    content = RecordDict({"config": ConfigRecord({"federation": json.dumps(config.model_dump())})})
-    messages = [Message(content=content, message_type="query", dst_node_id=node, group_id="query") for node in nodes]
-    found: dict[int, dict[str, float | str] | Exception] = {}
+    messages = [Message(content=RecordDict({"config": federation(config)}), message_type="query", dst_node_id=node,
+                        group_id="query") for node in nodes]
+    found: dict[int, Description] = {}
+    node_of: dict[int, int] = {}
     for msg in grid.send_and_receive(messages, timeout=60 * config.timeout_minutes):
         if msg.has_error():
             raise FedmergeError(f"node {msg.metadata.src_node_id} could not load its data: {msg.error.reason}")
-        record = msg.content["party"]
-        found[int(record["party"])] = {"domain": str(record["domain"]), "n_items": float(record["n_items"]),
-                                       "text_dim": float(record["text_dim"]), "node": int(msg.metadata.src_node_id)}
-    return found
+        description = read_description(msg)
+        found[description.party], node_of[description.party] = description, int(msg.metadata.src_node_id)
+    return found, node_of
 
 
 class FlowerBackend:
@@ -157,18 +151,18 @@ class FlowerBackend:
 
     def __init__(self, grid: Grid, config: FederationConfig) -> None:
         self.grid, self.config = grid, config
-        self.found: dict[int, dict[str, float | str] | Exception] = {}
+        self.nodes: dict[int, int] = {}
 
-    def describe(self, log: Log) -> dict[int, dict[str, float | str] | Exception]:
+    def describe(self, log: Log) -> dict[int, Description | Exception]:
         """Each party's description; a grid built with :func:`reply_logger` logs each one as it arrives."""
-        self.found = discover(self.grid, self.config)
-        return self.found
+        found, self.nodes = discover(self.grid, self.config)
+        return dict(found)
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
-        nodes = {party: int(info["node"]) for party, info in self.found.items()}  # type: ignore[index]
-        strategy = MergeRecStrategy(self.config, server, nodes)
+        strategy = MergeRecStrategy(self.config, server, self.nodes)
         strategy.start(self.grid, ArrayRecord(base), num_rounds=self.config.rounds,
-                       timeout=60 * self.config.timeout_minutes)
+                       timeout=60 * self.config.timeout_minutes, train_config=federation(self.config),
+                       evaluate_config=federation(self.config))
         return server.results
 
 
@@ -231,18 +225,16 @@ def reply_logger(config: FederationConfig, log: Log) -> Reporter:
         if reply.has_error():
             return
         try:
-            spec = specs[int(reply.content["party"]["party"])]  # type: ignore[arg-type]
+            spec = specs[sender(reply)]
             kind = request.metadata.message_type
             if kind == "query":
-                log_ready(log, spec, {"n_items": float(reply.content["party"]["n_items"])})  # type: ignore[arg-type]
+                log_ready(log, spec, read_description(reply))
             elif kind == "train":
-                log_trained(log, int(request.metadata.group_id), spec,
-                            {k: float(v) for k, v in reply.content["metrics"].items()})  # type: ignore[arg-type]
+                log_trained(log, int(request.metadata.group_id), spec, read_metrics(reply))
             elif kind == "evaluate":
-                asked = request.content["config"]
-                log_evaluated(log, int(request.metadata.group_id), spec, int(asked["models"]), seconds,  # type: ignore[arg-type]
-                              bool(asked["sample"]))
-        except (KeyError, TypeError, ValueError):
+                models, sample = evaluate_asked(request)
+                log_evaluated(log, int(request.metadata.group_id), spec, models, seconds, sample)
+        except (FedmergeError, KeyError, TypeError, ValueError):
             return
 
     return report

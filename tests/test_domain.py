@@ -16,7 +16,7 @@ from fedmerge.data.registry import REGISTRY, DatasetSpec
 from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.popularity import popularity_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
 from tests.conftest import cache_files
 from tests.test_importers import make_mergerec
 

@@ -16,16 +16,18 @@ import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from safetensors.torch import load_file
 
 import server.app
 import server.simulation
 from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
+from fedmerge.models import load_parts
 from fedmerge.pipeline import InProcess, Server, simulate
 from fedmerge.protocol import base_weights, party_data, party_specs
 from tests.test_pipeline import tiny
 
-ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items", "text_dim"}
+ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items"}
 ALLOWED_METRICS = {"users", "n_items", "epochs", "best_epoch", "best_valid_ndcg@10", "last_loss", "train_seconds",
                    "seconds", "merge_seconds", "text_weight"}
 
@@ -68,15 +70,31 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
     assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
 
     users = {u for name in config.domains for u in synthetic_domain(name).user_ids}
-    weights = set(load_keys(tmp_path / "flower" / "merged.safetensors"))
+    merged = load_file(str(tmp_path / "flower" / "merged.safetensors"))
+    weights = set(merged)
+    floating = {k for k, v in merged.items() if v.is_floating_point()}
+    assert floating < weights  # the model has integer buffers too, which no update carries
     assert grids and grids[0].seen
+    seen = {"train": 0, "query": 0}
     for msg in grids[0].seen:
         if msg.has_error():
             continue
+        kind, reply = msg.metadata.message_type, bool(msg.metadata.reply_to_message_id)
+        arrays = [name for name, record in msg.content.items() if isinstance(record, ArrayRecord)]
+        if reply and kind == "train":  # the party's update: exactly one ArrayRecord, the floating tensors
+            assert arrays == ["update"], arrays
+            assert set(msg.content["update"].keys()) == floating
+            seen["train"] += 1
+        if reply and kind == "query":  # the public item table travels once, in the query reply
+            assert arrays == ["table"], arrays
+            seen["query"] += 1
         for name, record in msg.content.items():
             if isinstance(record, ArrayRecord):
                 keys = set(record.keys())
-                assert keys <= weights or keys == {"features"}, (name, keys)
+                if name == "table":
+                    assert reply and kind == "query" and keys == {"table"}, (kind, name, keys)
+                else:
+                    assert keys <= weights, (name, keys)
             elif isinstance(record, ConfigRecord):
                 assert set(record.keys()) <= ALLOWED_CONFIG, (name, set(record.keys()))
                 assert not any(str(v) in users for v in record.values())
@@ -86,13 +104,7 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
                     assert not isinstance(value, list), key  # aggregates only, never per-user values
             else:
                 pytest.fail(f"unexpected record {name!r} of type {type(record).__name__}")
-
-
-def load_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return list(handle.keys())
+    assert seen == {"train": config.n_parties, "query": config.n_parties}
 
 
 def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_named() -> None:
@@ -121,20 +133,22 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
     config = tiny("parties_per_domain=3", *([f"min_parties={min_parties}"] if min_parties else []))  # None: all
     part = party_data(party_specs(config)[0], config)
     base = base_weights(config, part.features.shape[1])
-    wrong = dict(base) | {"positions": torch.zeros(3, 3)}
+    update = {k: torch.zeros_like(v) for k, v in base.items() if v.is_floating_point()}
+    wrong = dict(update) | {"positions": torch.zeros(3, 3)}
 
-    def content(weights: dict, domain: str, features: bool = True) -> RecordDict:
-        record = RecordDict({"arrays": ArrayRecord(weights),
-                             "metrics": MetricRecord({"users": 10.0, "n_items": 5.0, "train_seconds": 1.0}),
-                             "party": ConfigRecord({"domain": domain})})
-        if features:
-            record["features"] = ArrayRecord({"features": part.features})
+    def content(party: int, vector: dict, domain: str, with_update: bool = True) -> RecordDict:
+        record = RecordDict({"metrics": MetricRecord({"users": 10.0, "n_items": 5.0, "train_seconds": 1.0}),
+                             "party": ConfigRecord({"party": party, "domain": domain})})
+        if with_update:
+            record["update"] = ArrayRecord(vector)
         return record
 
-    replies = [_train_reply(10, content(base, "synth-0")), _train_reply(11, error="ValueError: disk full"),
-               _train_reply(12, content(base, "synth-0", features=False)), _train_reply(13, content(base, "synth-1")),
-               _train_reply(14, content(wrong, "synth-1"))]  # node 15 (synth-1/2) never replies
-    host = Server(config)
+    replies = [_train_reply(10, content(0, update, "synth-0")), _train_reply(11, error="ValueError: disk full"),
+               _train_reply(12, content(2, update, "synth-0", with_update=False)),
+               _train_reply(13, content(3, update, "synth-1")),
+               _train_reply(14, content(4, wrong, "synth-1"))]  # node 15 (synth-1/2) never replies
+    tables = {p.domain.name: p.features for p in load_parts(config.domains, config.model, quiet=True)}
+    host = Server(config, tables)
     accepted: dict = {}
 
     def merge(round_, start, replies, judge):  # type: ignore[no-untyped-def]
@@ -153,7 +167,7 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
     assert sorted(accepted) == [0, 3]
     assert sorted(host.failed) == ["synth-0/1", "synth-0/2", "synth-1/1", "synth-1/2"]
     assert "disk full" in host.failed["synth-0/1"]
-    assert "malformed reply" in host.failed["synth-0/2"] and "features" in host.failed["synth-0/2"]
+    assert "malformed reply" in host.failed["synth-0/2"] and "update" in host.failed["synth-0/2"]
     assert "'positions' has shape (3, 3)" in host.failed["synth-1/1"]
     assert host.failed["synth-1/2"] == "no reply (timed out)"
 

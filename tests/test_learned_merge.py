@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain
+from fedmerge.evaluate import evaluate_domain, model_scorer
 from fedmerge.merge import prepare, task_vector
 from fedmerge.merge.learn import (
     LearnConfig,
@@ -28,11 +28,11 @@ from fedmerge.merge.learn import (
 from fedmerge.merge.losses import LOSSES, kd, mergerec
 from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
 from fedmerge.merge.run import merge_run
+from fedmerge.merge.server import Member, MergeConfig, server_merge
 from fedmerge.merge.teacher import neighbours, teacher_scores
-from fedmerge.models.scoring import model_scorer
-from fedmerge.protocol import MergeConfig, TrainReply, server_merge
-from fedmerge.train.checkpoint import build_model, load_checkpoint
-from fedmerge.train.run import load_parts, train_run
+from fedmerge.models import build_model, load_parts
+from fedmerge.train.checkpoint import load_checkpoint
+from fedmerge.train.run import train_run
 from tests.test_cli import run_cli
 from tests.test_train import tiny
 
@@ -109,7 +109,8 @@ def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned
     held = [e["held_out_loss"] for e in result.log if "held_out_loss" in e]
     assert len(held) == 8 and min(held[1:]) < held[0]
     assert not torch.equal(result.weights, torch.full((3, 1), 0.3))
-    expected = build_merged(base, prepared.vectors, result.weights, parameter_groups(list(prepared.vectors[0]), "task-wise")[0])
+    groups = parameter_groups(skeleton, list(prepared.vectors[0]), "task-wise")[0]
+    expected = build_merged(base, prepared.vectors, result.weights, groups)
     assert all(torch.equal(result.merged[k], expected[k]) for k in base)  # the merge is theta_0 + sum_k w_k tau~_k
 
 
@@ -135,8 +136,8 @@ def test_next_item_pseudo_users_leave_the_history_s_last_item_out_of_the_loss(fi
 def test_item_vectors_say_which_candidates_follow_the_coefficients(finetuned: dict) -> None:
     base, models, part = finetuned["base"], finetuned["models"], finetuned["parts"][0]
     prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
-    groups = parameter_groups(list(prepared.vectors[0]), "task-wise")[0]
     initial, moved = build_model(tiny().model, 64, seed=0).eval(), build_model(tiny().model, 64, seed=0).eval()
+    groups = parameter_groups(initial, list(prepared.vectors[0]), "task-wise")[0]
     initial.load_state_dict(build_merged(base, prepared.vectors, torch.full((3, 1), 0.3), groups))
     moved.load_state_dict(build_merged(base, prepared.vectors, torch.tensor([[0.9], [0.1], [0.5]]), groups))
     histories = torch.tensor([[3, -1], [5, 7]])
@@ -194,12 +195,12 @@ def test_balanced_sampling_gives_every_domain_the_same_mass() -> None:
 def test_layer_and_tensor_wise_with_equal_groups_match_task_wise(finetuned: dict) -> None:
     base, models = finetuned["base"], finetuned["models"]
     prepared = prepare("ties", [task_vector(base, m.state_dict()) for m in models], {"density": 0.5})
-    keys = list(prepared.vectors[0])
-    layer_groups, names = parameter_groups(keys, "layer-wise")
+    keys, model = list(prepared.vectors[0]), build_model(tiny().model, 64, seed=0)
+    layer_groups, names = parameter_groups(model, keys, "layer-wise")
     assert names == ["others", "block 0"] and layer_groups["blocks.layers.0.linear1.weight"] == 1
-    tensor_groups, tensor_names = parameter_groups(keys, "tensor-wise")
+    tensor_groups, tensor_names = parameter_groups(model, keys, "tensor-wise")
     assert tensor_names == keys and sorted(tensor_groups.values()) == list(range(len(keys)))
-    task_groups, _ = parameter_groups(keys, "task-wise")
+    task_groups, _ = parameter_groups(model, keys, "task-wise")
     w = torch.tensor([[0.7], [1.1], [0.4]])
     one = build_merged(base, prepared.vectors, w, task_groups)
     for groups, count in ((layer_groups, len(names)), (tensor_groups, len(keys))):
@@ -249,17 +250,18 @@ def test_valid_candidates_keep_the_snapshot_the_parties_score_best(finetuned: di
     log = outcome.coefficients["log"]
     assert outcome.coefficients["weights"] == (log[chosen - 1]["weights"] if chosen else [[0.3]] * 3)
     skeleton = build_model(tiny().model, 64, seed=0)  # candidate 0 is the training-free merge
-    skeleton.load_state_dict(outcome.initial)
+    skeleton.load_exchanged(outcome.initial)
     first = np.mean([evaluate_domain(model_scorer(skeleton, p.features), p.domain, "valid")["ndcg@10"] for p in parts])
     assert scores[0] == pytest.approx(float(first), abs=1e-6)
 
 
 def test_the_judge_decides_and_valid_selection_needs_one(finetuned: dict) -> None:
     base, models, parts = finetuned["base"], finetuned["models"], finetuned["parts"]
-    replies = [TrainReply(p.domain.name, m.state_dict(), p.features, {}) for p, m in zip(parts, models, strict=True)]
+    members = [Member(p.domain.name, task_vector(base, m.exchanged()), p.features)
+               for p, m in zip(parts, models, strict=True)]
     merge = MergeConfig(method="task_arithmetic", params={"lam": 0.3}, rows="method",
                         learn=LearnConfig(steps=20, lr=2e-2, valid_candidates=3))
-    outcome = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.1, 0.3, 0.2])
+    outcome = server_merge(base, members, tiny().model, 0, merge, judge=lambda candidates: [0.1, 0.3, 0.2])
     weights = torch.tensor(outcome.coefficients["log"][9]["weights"])  # step 10, the second candidate
     assert outcome.coefficients["selection"]["chosen_step"] == 10
     assert outcome.coefficients["weights"] == weights.tolist()
@@ -267,7 +269,7 @@ def test_the_judge_decides_and_valid_selection_needs_one(finetuned: dict) -> Non
     expected = build_merged(base, vectors, weights, {k: 0 for k in vectors[0]})
     assert all(torch.equal(outcome.merged[k], expected[k]) for k in expected)
     with pytest.raises(FedmergeError, match="valid_scales need the parties"):
-        server_merge(base, replies, tiny().model, 0, merge)
+        server_merge(base, members, tiny().model, 0, merge)
     with pytest.raises(FedmergeError, match="only the initial merge"):
         LearnConfig(valid_candidates=1)
     with pytest.raises(FedmergeError, match="set one of them"):
@@ -276,10 +278,11 @@ def test_the_judge_decides_and_valid_selection_needs_one(finetuned: dict) -> Non
 
 def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(finetuned: dict) -> None:
     base, models, parts = finetuned["base"], finetuned["models"], finetuned["parts"]
-    replies = [TrainReply(p.domain.name, m.state_dict(), p.features, {}) for p, m in zip(parts, models, strict=True)]
+    members = [Member(p.domain.name, task_vector(base, m.exchanged()), p.features)
+               for p, m in zip(parts, models, strict=True)]
     merge = MergeConfig(method="task_arithmetic", params={"lam": 0.3}, rows="method",
                         learn=LearnConfig(mode="layer-wise", steps=20, lr=2e-2, valid_scales=[0.5, 1.0]))
-    outcome = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.1, 0.3, 0.2])
+    outcome = server_merge(base, members, tiny().model, 0, merge, judge=lambda candidates: [0.1, 0.3, 0.2])
     selection = outcome.coefficients["selection"]  # the initial merge, then the last step times each scale
     assert (selection["steps"], selection["scales"]) == ([0, 20, 20], [1.0, 0.5, 1.0])
     assert (selection["chosen_step"], selection["chosen_scale"]) == (20, 0.5)
@@ -287,21 +290,21 @@ def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(fine
     assert not torch.allclose(last, torch.full_like(last, 0.3))  # learning moved the coefficients
     assert torch.equal(torch.tensor(outcome.coefficients["weights"]), last * 0.5)
     vectors = [task_vector(base, m.state_dict()) for m in models]
-    group_of, _ = parameter_groups(list(vectors[0]), "layer-wise")
+    group_of, _ = parameter_groups(build_model(tiny().model, 64, seed=0), list(vectors[0]), "layer-wise")
     expected = build_merged(base, vectors, last * 0.5, group_of)
     assert all(torch.equal(outcome.merged[k], expected[k]) for k in expected)
-    kept_initial = server_merge(base, replies, tiny().model, 0, merge, judge=lambda candidates: [0.3, 0.1, 0.3])
+    kept_initial = server_merge(base, members, tiny().model, 0, merge, judge=lambda candidates: [0.3, 0.1, 0.3])
     assert all(torch.equal(kept_initial.merged[k], kept_initial.initial[k]) for k in expected)
     untrained = MergeConfig(method="task_arithmetic", params={"lam": 0.3}, rows="method",
                             learn=LearnConfig(mode="none", valid_scales=[0.5]))  # nothing learned: the initial size
-    sized = server_merge(base, replies, tiny().model, 0, untrained, judge=lambda candidates: [0.1, 0.3])
+    sized = server_merge(base, members, tiny().model, 0, untrained, judge=lambda candidates: [0.1, 0.3])
     assert sized.coefficients["selection"]["scales"] == [1.0, 0.5]
     assert sized.coefficients["weights"] == [[pytest.approx(0.15)]] * 3
     expected = build_merged(base, vectors, torch.full((3, 1), 0.3) * 0.5, {k: 0 for k in vectors[0]})
     assert all(torch.equal(sized.merged[k], expected[k]) for k in expected)
     scored: list[int] = []  # a factor 1.0 with nothing learned, or a repeated one, is the same merge: scored once
     repeated = untrained.model_copy(update={"learn": LearnConfig(mode="none", valid_scales=[0.5, 1.0, 0.5])})
-    server_merge(base, replies, tiny().model, 0, repeated, judge=lambda candidates: scored.append(len(candidates))
+    server_merge(base, members, tiny().model, 0, repeated, judge=lambda candidates: scored.append(len(candidates))
                  or [0.0] * len(candidates))
     assert scored == [2]
     with pytest.raises(FedmergeError, match=r"valid_scales must be factors in \(0, 100\)"):

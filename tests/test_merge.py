@@ -10,7 +10,8 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merge import METHODS, check_aligned, merge, method_params, prepare, task_vector
 from fedmerge.merge.rows import usage_rows
 from fedmerge.merge.vectors import StateDict, combine
-from fedmerge.train.checkpoint import build_model
+from fedmerge.models import build_model
+from fedmerge.train.config import ExperimentConfig
 
 
 def _close(a: StateDict, b: StateDict, atol: float = 1e-6) -> bool:
@@ -20,7 +21,7 @@ def _close(a: StateDict, b: StateDict, atol: float = 1e-6) -> bool:
 def _tiny_models(n: int = 3) -> tuple[StateDict, list[StateDict]]:
     """A tiny textseq base and n 'fine-tuned' copies (base + seeded noise on float tensors)."""
     config = load_config("textseq", ["model.encoder=hashing", "model.dim=16", "model.layers=1", "model.experts=2",
-                                     "model.code_tables=2", "model.code_bits=4"]).model
+                                     "model.code_tables=2", "model.code_bits=4"], ExperimentConfig).model
     base = build_model(config, 64, seed=0).state_dict()
     generator = torch.Generator().manual_seed(1)
     models = [{k: v + 0.1 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
@@ -156,7 +157,7 @@ def test_usage_rows_keep_identity_and_lambda_zero() -> None:
 
 def test_textseq_row_usage_counts_the_rows_items_read() -> None:
     config = load_config("textseq", ["model.encoder=hashing", "model.dim=16", "model.layers=1", "model.experts=2",
-                                     "model.code_tables=3", "model.code_bits=4"]).model
+                                     "model.code_tables=3", "model.code_bits=4"], ExperimentConfig).model
     model = build_model(config, 64, seed=0)
     features = torch.nn.functional.normalize(torch.randn(50, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
     counts = model.row_usage(features)["codes.rows.weight"]

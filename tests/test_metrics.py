@@ -11,7 +11,7 @@ import torch
 from fedmerge.data.domain import from_sequences
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain, rank_embeddings, rank_targets, summarize
-from fedmerge.models.popularity import popularity_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
 
 
 def test_ranks_match_hand_computed_ranking() -> None:

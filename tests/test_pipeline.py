@@ -12,21 +12,21 @@ from safetensors.torch import load_file
 
 from fedmerge.config import load_config
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.scoring import model_scorer
+from fedmerge.evaluate import evaluate_domain, model_scorer
+from fedmerge.models import build_model
 from fedmerge.pipeline import InProcess, simulate
 from fedmerge.protocol import (
     FederationConfig,
     TrainReply,
     average_parties,
     base_weights,
+    fine_tuned,
     party_data,
     party_evaluate,
     party_specs,
 )
 from fedmerge.runs.rundir import RunDir
-from fedmerge.train.checkpoint import build_model
-from fedmerge.train.loop import fit_text_weight, validation_parts, validation_score
+from fedmerge.train.loop import calibrate, validation_parts, validation_score
 
 TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.epochs=4", "train.patience=20",
@@ -57,7 +57,7 @@ def test_inprocess_run_writes_every_model_for_every_domain(tmp_path: Path, cache
     assert events.count("party_trained") == events.count("party_ready") == 2  # each party, as it replies
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| merged (task-wise, mergerec) |" in report and "synth-0 text_weight" in report
-    assert all(r["text_weight"] in tiny().train.text_weights for r in rows)  # each party's choice, reported
+    assert all(r["text_weight"] in tiny().model.text_weights for r in rows)  # each party's choice, reported
     test_only = tiny("evaluate_valid=false")  # the same run, parties evaluate on test only
     simulate(test_only, InProcess(test_only), tmp_path / "test-only")
     assert json.loads((tmp_path / "test-only" / "metrics.json").read_text()) == [r for r in rows if r["split"] == "test"]
@@ -71,13 +71,15 @@ def test_shards_split_users_disjointly_and_fedavg_weights_by_users(cache: Path) 
     shards = [party_data(s, config).domain for s in specs[:3]]
     users = [u for d in shards for u in d.user_ids]
     assert len(users) == len(set(users)) == 400  # synth-0 has 400 users
-    one = {"w": torch.ones(2), "n": torch.tensor([3])}
-    three = {"w": torch.full((2,), 3.0), "n": torch.tensor([3])}
-    features = torch.zeros(4, 2)
-    avg = average_parties([TrainReply("a", one, features, {"users": 1.0, "n_items": 4.0, "train_seconds": 1.0}),
-                           TrainReply("a", three, features, {"users": 3.0, "n_items": 4.0, "train_seconds": 2.0})])
-    np.testing.assert_allclose(avg.weights["w"], [2.5, 2.5])
-    assert torch.equal(avg.weights["n"], one["n"]) and avg.metrics["users"] == 4.0
+    start = {"w": torch.zeros(2), "n": torch.tensor([3])}
+    one, three = {"w": torch.ones(2)}, {"w": torch.full((2,), 3.0)}  # updates: the floating tensors only
+    avg = average_parties([TrainReply("a", one, {"users": 1.0, "n_items": 4.0, "train_seconds": 1.0}),
+                           TrainReply("a", three, {"users": 3.0, "n_items": 4.0, "train_seconds": 2.0})])
+    np.testing.assert_allclose(avg.update["w"], [2.5, 2.5])
+    assert set(avg.update) == {"w"} and avg.metrics["users"] == 4.0
+    weights = fine_tuned(start, avg)  # integer buffers are the start's
+    np.testing.assert_allclose(weights["w"], [2.5, 2.5])
+    assert torch.equal(weights["n"], start["n"])
 
 
 def test_candidates_are_scored_on_the_valid_users_that_chose_the_epoch(cache: Path) -> None:
@@ -88,23 +90,23 @@ def test_candidates_are_scored_on_the_valid_users_that_chose_the_epoch(cache: Pa
     sampled = party_evaluate(part, base, config, ("valid",), sample=True)["valid"]
     assert full["users"] == 400 and sampled["users"] == 50  # synth-0: every user has a valid item
     model = build_model(config.model, part.features.shape[1], config.seed)
-    model.load_state_dict(base)
-    fit_text_weight(model, [part], config.train)
+    model.load_exchanged(base)
+    calibrate(model, [part], config.train)
     seen_in_training = validation_score(model, validation_parts([part], 50, config.train.seed), 1024)
     assert sampled["ndcg@10"] == pytest.approx(seen_in_training, abs=1e-9)
 
 
 def test_each_party_sets_the_text_weight_of_a_received_model_on_its_valid_users(cache: Path) -> None:
-    config = tiny("train.valid_users=50", "train.text_weights=[0.0, 0.5, 3.0]")
+    config = tiny("train.valid_users=50", "model.text_weights=[0.0, 0.5, 3.0]")
     part = party_data(party_specs(config)[0], config)
     model = build_model(config.model, part.features.shape[1], config.seed)
-    tried = fit_text_weight(model, [part], config.train)
+    tried = calibrate(model, [part], config.train)
     chosen, worst = max(tried, key=tried.get), min(tried, key=tried.get)
     assert tried[chosen] > tried[worst]
     model.text_weight.fill_(worst)  # the model arrives with the weight this party's users like least
-    received = {k: v.clone() for k, v in model.state_dict().items()}
+    received = {k: v.clone() for k, v in model.exchanged().items()}
     local = party_evaluate(part, received, config, ("valid", "test"))
-    as_received = party_evaluate(part, received, tiny("train.valid_users=50", "local_text_weight=false"),
+    as_received = party_evaluate(part, received, tiny("train.valid_users=50", "local_calibration=false"),
                                  ("valid", "test"))
     assert local["test"]["text_weight"] == chosen and as_received["test"]["text_weight"] == worst
     for weight, metrics in ((chosen, local), (worst, as_received)):
@@ -112,7 +114,7 @@ def test_each_party_sets_the_text_weight_of_a_received_model_on_its_valid_users(
         for split in ("valid", "test"):
             expected = evaluate_domain(model_scorer(model, part.features), part.domain, split)
             assert metrics[split]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-9)
-    every_user = tiny("train.text_weights=[0.0, 0.5, 3.0]")  # the choice reads the whole valid split: its pass is the row
+    every_user = tiny("model.text_weights=[0.0, 0.5, 3.0]")  # the choice reads the whole valid split: its pass is the row
     whole = party_evaluate(part, received, every_user, ("valid",))["valid"]
     model.text_weight.fill_(whole["text_weight"])
     expected = evaluate_domain(model_scorer(model, part.features), part.domain, "valid")
@@ -121,7 +123,7 @@ def test_each_party_sets_the_text_weight_of_a_received_model_on_its_valid_users(
 
 
 class _Faulty(InProcess):
-    """Party 1 raises during training, or sends NaN weights, or weights of the wrong shape."""
+    """Party 1 raises during training, or sends a NaN update, or an update of the wrong shape."""
 
     def __init__(self, config: FederationConfig, fault: str) -> None:
         super().__init__(config)
@@ -132,11 +134,11 @@ class _Faulty(InProcess):
         if self.fault == "raise":
             replies[1] = RuntimeError("disk full")
         else:
-            replies[1].weights = {k: v.clone() for k, v in replies[1].weights.items()}
+            replies[1].update = {k: v.clone() for k, v in replies[1].update.items()}
             if self.fault == "nan":
-                replies[1].weights["positions"][0, 0] = float("nan")
+                replies[1].update["positions"][0, 0] = float("nan")
             else:
-                replies[1].weights["positions"] = replies[1].weights["positions"][:-1]
+                replies[1].update["positions"] = replies[1].update["positions"][:-1]
         return replies
 
 

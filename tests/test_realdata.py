@@ -11,7 +11,7 @@ import pytest
 
 from fedmerge.data import REGISTRY, load_domain
 from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.popularity import popularity_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
 
 pytestmark = pytest.mark.realdata
 

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.config import load_config
 from fedmerge.data.synthetic import synthetic_domain
-from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.popularity import popularity_scorer
-from fedmerge.models.scoring import model_scorer
+from fedmerge.evaluate import evaluate_domain, model_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
+from fedmerge.models import build_model, load_parts
 from fedmerge.text import MiniLMEncoder, item_texts
 from fedmerge.text.tokens import load_tokenizer, token_table
-from fedmerge.train.checkpoint import build_model, load_checkpoint
-from fedmerge.train.run import load_parts, train_run
+from fedmerge.train.checkpoint import load_checkpoint
+from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.run import train_run
 
 TINY = ["model.pretrained=false", "model.dim=32", "model.layers=1", "model.heads=2", "model.item_tokens=16",
         "model.history_tokens=48", "train.lr=1e-3", "train.batch_size=32", "train.warmup_steps=5",
@@ -25,7 +26,7 @@ TINY = ["model.pretrained=false", "model.dim=32", "model.layers=1", "model.heads
 
 
 def tiny(*extra: str) -> ExperimentConfig:
-    return load_config("textenc", TINY + list(extra))
+    return load_config("textenc", TINY + list(extra), ExperimentConfig)
 
 
 def test_inputs_put_the_most_recent_item_first_and_respect_the_token_budget() -> None:
@@ -60,7 +61,7 @@ def test_every_domain_gets_the_same_layout_and_base(cache: Path) -> None:
 def test_pretrained_start_scores_items_like_the_frozen_minilm_features() -> None:
     """Before fine-tuning, item vectors are exactly the all-MiniLM-L6-v2 features of the item texts."""
     domain = synthetic_domain("synth-0")
-    model = build_model(load_config("textenc", ["model.item_tokens=126"]).model, 126, seed=0).eval()
+    model = build_model(load_config("textenc", ["model.item_tokens=126"], ExperimentConfig).model, 126, seed=0).eval()
     with torch.inference_mode():
         vectors = model.item_vectors(torch.from_numpy(token_table(domain, 126))[:20])
     texts = item_texts(domain)[:20]

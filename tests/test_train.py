@@ -10,15 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedmerge.config import ExperimentConfig, load_config
+from fedmerge.config import load_config
 from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain
-from fedmerge.models.popularity import popularity_scorer
-from fedmerge.models.scoring import model_scorer
-from fedmerge.train.checkpoint import build_model, load_checkpoint, load_weights, save_weights
-from fedmerge.train.loop import Part, fit
-from fedmerge.train.run import load_parts, pretrain_config, train_run
+from fedmerge.evaluate import evaluate_domain, model_scorer
+from fedmerge.evaluate.popularity import popularity_scorer
+from fedmerge.models import Part, build_model, load_parts
+from fedmerge.train.checkpoint import load_checkpoint, load_weights, save_weights
+from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.loop import fit
+from fedmerge.train.run import pretrain_config, train_run
 from tests.test_cli import run_cli
 
 TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "model.experts=2",
@@ -26,27 +27,27 @@ TINY = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=
 
 
 def tiny(*extra: str) -> ExperimentConfig:
-    return load_config("textseq", TINY + list(extra))
+    return load_config("textseq", TINY + list(extra), ExperimentConfig)
 
 
 def test_config_preset_overrides_and_errors() -> None:
-    config = load_config("textseq", ["train.lr=5e-4", "model.dim=64", "train.max_minutes=2.5"])
+    config = load_config("textseq", ["train.lr=5e-4", "model.dim=64", "train.max_minutes=2.5"], ExperimentConfig)
     assert (config.train.lr, config.model.dim, config.train.max_minutes, config.model.temperature) == (5e-4, 64, 2.5, 0.05)
     with pytest.raises(FedmergeError, match="config key 'train.lrate' is not a known key"):
-        load_config("textseq", ["train.lrate=1"])
+        load_config("textseq", ["train.lrate=1"], ExperimentConfig)
     with pytest.raises(FedmergeError, match="config key 'model.dim'.*got 'big'"):
-        load_config(None, ["model.dim=big"])
+        load_config(None, ["model.dim=big"], ExperimentConfig)
     with pytest.raises(FedmergeError, match="config key 'model.dropout'"):
-        load_config(None, ["model.dropout=1.5"])
+        load_config(None, ["model.dropout=1.5"], ExperimentConfig)
     with pytest.raises(FedmergeError, match="not key=value"):
-        load_config(None, ["train.lr"])
-    presets = "simulate, simulate-demo, simulate-paper, textenc, textseq"
+        load_config(None, ["train.lr"], ExperimentConfig)
+    presets = "simulate, simulate-demo, simulate-mergerec, simulate-paper, textenc, textseq"
     with pytest.raises(FedmergeError, match=f"cannot read config nonexistent .*{presets}"):
-        load_config("nonexistent")
+        load_config("nonexistent", None, ExperimentConfig)
 
 
 def test_untrained_model_scores_by_text_similarity() -> None:
-    model = build_model(tiny().model, text_dim=64, seed=0).eval()
+    model = build_model(tiny().model, width=64, seed=0).eval()
     features = torch.nn.functional.normalize(torch.randn(30, 64), dim=-1)
     items = model.item_vectors(features)
     users = model.user_vectors(items, torch.tensor([[4, 9, 2, -1], [7, -1, -1, -1]]))
@@ -59,7 +60,7 @@ def test_untrained_model_scores_by_text_similarity() -> None:
 
 
 def test_text_codes_hash_similar_texts_alike_and_start_at_zero() -> None:
-    model = build_model(tiny().model, text_dim=64, seed=0)
+    model = build_model(tiny().model, width=64, seed=0)
     draw = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(1, 64, generator=draw), dim=-1)
     near, far = base + 0.01 * torch.randn(1, 64, generator=draw), torch.randn(1, 64, generator=draw)
@@ -276,18 +277,21 @@ def test_text_weight_is_chosen_on_validation(cache: Path) -> None:
     import fedmerge.train.loop as loop
 
     part = load_parts(["synth-0"], tiny().model, quiet=True)[0]
-    model = build_model(tiny().model, part.features.shape[1], seed=0)
-    config = tiny("train.text_weights=[0.0, 0.1, 0.5, 2.0]", "train.valid_users=40").train
+    experiment = tiny("model.text_weights=[0.0, 0.1, 0.5, 2.0]", "train.valid_users=40")
+    model = build_model(experiment.model, part.features.shape[1], seed=0)
+    config = experiment.train
     sample = loop.validation_parts([part], config.valid_users, config.seed)
     one_by_one = {}
-    for weight in config.text_weights:  # each weight set in turn and evaluated as the model scores
+    for weight in experiment.model.text_weights:  # each weight set in turn and evaluated as the model scores
         model.text_weight.fill_(weight)
         one_by_one[weight] = loop.validation_score(model, sample, config.eval_batch_size)
     assert len(set(one_by_one.values())) > 1
-    tried = loop.fit_text_weight(model, [part], config)  # one pass over the sampled users
+    tried = loop.calibrate(model, [part], config)  # one pass over the sampled users
     assert tried == one_by_one
     assert float(model.text_weight) == pytest.approx(max(one_by_one, key=one_by_one.get))
-    assert loop.fit_text_weight(model, [part], tiny("train.text_weights=[]").train) == {}
+    assert model.facts() == {"text_weight": pytest.approx(max(one_by_one, key=one_by_one.get))}
+    model.config = tiny("model.text_weights=[]").model  # no values to try: nothing is chosen
+    assert loop.calibrate(model, [part], config) == {}
     assert float(model.text_weight) == pytest.approx(max(one_by_one, key=one_by_one.get))
 
 
@@ -340,16 +344,18 @@ def test_a_run_of_the_same_config_is_recognised_across_added_keys(tmp_path: Path
 
 def test_sampled_softmax_estimates_the_full_loss_and_trains(tmp_path: Path, cache: Path) -> None:
     config = tiny("model.temperature=1.0")
-    model = build_model(config.model, text_dim=32, seed=0).eval()
+    model = build_model(config.model, width=32, seed=0).eval()
     features = torch.randn(2000, 32)
     generator = torch.Generator().manual_seed(0)
     inputs, targets = (torch.randint(0, 2000, (8, 10), generator=generator) for _ in range(2))
     inputs[0, 5:], targets[0, 5:] = -1, -1
     full = model.loss(features, inputs, targets).item()
-    assert model.loss(features, inputs, targets, negatives=2000).item() == full  # not smaller than the catalogue
-    sampled = [model.loss(features, inputs, targets, negatives=500).item() for _ in range(20)]
+    model.config = config.model.model_copy(update={"negatives": 2000})
+    assert model.loss(features, inputs, targets).item() == full  # not smaller than the catalogue
+    model.config = config.model.model_copy(update={"negatives": 500})
+    sampled = [model.loss(features, inputs, targets).item() for _ in range(20)]
     assert abs(np.mean(sampled) - full) < 0.01 * full and np.std(sampled) > 0  # log-Q corrected estimate
-    rows = train_run(["synth-0"], tiny("train.epochs=12", "train.negatives=50"), tmp_path / "run", quiet=True)
+    rows = train_run(["synth-0"], tiny("train.epochs=12", "model.negatives=50"), tmp_path / "run", quiet=True)
     test = {r["model"]: r for r in rows if r["split"] == "test"}
     popularity = evaluate_domain(popularity_scorer, synthetic_domain("synth-0"), "test")  # 200 items
     assert test["textseq"]["recall@10"] > 2 * popularity["recall@10"]

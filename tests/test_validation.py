@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from fedmerge import cli
-from fedmerge.config import CONFIG_DIR, ExperimentConfig, load_config, validate
+from fedmerge.config import CONFIG_DIR, load_config, validate
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
 from fedmerge.merge.methods import merge
-from fedmerge.protocol import FederationConfig, MergeConfig
+from fedmerge.merge.server import MergeConfig
+from fedmerge.protocol import FederationConfig
 from fedmerge.train.checkpoint import save_weights
+from fedmerge.train.config import ExperimentConfig
 
 
 def merge_config(*overrides: str) -> MergeConfig:
@@ -42,8 +44,8 @@ def test_floats_inside_lists_and_learn_settings() -> None:
         merge_config("learn.valid_scales=[inf]")
     with pytest.raises(FedmergeError, match=r"^config key 'learn\.lr' must be less than or equal to 10"):
         merge_config("learn.lr=1e5")
-    with pytest.raises(FedmergeError, match=r"^config key 'train\.text_weights\[1\]' must be a finite number"):
-        load_config("textseq", ["train.text_weights=[0.1, nan]"])
+    with pytest.raises(FedmergeError, match=r"^config key 'model\.text_weights\[1\]' must be a finite number"):
+        load_config("textseq", ["model.text_weights=[0.1, nan]"], ExperimentConfig)
     with pytest.raises(FedmergeError, match=r"^config key 'merge\.learn\.temperature' must be a finite number"):
         load_config("simulate", ["merge.learn.temperature=nan"], FederationConfig)
 
@@ -54,33 +56,33 @@ def test_floats_inside_lists_and_learn_settings() -> None:
                                                 ("100", "must be less than or equal to 10 (got 100)")])
 def test_learning_rate_refused_at_load(value: str, problem: str) -> None:
     with pytest.raises(FedmergeError, match=rf"^config key 'train\.lr' {re.escape(problem)}; set it to a valid value$"):
-        load_config("textseq", [f"train.lr={value}"])
+        load_config("textseq", [f"train.lr={value}"], ExperimentConfig)
 
 
 def test_dim_must_divide_into_heads() -> None:
     message = r"^model\.dim = 30 is not a multiple of model\.heads = 4 .*; change model\.dim or model\.heads$"
     with pytest.raises(FedmergeError, match=message):
-        load_config("textseq", ["model.dim=30", "model.heads=4"])
+        load_config("textseq", ["model.dim=30", "model.heads=4"], ExperimentConfig)
     with pytest.raises(FedmergeError, match=message):
         load_config("simulate", ["model.dim=30", "model.heads=4"], FederationConfig)
     with pytest.raises(FedmergeError, match=message):  # a seeded BERT splits its hidden size across heads as well
-        load_config("textenc", ["model.pretrained=false", "model.dim=30", "model.heads=4"])
-    assert load_config("textenc", ["model.dim=30", "model.heads=4"]).model.dim == 30  # pretrained: dim is unused
+        load_config("textenc", ["model.pretrained=false", "model.dim=30", "model.heads=4"], ExperimentConfig)
+    assert load_config("textenc", ["model.dim=30", "model.heads=4"], ExperimentConfig).model.dim == 30  # pretrained: unused
     with pytest.raises(FedmergeError, match=r"^model\.history_tokens = 600 does not fit the 512 positions"):
-        load_config("textenc", ["model.history_tokens=600"])
+        load_config("textenc", ["model.history_tokens=600"], ExperimentConfig)
 
 
 def test_config_file_not_utf8_nor_regular(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"[train]\nlr = 1e-3 # \xff\xfe\n")
     with pytest.raises(FedmergeError, match=rf"^config {bad} is not UTF-8 text .*; save it as UTF-8$"):
-        load_config(bad)
+        load_config(bad, None, ExperimentConfig)
     with pytest.raises(FedmergeError, match=rf"^config {tmp_path} is not a regular file"):
-        load_config(tmp_path)
+        load_config(tmp_path, None, ExperimentConfig)
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
     with pytest.raises(FedmergeError, match=rf"^config {fifo} is not a regular file"):  # returns, never blocks
-        load_config(fifo)
+        load_config(fifo, None, ExperimentConfig)
 
 
 def test_write_json_refuses_nan(tmp_path: Path) -> None:
@@ -121,3 +123,15 @@ def test_cli_train_refuses_infinite_lr_before_creating_out(tmp_path: Path) -> No
     assert result.stderr.strip() == ("error: config key 'train.lr' must be a finite number (got inf); set it to a "
                                      "valid value")
     assert not out.exists()
+
+
+def test_a_config_stored_before_each_family_had_its_own_is_read_in_todays_layout() -> None:
+    from fedmerge.models.family import upgrade_stored
+
+    old = {"model": {"kind": "textseq", "dim": 64, "pretrained": True, "item_tokens": 32, "history_tokens": 256},
+           "train": {"lr": 5e-4, "negatives": 500, "text_weights": [0.0, 0.3]}}
+    config = ExperimentConfig.model_validate(upgrade_stored(old))
+    assert (config.model.dim, config.model.negatives, config.model.text_weights) == (64, 500, [0.0, 0.3])
+    assert config.train.lr == 5e-4 and "negatives" in old["train"]  # the stored tree is not changed
+    today = config.model_dump(mode="json")
+    assert upgrade_stored(today) == today

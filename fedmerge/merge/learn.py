@@ -1,19 +1,19 @@
 """Learned merge coefficients (MergeRec): theta = theta_0 + sum_k w_k tau~_k, only w is trained.
 
-``w`` is task-wise (one scalar per domain), layer-wise (one per domain per parameter group:
-each transformer block, and one group for everything else: adaptor, text codes, positions,
-embeddings; MergeRec's grouping) or tensor-wise (one per domain per parameter tensor, as
-AdaMerging's layer-wise coefficients). The merged parameters are built functionally at every
-step (``torch.func.functional_call``), so no model copies pile up. The pseudo-users' histories
-are read with the current coefficients' item vectors, so every group receives gradients; the
-candidates are scored with the initial merge's vectors (``item_vectors = "fixed"``, MergeRec's
-recipe), the same but with the history items' current vectors (``"history"``, the default), or
-every item's current vector (``"current"``).
+``w`` is task-wise (one scalar per domain), layer-wise (one per domain per parameter group, as
+the family groups its tensors: each transformer block, and one group for everything else;
+MergeRec's grouping) or tensor-wise (one per domain per parameter tensor, as AdaMerging's
+layer-wise coefficients). The merged parameters are built functionally at every step
+(``torch.func.functional_call``), so no model copies pile up. The student's scores come from
+the family (:meth:`fedmerge.models.Recommender.student_scores`): for a two-tower family the
+pseudo-users' histories are read with the current coefficients' item vectors, so every group
+receives gradients, and the candidates are scored with the initial merge's vectors
+(``item_vectors = "fixed"``, MergeRec's recipe), the same but with the history items' current
+vectors (``"history"``, the default), or every item's current vector (``"current"``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from torch import nn
 
 from fedmerge.config import ConfigModel, LearningRate
+from fedmerge.data.sequences import last_items
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.losses import LOSSES, NEEDS_TEACHER
 from fedmerge.merge.methods import Prepared
@@ -32,14 +33,12 @@ from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers, one_item_users, sel
 from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
+from fedmerge.models.family import ItemVectors
 from fedmerge.progress import progress_bar
-from fedmerge.train.batches import last_items
 from fedmerge.train.loop import deterministic
 
 _OUT = 1e4  # how far below every other score a left-out item is put (scores are cosines, about 1)
-_BLOCK = re.compile(r"(?:blocks\.layers|encoder\.layer)\.(\d+)\.")
 Mode = Literal["none", "task-wise", "layer-wise", "tensor-wise"]
-ItemVectors = Literal["fixed", "history", "current"]
 
 
 class LearnConfig(ConfigModel):
@@ -137,32 +136,27 @@ class LearnResult:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def parameter_groups(keys: list[str], mode: Mode) -> tuple[dict[str, int], list[str]]:
-    """Group index of every key, and the group names: one group, one per block plus "others", or one per key."""
+def parameter_groups(model: Recommender, keys: list[str], mode: Mode) -> tuple[dict[str, int], list[str]]:
+    """Group index of every key, and the group names: one group, the family's layer groups (in the order
+    they first appear, :meth:`Recommender.parameter_group`), or one per key."""
     if mode == "tensor-wise":
         return {k: i for i, k in enumerate(keys)}, list(keys)
     if mode != "layer-wise":
         return {k: 0 for k in keys}, ["all"]
-    blocks = sorted({int(m.group(1)) for k in keys if (m := _BLOCK.search(k))})
-    index = {b: i + 1 for i, b in enumerate(blocks)}
-    return ({k: index[int(m.group(1))] if (m := _BLOCK.search(k)) else 0 for k in keys},
-            ["others"] + [f"block {b}" for b in blocks])
+    names = list(dict.fromkeys(model.parameter_group(k) for k in keys))
+    return {k: names.index(model.parameter_group(k)) for k in keys}, names
 
 
 class _Student(nn.Module):
-    """Scores with the current parameters; ``item_vectors`` says which item vectors are recomputed."""
+    """The family's student scores with the current parameters (:meth:`Recommender.student_scores`)."""
 
-    def __init__(self, model: Recommender, item_vectors: ItemVectors) -> None:
+    def __init__(self, model: Recommender, follow: ItemVectors) -> None:
         super().__init__()
         self.model = model
-        self.item_vectors = item_vectors
+        self.follow = follow
 
-    def forward(self, features: torch.Tensor, fixed_items: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
-        if self.item_vectors == "current":
-            return self.model.scores(features, self.model.item_vectors(features), histories)
-        seen = histories[histories >= 0].unique()
-        items = fixed_items.index_put((seen,), self.model.item_vectors(features[seen]))
-        return self.model.scores(features, items, histories, fixed_items if self.item_vectors == "fixed" else None)
+    def forward(self, table: torch.Tensor, anchor: object, histories: torch.Tensor) -> torch.Tensor:
+        return self.model.student_scores(table, anchor, histories, self.follow)
 
 
 @deterministic()
@@ -171,24 +165,29 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     """Learn w on the domains' pseudo-users; return the final (or best held-out) coefficients and merged weights.
 
     ``model`` is any instance of the merged models' architecture; its weights are overwritten
-    with the initial merge (which scores the fixed candidate items).
+    with the initial merge (which scores the fixed candidate items). Everything is computed on
+    the model's device; the merged weights come back on the CPU.
     """
+    device = next(model.parameters()).device
+    base = _to(base, device)
+    prepared = Prepared([_to(v, device) for v in prepared.vectors], prepared.weights)
     keys = list(prepared.vectors[0])
-    group_of, group_names = parameter_groups(keys, config.mode)
-    initial = torch.tensor(prepared.weights, dtype=torch.float32)
+    group_of, group_names = parameter_groups(model, keys, config.mode)
+    initial = torch.tensor(prepared.weights, dtype=torch.float32, device=device)
     weights = nn.Parameter(initial[:, None].repeat(1, len(group_names)))
-    initial_merge = combine(base, prepared.vectors, prepared.weights)
+    initial_merge = _to(combine(base, prepared.vectors, prepared.weights), torch.device("cpu"))
     result = LearnResult(weights.detach().clone(), initial_merge, initial_merge, group_names)
     if config.mode == "none" or config.steps == 0:  # nothing learned: the scales apply to the initial coefficients
         if config.valid_scales:
             _add_scaled(result, base, prepared, group_of, 0, result.weights, [1.0, *config.valid_scales])
+        result.weights = result.weights.cpu()
         return result
     student = _Student(model, config.item_vectors).eval()
-    model.load_state_dict(result.merged)
-    with torch.no_grad():  # not inference mode: the candidates are saved for the coefficients' gradients
-        fixed = [model.item_vectors(d.features) for d in domains]
+    model.load_exchanged(result.merged)
+    tables = [d.features.to(device) for d in domains]
+    anchors = [model.merge_anchor(table) for table in tables]
     loss_fn = LOSSES[config.loss]
-    log_scales = nn.Parameter(torch.zeros(len(domains)))
+    log_scales = nn.Parameter(torch.zeros(len(domains), device=device))
     groups = [{"params": [weights]}]
     if config.fit_scale and config.loss in NEEDS_TEACHER:
         groups.append({"params": [log_scales], "lr": config.scale_lr})
@@ -202,17 +201,18 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
         return {f"model.{k}": v for k, v in build_merged(base, prepared.vectors, weights, group_of).items()}
 
     def batch_loss(params: StateDict, picks: np.ndarray, held: bool) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for k in np.unique(picks[:, 0]):
             d = domains[k]
             users, teacher = (d.held_out, d.held_out_teacher) if held else (d.users, d.teacher)
             rows = torch.from_numpy(picks[picks[:, 0] == k, 1])
-            histories = users.histories[rows]
-            scores = torch.func.functional_call(student, params, (d.features, fixed[k], histories))
-            target = teacher.dense(rows) if teacher is not None else None
+            histories = users.histories[rows].to(device)
+            scores = torch.func.functional_call(student, params, (tables[k], anchors[k], histories))
+            target = teacher.dense(rows).to(device) if teacher is not None else None
             if config.pseudo.target == "next":
                 scores, target = _without_last(histories, scores, target)
-            loss = loss_fn(scores, target, users.items[rows], config.temperature, config.kd_weight, log_scales[k].exp())
+            loss = loss_fn(scores, target, users.items[rows].to(device), config.temperature, config.kd_weight,
+                           log_scales[k].exp())
             total = total + loss * len(rows)
         return total / len(picks)
 
@@ -246,10 +246,10 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     final = weights.detach().clone()
     if best[1] is not None:
         result.best_step, final = best[1]
-    result.weights = final
     with torch.no_grad():
-        result.merged = build_merged(base, prepared.vectors, final, group_of)
+        result.merged = _to(build_merged(base, prepared.vectors, final, group_of), torch.device("cpu"))
     _add_scaled(result, base, prepared, group_of, config.steps, final, config.valid_scales)
+    result.weights = final.cpu()
     return result
 
 
@@ -265,10 +265,16 @@ def _add_scaled(result: LearnResult, base: StateDict, prepared: Prepared, group_
 
 def _candidate(base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int, weights: torch.Tensor,
                scale: float = 1.0) -> Candidate:
-    """The candidate merge with the coefficients `weights` (those of `step`) times `scale`."""
+    """The candidate merge with the coefficients `weights` (those of `step`) times `scale` (its weights on the CPU)."""
     scaled = weights * scale
     with torch.no_grad():
-        return Candidate(step, scale, scaled, build_merged(base, prepared.vectors, scaled, group_of))
+        return Candidate(step, scale, scaled.cpu(), _to(build_merged(base, prepared.vectors, scaled, group_of),
+                                                        torch.device("cpu")))
+
+
+def _to(state: StateDict, device: torch.device) -> StateDict:
+    """`state` with every tensor on `device` (the same tensors where they are there already)."""
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tensor, group_of: dict[str, int]) -> StateDict:

@@ -80,6 +80,13 @@ class ModelStockParams(Params):
     pass
 
 
+class MergeRecTiesParams(Params):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction kept of each whole flattened task vector: "
+                           "int(density * numel) entries by magnitude (MergeRec's ties_density)")
+    lam: Coefficient = Field(1.0, description="weight of every trimmed task vector; the survivors are summed")
+    weights: list[Coefficient] | None = Field(None, description="one weight per model (default: lam each)")
+
+
 def _trim(vector: StateDict, density: float, scope: Scope) -> StateDict:
     """Keep the top `density` fraction of entries by magnitude (over the whole vector or per tensor)."""
     if density >= 1.0:
@@ -162,6 +169,40 @@ def model_stock(vectors: list[StateDict], params: ModelStockParams) -> Prepared:
     return Prepared(out, [1.0] * n)
 
 
+def mergerec_ties(vectors: list[StateDict], params: MergeRecTiesParams) -> Prepared:
+    """MergeRec's stand-alone TIES baseline: trim each task vector globally, then a weighted sum (no election).
+
+    Reproduces ``merge_ties`` in ``rec_retrieval/merger/algorithms/ties.py`` of DIALLab-SKKU/MergeRec
+    (commit 7d78ef2), the function ``ModelMerger.merge("ties", weights, density=...)`` dispatches to:
+    each update ``tau_k = theta_k - theta_0`` over the whole flattened model is multiplied by ``weights[k]``,
+    its ``int(density * numel)`` largest entries by magnitude are kept (``torch.topk``: exactly that many,
+    floored, none when it rounds down to 0), and the survivors are summed onto theta_0:
+    theta_0 + sum_k w_k trim(tau_k). Multiplying by a scalar does not change which entries are largest,
+    so here trim(tau_k) is the processed vector and w_k its coefficient.
+
+    It differs from :func:`ties` (TIES proper, and MergeRec's learned-merge initialisation
+    ``get_ties_vectors``) by having no sign election and no disjoint mean: entries kept by several
+    models add up, whatever their signs. It is :func:`magnitude` with ``scope = "global"`` except
+    that it keeps exactly ``int(density * numel)`` entries (:func:`magnitude` keeps
+    ``max(1, round(density * numel))``, and every entry tied with the last kept one). MergeRec's
+    ``merge_ties`` has no defaults of its own: density 0.2 is its ``ties_density`` default, and
+    lam = 1 its TIES weight (as in :func:`ties`).
+    """
+    weights = params.weights or [params.lam] * len(vectors)
+    if len(weights) != len(vectors):
+        raise FedmergeError(f"mergerec_ties: {len(weights)} weights for {len(vectors)} models; "
+                            "give one weight per model")
+
+    def trim(vector: StateDict) -> StateDict:
+        flat = flatten(vector)
+        kept = torch.topk(flat.abs(), int(params.density * flat.numel()), largest=True).indices
+        sparse = torch.zeros_like(flat)
+        sparse[kept] = flat[kept]
+        return unflatten(sparse, vector)
+
+    return Prepared([trim(v) for v in vectors], list(weights))
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered training-free merge."""
@@ -174,6 +215,7 @@ METHODS: dict[str, Method] = {
     "average": Method(AverageParams, average),
     "task_arithmetic": Method(TaskArithmeticParams, task_arithmetic),
     "ties": Method(TiesParams, ties),
+    "mergerec_ties": Method(MergeRecTiesParams, mergerec_ties),
     "dare": Method(DareParams, dare),
     "magnitude": Method(MagnitudeParams, magnitude),
     "breadcrumbs": Method(BreadcrumbsParams, breadcrumbs),

@@ -1,7 +1,7 @@
 """Item-memory rows merged by catalogue usage.
 
-Some parameters are tables whose rows are read by particular items: each item of the textseq
-model reads one row of every text-code table (:class:`fedmerge.models.textseq.TextCodes`).
+Some parameters are tables whose rows are read by particular items (a family names them and
+counts their readers, :meth:`fedmerge.models.Recommender.row_usage`: a text-code table, say).
 Fine-tuning on a domain changes only the rows that its items read, so summing or averaging
 task vectors there writes one domain's item memory into the rows that another domain's items
 read. The server knows which rows every domain's items read from the public item tables alone,

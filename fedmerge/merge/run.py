@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from fedmerge.config import ExperimentConfig, TrainConfig
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
-from fedmerge.merge.vectors import StateDict, check_aligned
-from fedmerge.models import Recommender
-from fedmerge.protocol import Judge, MergeConfig, MergeOutcome, TrainReply, server_merge
+from fedmerge.merge.server import Judge, Member, MergeConfig, MergeOutcome, server_merge
+from fedmerge.merge.vectors import StateDict, check_aligned, task_vector
+from fedmerge.models import Part, Recommender, build_model, load_parts
 from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import Row, write_metrics
-from fedmerge.train.checkpoint import build_model, checkpoint_files, load_checkpoint, read_state, save_weights
-from fedmerge.train.loop import Part, validation_parts, validation_score
-from fedmerge.train.run import evaluate_rows, load_parts
+from fedmerge.train.checkpoint import checkpoint_files, load_checkpoint, read_state, save_weights
+from fedmerge.train.config import ExperimentConfig, TrainConfig
+from fedmerge.train.loop import resolve_device, validation_parts, validation_score
+from fedmerge.train.run import evaluate_rows
 
 
 def read_weights(path: Path) -> StateDict:
@@ -40,7 +40,7 @@ def _valid_judge(model: Recommender, parts: list[Part], train: TrainConfig) -> J
     def judge(candidates: list[StateDict]) -> list[float]:
         scores = []
         for weights in candidates:
-            model.load_state_dict(weights)
+            model.load_exchanged(weights)
             scores.append(validation_score(model, parts, train.eval_batch_size))
         return scores
 
@@ -79,8 +79,8 @@ def merge_run(base_path: Path, model_paths: list[Path], domains: list[str], merg
         if other.model != config.model:
             raise FedmergeError(f"{path} was trained with another model config than {model_paths[0]}; "
                                 "merge models of one config")
-    base = read_weights(base_path)
-    states = [m.state_dict() for m, _, _ in members]
+    states = [m.exchanged() for m, _, _ in members]
+    base = {k: v for k, v in read_weights(base_path).items() if k in states[0]}
     check_aligned(base, states, domains)
     for path, name, (_, _, meta) in zip(model_paths, domains, members, strict=True):
         _check_member(Path(path), name, meta, base, base_path)
@@ -111,11 +111,13 @@ def _merge(base: StateDict, states: list[StateDict], text_dim: int, config: Expe
            merge: MergeConfig, folder: Path, quiet: bool) -> tuple[list[Row], MergeOutcome]:
     """The merge, its files and its evaluation, written into `folder`."""
     domains = [p.domain.name for p in parts]
-    replies = [TrainReply(name, state, part.features, {}) for name, state, part in zip(domains, states, parts, strict=True)]
-    skeleton = build_model(config.model, text_dim, config.train.seed)
+    members = [Member(name, task_vector(base, state), part.features)
+               for name, state, part in zip(domains, states, parts, strict=True)]
+    skeleton = build_model(config.model, text_dim, config.train.seed).to(resolve_device(config.train.device))
     judge = _valid_judge(skeleton, parts, config.train)
-    outcome = server_merge(base, replies, config.model, config.train.seed, merge, quiet=quiet, judge=judge)
-    skeleton.load_state_dict(outcome.merged)
+    outcome = server_merge(base, members, config.model, config.train.seed, merge, quiet=quiet, judge=judge,
+                           device=config.train.device)
+    skeleton.load_exchanged(outcome.merged)
     save_weights(skeleton, folder / "merged.safetensors")
     write_json(folder / "config.json", {"config": config.model_dump(), "kind": config.model.kind,
                                         "text_dim": text_dim, "domains": domains})

@@ -40,18 +40,19 @@ class Teacher:
 
 def teacher_scores(model: Recommender, features: torch.Tensor, users: PseudoUsers, top_k: int,
                    temperature: float, batch_size: int = 1024) -> Teacher:
-    """Score every item for every pseudo-user with `model` (eval mode, no gradients).
+    """Score every item for every pseudo-user with `model` (eval mode, no gradients, on its device; kept on the CPU).
 
     ``top_k`` <= 0 or >= the catalogue keeps the dense table (floor unused).
     """
     model.eval()
-    n_items = len(features)
+    device = next(model.parameters()).device
+    features, n_items = features.to(device), len(features)
     keep = n_items if top_k <= 0 else min(top_k, n_items)
     values, indices, floors = [], [], []
     with torch.inference_mode():
-        items = model.item_vectors(features)
+        score = model.scorer(features)
         for start in range(0, len(users.items), batch_size):
-            scores = model.scores(features, items, users.histories[start : start + batch_size]).float().cpu()
+            scores = score(users.histories[start : start + batch_size].to(device)).float().cpu()
             top = scores.topk(keep, dim=1)
             values.append(top.values)
             indices.append(top.indices.int())

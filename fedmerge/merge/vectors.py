@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedmerge.errors import FedmergeError
-
-StateDict = dict[str, torch.Tensor]
-
-
-def nonfinite(state: StateDict) -> str | None:
-    """The name of the first floating tensor of `state` that holds NaN or an infinity (None: all finite)."""
-    return next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+from fedmerge.models.family import StateDict, nonfinite
 
 
 def check_aligned(base: StateDict, models: list[StateDict], names: list[str] | None = None) -> None:

@@ -1,9 +1,23 @@
-"""Recommenders; every model of one kind shares its parameter layout across domains."""
+"""Model families behind one contract (:mod:`fedmerge.models.family`), registered by name.
 
-from fedmerge.models.textenc import TextEncRec
-from fedmerge.models.textseq import TextSeqRec
+Every model of one family and config shares its parameter layout across domains, so task
+vectors align. ``textseq`` and ``textenc`` register themselves here; another family registers
+with :func:`register` (see docs/extending.md).
+"""
 
-Recommender = TextSeqRec | TextEncRec
-MODELS: dict[str, type[Recommender]] = {"textseq": TextSeqRec, "textenc": TextEncRec}
+from fedmerge.models import textenc, textseq
+from fedmerge.models.family import (
+    FAMILIES,
+    FamilyConfig,
+    ModelConfig,
+    Recommender,
+    StateDict,
+    build_model,
+    default_model,
+    family,
+    register,
+)
+from fedmerge.models.parts import Part, load_parts
 
-__all__ = ["MODELS", "Recommender", "TextEncRec", "TextSeqRec"]
+__all__ = ["FAMILIES", "FamilyConfig", "ModelConfig", "Part", "Recommender", "StateDict", "build_model",
+           "default_model", "family", "load_parts", "register", "textenc", "textseq"]

@@ -14,18 +14,51 @@ A GPU is the intended home; on CPU the pretrained encoder trains slowly.
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
 import torch
-from torch import nn
+from pydantic import Field, model_validator
 from torch.nn import functional as F
 
-from fedmerge.config import ModelConfig
-from fedmerge.text.tokens import load_tokenizer, minilm_folder
-from fedmerge.train.batches import last_items
+from fedmerge.data.domain import DomainData
+from fedmerge.data.sequences import last_items
+from fedmerge.models.family import FamilyConfig, register
+from fedmerge.models.twotower import TwoTower
+from fedmerge.text.tokens import load_tokenizer, minilm_folder, token_table
 
 ENCODE_BATCH = 256
+BERT_POSITIONS = 512  # position embeddings of the pretrained all-MiniLM-L6-v2
 
 
-class TextEncRec(nn.Module):
+class TextEncConfig(FamilyConfig):
+    """The ``textenc`` family: a sentence encoder (all-MiniLM-L6-v2, or a seeded small BERT) fine-tuned."""
+
+    kind: Literal["textenc"] = Field("textenc", description="the model family")
+    pretrained: bool = Field(True, description="start from all-MiniLM-L6-v2 (else a seeded dim/layers/heads BERT)")
+    dim: int = Field(128, ge=8, description="hidden size (only when not pretrained)")
+    layers: int = Field(2, ge=0, description="transformer layers (only when not pretrained)")
+    heads: int = Field(2, ge=1, description="attention heads (only when not pretrained); dim must be a multiple of it")
+    temperature: float = Field(0.05, gt=0.0, le=10.0, description="softmax temperature on cosine scores")
+    item_tokens: int = Field(32, ge=1, description="tokens kept of each item's text")
+    history_tokens: int = Field(256, ge=8, description="tokens kept of a user's history text")
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TextEncConfig:
+        """A seeded BERT splits dim across heads; the pretrained one has 512 positions."""
+        if not self.pretrained and self.dim % self.heads:
+            raise ValueError(f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each attention "
+                             "head gets dim / heads dimensions); change model.dim or model.heads")
+        if self.pretrained:
+            for key, tokens in (("history_tokens", self.history_tokens), ("item_tokens", self.item_tokens + 2)):
+                if tokens > BERT_POSITIONS:
+                    raise ValueError(f"model.{key} = {getattr(self, key)} does not fit the {BERT_POSITIONS} positions "
+                                     "of the pretrained encoder (an item's text also takes [CLS] and [SEP]); lower it")
+        return self
+
+
+@register
+class TextEncRec(TwoTower):
     """The text-encoder recommender (see the module docstring).
 
     ``features`` everywhere is the domain's (n_items, item_tokens) token table
@@ -33,14 +66,16 @@ class TextEncRec(nn.Module):
     """
 
     kind = "textenc"
+    Config = TextEncConfig
+    block_pattern = re.compile(r"encoder\.layer\.(\d+)\.")
+    config: TextEncConfig
 
-    def __init__(self, config: ModelConfig, text_dim: int) -> None:
+    def __init__(self, config: TextEncConfig, text_dim: int) -> None:
         from transformers import BertConfig, BertModel
 
-        super().__init__()
+        super().__init__(config, text_dim)
         if text_dim != config.item_tokens:
             raise ValueError(f"token table width {text_dim} != model.item_tokens {config.item_tokens}")
-        self.config = config
         self.text_dim = text_dim
         tokenizer = load_tokenizer()
         self.cls, self.sep, self.pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
@@ -53,9 +88,10 @@ class TextEncRec(nn.Module):
                                                 max_position_embeddings=max(config.history_tokens, config.item_tokens + 2)),
                                      add_pooling_layer=False)
 
-    def row_usage(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """No item-memory tables: every token embedding is shared by many items (:mod:`fedmerge.merge.rows`)."""
-        return {}
+    @classmethod
+    def catalogue(cls, domain: DomainData, config: TextEncConfig, quiet: bool = True) -> torch.Tensor:  # type: ignore[override]
+        """The (n_items, item_tokens) token table of the items' text (pad-padded)."""
+        return torch.from_numpy(token_table(domain, config.item_tokens))
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids (pad-padded) -> (B, hidden) unit vectors, mean-pooled over real tokens."""
@@ -98,20 +134,18 @@ class TextEncRec(nn.Module):
                           for start in range(0, len(items), ENCODE_BATCH)])
 
     def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor,
-               candidate_vectors: torch.Tensor | None = None) -> torch.Tensor:
+               candidates: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) cosines of each history against all items; ``items`` is ``item_vectors(features)``.
 
-        The histories are encoded from their text, so ``candidate_vectors``, when given, replaces ``items``.
+        The histories are encoded from their text, so ``candidates``, when given, replaces ``items``.
         """
-        scored = items if candidate_vectors is None else candidate_vectors
+        scored = items if candidates is None else candidates
         return self.encode(self.history_ids(features, histories)) @ scored.T
 
-    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-             negatives: int | None = None) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """In-batch softmax cross-entropy: each sequence's last target against the batch's other targets.
 
-        A batch target equal to the row's own target is not counted as a negative. The negatives
-        are always the batch's targets, so ``negatives`` (the textseq sampled softmax) is unused.
+        A batch target equal to the row's own target is not counted as a negative.
         """
         targets = targets.cpu()
         target = last_items(targets)

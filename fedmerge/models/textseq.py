@@ -17,13 +17,49 @@ as the identity and the user vector is the last item's vector (the residual path
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from fedmerge.config import ModelConfig
-from fedmerge.train.batches import last_items, last_positions
+from fedmerge.data.domain import DomainData
+from fedmerge.data.sequences import last_items, last_positions
+from fedmerge.models.family import FamilyConfig, register
+from fedmerge.models.twotower import TwoTower
+from fedmerge.text import feature_table, get_encoder
+
+
+class TextSeqConfig(FamilyConfig):
+    """The ``textseq`` family: frozen text features, a text adaptor with text codes, a causal transformer."""
+
+    kind: Literal["textseq"] = Field("textseq", description="the model family")
+    encoder: Literal["minilm", "hashing"] = Field("minilm", description="the frozen encoder of the item features")
+    dim: int = Field(128, ge=8, description="item / user vector size")
+    layers: int = Field(2, ge=0, description="transformer layers")
+    heads: int = Field(2, ge=1, description="attention heads; dim must be a multiple of it")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate in the transformer and adaptor")
+    experts: int = Field(4, ge=1, description="experts of the text adaptor (mixture of whitening projections)")
+    temperature: float = Field(0.05, gt=0.0, le=10.0, description="softmax temperature on cosine scores")
+    code_tables: int = Field(8, ge=0, description="hashed text-code embedding tables added to item vectors")
+    code_bits: int = Field(12, ge=1, le=20, description="bits of each text code (2**bits rows per table)")
+    negatives: int | None = Field(
+        None, ge=1, description="sampled softmax over this many uniform negatives per batch when the catalogue is "
+        "larger (None: full softmax over all items)")
+    text_weights: list[Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
+        [0.0, 0.1, 0.2, 0.3, 0.5], description="raw text-similarity weights tried on validation after training "
+        "(the calibration)")
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TextSeqConfig:
+        """Attention splits dim across heads."""
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each attention "
+                             "head gets dim / heads dimensions); change model.dim or model.heads")
+        return self
 
 
 class MoEAdaptor(nn.Module):
@@ -74,14 +110,21 @@ class TextCodes(nn.Module):
         return self.rows(self.codes(features)).sum(1)
 
 
-class TextSeqRec(nn.Module):
+@register
+class TextSeqRec(TwoTower):
     """The default recommender (see the module docstring)."""
 
     kind = "textseq"
+    Config = TextSeqConfig
+    pretrain_frozen = ["blocks", "positions", "codes"]
+    """Pretrained on public domains, the transformer blocks, positions and text-code rows move a
+    user vector away from its last item's text and make the base worse than theta_0 zero-shot
+    on every federation domain; the adaptor alone keeps theta_0's text-similarity quality."""
+    block_pattern = re.compile(r"blocks\.layers\.(\d+)\.")
+    config: TextSeqConfig
 
-    def __init__(self, config: ModelConfig, text_dim: int) -> None:
-        super().__init__()
-        self.config = config
+    def __init__(self, config: TextSeqConfig, text_dim: int) -> None:
+        super().__init__(config, text_dim)
         self.text_dim = text_dim
         self.adaptor = MoEAdaptor(text_dim, config.dim, config.experts)
         self.codes = TextCodes(text_dim, config.dim, config.code_tables, config.code_bits) if config.code_tables else None
@@ -96,6 +139,11 @@ class TextSeqRec(nn.Module):
             nn.init.zeros_(block.self_attn.out_proj.bias)
             nn.init.zeros_(block.linear2.weight)
             nn.init.zeros_(block.linear2.bias)
+
+    @classmethod
+    def catalogue(cls, domain: DomainData, config: TextSeqConfig, quiet: bool = True) -> torch.Tensor:  # type: ignore[override]
+        """The frozen encoder's (n_items, text_dim) feature table of the items' text (cached per domain)."""
+        return torch.from_numpy(feature_table(domain, get_encoder(config.encoder), quiet=quiet))
 
     def item_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """(N, text_dim) item features -> (N, dim) unit item vectors."""
@@ -128,14 +176,14 @@ class TextSeqRec(nn.Module):
         return F.normalize(states[torch.arange(len(histories)), last_positions(histories)], dim=-1)
 
     def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor,
-               candidate_vectors: torch.Tensor | None = None) -> torch.Tensor:
+               candidates: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) cosine scores of right-padded histories (B, L) against all N items, before the temperature.
 
         ``items`` is ``item_vectors(features)``, computed once by the caller; the histories are read
-        with it, and the items are scored with ``candidate_vectors`` (default: ``items``).
+        with it, and the items are scored with ``candidates`` (default: ``items``).
         """
         last = last_items(histories)
-        scored = items if candidate_vectors is None else candidate_vectors
+        scored = items if candidates is None else candidates
         return self.user_vectors(items, histories) @ scored.T + self.text_scores(features, last)
 
     def score_terms(self, features: torch.Tensor, items: torch.Tensor,
@@ -152,15 +200,35 @@ class TextSeqRec(nn.Module):
         item (or every item of ``candidates``).
 
         ``text_weight`` is not trained: it is 0 until chosen on validation after training
-        (:func:`fedmerge.train.loop.fit_text_weight`).
+        (the family's calibration, :func:`fedmerge.train.loop.calibrate`).
         """
         if not self.text_weight:
             return 0.0
         unit = F.normalize(features, dim=-1)
         return self.text_weight * (unit[last] @ (unit if candidates is None else unit[candidates]).T)
 
-    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
-             negatives: int | None = None) -> torch.Tensor:
+    def calibration(self) -> list[float]:
+        """The text weights tried on validation after training (``model.text_weights``)."""
+        return list(dict.fromkeys(self.config.text_weights))
+
+    def calibration_scores(self, features: torch.Tensor) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+        """Scores with each text weight in turn, sharing the model's pass and the text prior between them."""
+        items = self.item_vectors(features)
+
+        def variants(histories: torch.Tensor) -> Iterator[torch.Tensor]:
+            learned, prior = self.score_terms(features, items, histories)
+            for weight in self.calibration():
+                yield learned + weight * prior if weight else learned
+
+        return variants
+
+    def calibrate(self, value: float) -> None:
+        self.text_weight.fill_(value)
+
+    def facts(self) -> dict[str, float]:
+        return {"text_weight": round(float(self.text_weight), 6)}
+
+    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Softmax cross-entropy at every position of every sequence (SASRec-style).
 
         ``inputs`` (B, L) are items 0..L-1 of each training sequence, ``targets`` (B, L) the
@@ -170,7 +238,7 @@ class TextSeqRec(nn.Module):
         so the loss still estimates the full softmax; item vectors are then computed only for
         the items the batch touches.
         """
-        valid = targets >= 0
+        valid, negatives = targets >= 0, self.config.negatives
         if negatives is None or negatives >= len(features):
             items = self.item_vectors(features)
             users = F.normalize(self.sequence_states(items, inputs)[valid], dim=-1)

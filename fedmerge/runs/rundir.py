@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.text import Text
 
 from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import metric_names
 from fedmerge.files import atomic_path, write_json
-from fedmerge.merge.vectors import StateDict
+from fedmerge.models import StateDict
 from fedmerge.progress import Status, attach, detach
 from fedmerge.runs.outdir import Output
 from fedmerge.runs.results import PROTOCOL, Row, write_metrics
@@ -245,9 +246,10 @@ def markdown_table(rows: list[Row], split: str = "test", metrics: tuple[str, ...
 
 
 def report_text(title: str, rows: list[Row], facts: dict[str, Any]) -> str:
-    """The Markdown report: the table (with the text weight each model was evaluated with, where
-    the rows have one), the protocol and the run's facts."""
-    metrics = ("recall@10", "ndcg@10", *(("text_weight",) if any("text_weight" in r for r in rows) else ()))
+    """The Markdown report: the table (with the facts each model was evaluated with, such as a
+    family's calibrated value, where the rows have them), the protocol and the run's facts."""
+    known = {"model", "domain", "split", "users", "round", "exclude_seen", *metric_names()}
+    metrics = ("recall@10", "ndcg@10", *dict.fromkeys(k for r in rows for k in r if k not in known))
     lines = [f"# {title}", "", markdown_table(rows, metrics=metrics), "",
              f"Protocol: test split; {PROTOCOL}. Each party evaluates every model on its own private split; a domain "
              "split across parties is the user-weighted mean.", ""]

@@ -8,16 +8,7 @@ import numpy as np
 import torch
 
 from fedmerge.data.domain import DomainData
-
-
-def pad_right(sequences: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
-    """Right-padded (B, L) int64 tensor of each sequence's last `max_len` items, pad = -1."""
-    width = max(1, min(max_len, max((len(s) for s in sequences), default=1)))
-    out = torch.full((len(sequences), width), -1, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        tail = seq[-max_len:]
-        out[row, : len(tail)] = torch.as_tensor(tail, dtype=torch.long)
-    return out
+from fedmerge.data.sequences import last_positions, pad_right
 
 
 def training_sequences(domain: DomainData, max_len: int) -> list[np.ndarray]:
@@ -43,16 +34,6 @@ def length_batches(
     for index in rng.permutation(len(batches)):
         seqs = [sequences[i] for i in batches[index]]
         yield pad_right([s[:-1] for s in seqs], max_len), pad_right([s[1:] for s in seqs], max_len)
-
-
-def last_positions(padded: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each right-padded row's last real entry (pad = -1; 0 for an all-padding row)."""
-    return ((padded >= 0).sum(1) - 1).clamp(min=0)
-
-
-def last_items(padded: torch.Tensor) -> torch.Tensor:
-    """(B,) each right-padded row's last real entry (pad = -1; the first entry of an all-padding row)."""
-    return padded[torch.arange(len(padded)), last_positions(padded)]
 
 
 def last_targets_only(targets: torch.Tensor) -> torch.Tensor:

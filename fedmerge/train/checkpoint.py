@@ -12,21 +12,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fedmerge.config import ExperimentConfig, ModelConfig, validate
+from fedmerge.config import validate
 from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path
-from fedmerge.merge.vectors import nonfinite
-from fedmerge.models import MODELS, Recommender
-
-
-def build_model(config: ModelConfig, text_dim: int, seed: int) -> Recommender:
-    """The seeded base model theta_0 of `config`: the same for every domain with the same seed."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return MODELS[config.kind](config, text_dim)
-    finally:
-        torch.random.set_rng_state(generator_state)
+from fedmerge.models import Recommender, build_model
+from fedmerge.models.family import nonfinite, upgrade_stored
+from fedmerge.train.config import ExperimentConfig
 
 
 def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
@@ -116,7 +107,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise FedmergeError(f"{path} is not a regular file; {fix}")
         meta = json.loads(path.read_text())
-        meta["config"] = validate(ExperimentConfig, meta["config"], prefix="config.")
+        meta["config"] = validate(ExperimentConfig, upgrade_stored(meta["config"]), prefix="config.")
         meta["text_dim"] = int(meta["text_dim"])
         if meta["text_dim"] < 1:
             raise ValueError("text_dim must be positive")

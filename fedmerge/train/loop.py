@@ -19,23 +19,14 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from fedmerge.config import TrainConfig
-from fedmerge.data.domain import DomainData, user_subset
+from fedmerge.data.domain import user_subset
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain, evaluate_variants
-from fedmerge.models import Recommender, TextSeqRec
-from fedmerge.models.scoring import model_scorer, text_weight_variants
+from fedmerge.evaluate import calibration_variants, evaluate_domain, evaluate_variants, model_scorer
+from fedmerge.models import Part, Recommender
 from fedmerge.progress import progress_bar
 from fedmerge.train.batches import last_targets_only, length_batches, training_sequences
+from fedmerge.train.config import TrainConfig
 from fedmerge.train.state import has_state, load_state, save_state
-
-
-@dataclass
-class Part:
-    """One domain's private data and its item-feature table."""
-
-    domain: DomainData
-    features: torch.Tensor
 
 
 @dataclass
@@ -220,7 +211,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
                 k, (inputs, targets) = streams[index]
                 if config.targets == "last":
                     targets = last_targets_only(targets)
-                loss = model.loss(features[k], inputs.to(device), targets.to(device), config.negatives)
+                loss = model.loss(features[k], inputs.to(device), targets.to(device))
                 if not torch.isfinite(loss):
                     raise FedmergeError(f"the training loss became {loss.item()} at epoch {epoch}; "
                                         "lower train.lr or check the item features for NaN")
@@ -261,37 +252,34 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
     return result
 
 
-def text_weight_metrics(model: Recommender, parts: list[Part],
+def calibration_metrics(model: Recommender, parts: list[Part],
                         config: TrainConfig) -> dict[float, list[dict[str, float | int]]]:
-    """Valid metrics of every candidate of ``train.text_weights`` on each part that validation
-    reads (``train.valid_users`` of each), all candidates in one pass over the users (one model
-    pass, one text prior); empty for other kinds or no candidates. The model is not changed."""
-    if not isinstance(model, TextSeqRec) or not config.text_weights:
+    """Valid metrics of every value of the model's calibration (:meth:`Recommender.calibration`) on each
+    part that validation reads (``train.valid_users`` of each), all values in one pass over the users;
+    empty when the family has no calibration. The model is not changed."""
+    values = model.calibration()
+    if not values:
         return {}
-    weights = list(dict.fromkeys(config.text_weights))
-    per_part = [evaluate_variants(text_weight_variants(model, p.features, weights), len(weights), p.domain, "valid",
+    per_part = [evaluate_variants(calibration_variants(model, p.features), len(values), p.domain, "valid",
                                   config.eval_batch_size)
                 for p in validation_parts(parts, config.valid_users, config.seed)]
-    return {w: [metrics[i] for metrics in per_part] for i, w in enumerate(weights)}
+    return {v: [metrics[i] for metrics in per_part] for i, v in enumerate(values)}
 
 
-def choose_text_weight(model: Recommender, tried: dict[float, list[dict[str, float | int]]]) -> dict[float, float]:
-    """Set `model`'s ``text_weight`` to the candidate of `tried` (:func:`text_weight_metrics`) with the
-    best mean valid ndcg@10, the earliest of equals; returns every candidate's mean."""
-    scores = {w: float(np.mean([m["ndcg@10"] for m in metrics])) for w, metrics in tried.items()}
+def choose_calibration(model: Recommender, tried: dict[float, list[dict[str, float | int]]]) -> dict[float, float]:
+    """Calibrate `model` with the value of `tried` (:func:`calibration_metrics`) with the best mean valid
+    ndcg@10, the earliest of equals; returns every value's mean."""
+    scores = {v: float(np.mean([m["ndcg@10"] for m in metrics])) for v, metrics in tried.items()}
     if scores:
-        model.text_weight.fill_(max(scores, key=scores.get))
+        model.calibrate(max(scores, key=scores.get))  # type: ignore[arg-type]
     return scores
 
 
-def fit_text_weight(model: Recommender, parts: list[Part], config: TrainConfig) -> dict[float, float]:
-    """Set a textseq model's ``text_weight`` to the candidate with the best mean valid ndcg@10.
+def calibrate(model: Recommender, parts: list[Part], config: TrainConfig) -> dict[float, float]:
+    """Set the model's post-training setting (its calibration) to the value with the best mean valid ndcg@10.
 
-    Learned scores rank well the items that training saw often; the raw text similarity to the
-    last item also ranks items that it saw rarely (later, rarer items dominate the test split of
-    a time-ordered leave-one-out). Adding it with a small weight after training, chosen on
-    validation, keeps both; training with it from the start held the model back. All candidates
-    are scored in one pass over the validation users (one model pass, one text prior). Returns the
-    valid ndcg@10 of every candidate (empty for other kinds or no candidates).
+    A family may have a setting that is chosen on validation after training rather than
+    trained (the weight of a fixed prior, say). All values are scored in one pass
+    over the validation users. Returns the valid ndcg@10 of every value (empty: nothing to choose).
     """
-    return choose_text_weight(model, text_weight_metrics(model, parts, config))
+    return choose_calibration(model, calibration_metrics(model, parts, config))

@@ -13,62 +13,37 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from rich.console import Console
 
-from fedmerge.config import ExperimentConfig, ModelConfig, load_config
-from fedmerge.data.catalog import load_domain
+from fedmerge.config import load_config
 from fedmerge.data.domain import DomainData
 from fedmerge.data.download import sha256_of
-from fedmerge.evaluate import evaluate_domain
+from fedmerge.evaluate import evaluate_domain, model_scorer
 from fedmerge.files import write_json
-from fedmerge.models import Recommender
-from fedmerge.models.scoring import model_scorer
+from fedmerge.models import Part, Recommender, build_model, family, load_parts
+from fedmerge.models.family import upgrade_stored
 from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import Row, metric_row, write_metrics
-from fedmerge.text import feature_table, get_encoder
-from fedmerge.text.tokens import token_table
-from fedmerge.train.checkpoint import build_model, checkpoint_files, load_weights, save_weights
-from fedmerge.train.loop import Part, fit, fit_text_weight
+from fedmerge.train.checkpoint import checkpoint_files, load_weights, save_weights
+from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.loop import calibrate, fit, resolve_device
 from fedmerge.train.state import has_state, remove_state
-
-PRETRAIN_FROZEN = ["blocks", "positions", "codes"]
-"""What ``fedmerge pretrain`` keeps at theta_0 in a ``textseq`` base unless the config says otherwise."""
-
-
-def load_parts(names: list[str], config: ModelConfig, quiet: bool = False) -> list[Part]:
-    """Each domain with the item table its model reads.
-
-    ``textseq``: the frozen encoder's feature table (n_items, text_dim); ``textenc``: the token
-    table (n_items, item_tokens).
-    """
-    parts = []
-    for name in names:
-        domain = load_domain(name, quiet=quiet)
-        if config.kind == "textenc":
-            table = token_table(domain, config.item_tokens)
-        else:
-            table = feature_table(domain, get_encoder(config.encoder), quiet=quiet)
-        parts.append(Part(domain, torch.from_numpy(table)))
-    return parts
 
 
 def pretrain_config(preset: str | Path | None, overrides: list[str]) -> ExperimentConfig:
     """The config of ``fedmerge pretrain``: the preset and `overrides`, with ``train.frozen`` defaulting
-    to :data:`PRETRAIN_FROZEN` for ``textseq``.
+    to the family's ``pretrain_frozen`` (:class:`fedmerge.models.Recommender`).
 
-    Pretrained on public domains, the transformer blocks, positions and text-code rows move a
-    user vector away from its last item's text and make the base worse than theta_0 zero-shot
-    on every federation domain; the adaptor alone keeps theta_0's text-similarity quality
-    (docs/results). ``--set train.frozen=...`` (``[]``: none) or a preset whose ``train.frozen`` is
-    not empty is kept as given; a preset's empty list reads as unset and gets the default.
+    ``--set train.frozen=...`` (``[]``: none) or a preset whose ``train.frozen`` is not empty is
+    kept as given; a preset's empty list reads as unset and gets the default.
     """
-    config = load_config(preset, overrides)
+    config = load_config(preset, overrides, ExperimentConfig)
     named = config.train.frozen or any(o.partition("=")[0].strip() == "train.frozen" for o in overrides)
-    if config.model.kind != "textseq" or named:
+    frozen = family(config.model.kind).pretrain_frozen
+    if not frozen or named:
         return config
-    return load_config(preset, [*overrides, f"train.frozen={json.dumps(PRETRAIN_FROZEN)}"])
+    return load_config(preset, [*overrides, f"train.frozen={json.dumps(frozen)}"], ExperimentConfig)
 
 
 def evaluate_rows(model: Recommender, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
@@ -86,7 +61,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     """Train on `names` (one domain, or several jointly) and write the checkpoint folder `out`.
 
     Metric rows are labelled `label` (default: the model kind, or ``joint`` for several domains).
-    With `holdout` domains (never trained on), validation, early stopping and the text weight
+    With `holdout` domains (never trained on), validation, early stopping and the calibration
     read their zero-shot quality instead, and the rows include them.
 
     Every input is checked before anything is written; the run is written into
@@ -102,6 +77,7 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     start = checkpoint_files(init)[0] if init is not None else None
     if start is not None:
         load_weights(model, start)
+    model.to(resolve_device(config.train.device))  # the base is evaluated where the model trains
     inputs = {"domains": names, "holdout": holdout or [], "config": config.model_dump(mode="json"),
               "init": None if start is None else sha256_of(start),
               "data": {p.domain.name: fingerprint(p.domain) for p in parts + held}}
@@ -126,15 +102,15 @@ def _train(model: Recommender, parts: list[Part], held: list[Part], config: Expe
     write_json(folder / "config.json", _facts(config, parts, init, held))
     result = fit(model, parts, config.train, state_dir=folder, quiet=quiet, holdout=held)
     model.load_state_dict(result.best_state)
-    text_weights = fit_text_weight(model, held or parts, config.train)
+    calibrated = calibrate(model, held or parts, config.train)
     save_weights(model, folder / "model.safetensors")
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
     rows += evaluate_rows(model, parts + held, label, config.train.eval_batch_size)
     facts = _facts(config, parts, init, held) | {
         "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
-        "history": result.history, "text_weight": float(getattr(model, "text_weight", 0.0)),
-        "valid_ndcg@10_by_text_weight": {str(w): v for w, v in text_weights.items()}}
+        "history": result.history, **model.facts(),
+        "valid_ndcg@10_by_calibration": {str(w): v for w, v in calibrated.items()}}
     write_json(folder / "config.json", facts)
     write_metrics(rows, folder)
     if not quiet:
@@ -153,7 +129,7 @@ def same_config(path: Path, config: ExperimentConfig, holdout: list[str] | None 
         return False
     try:
         facts = json.loads(path.read_text())
-        return (ExperimentConfig.model_validate(facts.get("config", {})) == config
+        return (ExperimentConfig.model_validate(upgrade_stored(facts.get("config", {}))) == config
                 and facts.get("holdout", []) == (holdout or []))
     except ValidationError:
         return False

@@ -1,0 +1,217 @@
+"""The model-family contract: what every recommender family gives the generic layers.
+
+A *family* (``textseq``, ``textenc``, ...) is a :class:`Recommender` subclass registered by
+name (:func:`register`) with its own config class (a :class:`FamilyConfig` whose ``kind`` is
+the family's name). Generic code (training, evaluation, merging, the federation) only calls
+the methods below, never a family by name:
+
+- :meth:`Recommender.catalogue`: the public item table the family reads (features, tokens);
+- :meth:`Recommender.exchanged`: the state that travels between a party and the server;
+- :meth:`Recommender.loss`: the training loss on a batch of sequences;
+- :meth:`Recommender.scorer`: scores of every item for a batch of histories (evaluation, teachers);
+- :meth:`Recommender.parameter_group`: the layer group of a tensor (layer-wise coefficients);
+- :meth:`Recommender.merge_anchor` / :meth:`Recommender.student_scores`: what learned merging needs;
+- :meth:`Recommender.calibration` / :meth:`Recommender.calibrate` / :meth:`Recommender.facts`:
+  a setting chosen on validation after training (textseq's text weight);
+- :meth:`Recommender.row_usage`: item-memory rows and how many items read each.
+
+The config of a run's model is validated by its ``kind``: :data:`ModelConfig` dispatches to the
+registered family's config class, so each family has its own keys and checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, SerializeAsAny, ValidatorFunctionWrapHandler, WrapValidator
+from torch import nn
+
+from fedmerge.config import ConfigModel
+from fedmerge.data.domain import DomainData
+from fedmerge.errors import FedmergeError
+
+StateDict = dict[str, torch.Tensor]
+HistoryScorer = Callable[[torch.Tensor], torch.Tensor]
+"""``score(histories) -> (B, n_items)``: scores of every item for right-padded histories (B, L), pad -1."""
+ItemVectors = Literal["fixed", "history", "current"]
+"""Which item representations follow the merge coefficients while they are learned (``learn.item_vectors``)."""
+
+
+class FamilyConfig(ConfigModel):
+    """The config every family's own config extends: its ``kind`` and the history length."""
+
+    kind: str = Field(description="model family (a registered name: see `fedmerge train --help`)")
+    max_len: int = Field(50, ge=1, description="most recent items a user's history holds")
+
+
+class Recommender(nn.Module):
+    """A recommender family (see the module docstring). Subclasses set ``kind`` and ``Config``.
+
+    ``table`` everywhere is the domain's item table built by :meth:`catalogue`.
+    """
+
+    kind: ClassVar[str]
+    Config: ClassVar[type[FamilyConfig]]
+    pretrain_frozen: ClassVar[list[str]] = []
+    """Parameters ``fedmerge pretrain`` keeps at theta_0 unless the config names others."""
+
+    def __init__(self, config: FamilyConfig, width: int) -> None:
+        super().__init__()
+        self.config = config
+        self.width = width
+
+    @classmethod
+    def catalogue(cls, domain: DomainData, config: FamilyConfig, quiet: bool = True) -> torch.Tensor:
+        """The public (n_items, width) item table of `domain` that this family reads."""
+        raise NotImplementedError
+
+    def exchanged(self) -> StateDict:
+        """The state a party and the server exchange (all weights by default; a family may send a part)."""
+        return dict(self.state_dict())
+
+    def load_exchanged(self, state: StateDict) -> None:
+        """Set the exchanged state (the rest of the model keeps its values)."""
+        self.load_state_dict(state, strict=set(state) == set(self.state_dict()))
+
+    def loss(self, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of right-padded (B, L) `inputs` and their next items `targets` (pad -1)."""
+        raise NotImplementedError
+
+    def scorer(self, table: torch.Tensor) -> HistoryScorer:
+        """Scores of all items for histories, with the current weights (whatever is shared is computed once)."""
+        raise NotImplementedError
+
+    def parameter_group(self, name: str) -> str:
+        """The layer group of exchanged tensor `name` for layer-wise merge coefficients (default: one group)."""
+        return "others"
+
+    def merge_anchor(self, table: torch.Tensor) -> Any:
+        """What the learned merge computes once with the initial merge's weights (the fixed candidate representations)."""
+        return None
+
+    def student_scores(self, table: torch.Tensor, anchor: Any, histories: torch.Tensor,
+                       follow: ItemVectors) -> torch.Tensor:
+        """Scores of all items for pseudo-users' `histories` while merge coefficients are learned (differentiable).
+
+        `anchor` is :meth:`merge_anchor` of the initial merge; `follow` says which item
+        representations are recomputed with the current weights. Default: the plain scores.
+        """
+        return self.scorer(table)(histories)
+
+    def row_usage(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Item-memory tables (tensor name -> how many items of `table` read each row); none by default."""
+        return {}
+
+    def calibration(self) -> list[float]:
+        """The values of a post-training setting tried on validation (empty: the family has none)."""
+        return []
+
+    def calibration_scores(self, table: torch.Tensor) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+        """For histories, the scores with each value of :meth:`calibration` in turn (shared work done once)."""
+        raise NotImplementedError
+
+    def calibrate(self, value: float) -> None:
+        """Set the post-training setting to `value` (one of :meth:`calibration`)."""
+
+    def facts(self) -> dict[str, float]:
+        """Settings reported with every evaluation of the model (the calibrated value)."""
+        return {}
+
+
+FAMILIES: dict[str, type[Recommender]] = {}
+DEFAULT_KIND = "textseq"
+PLUGINS = "FEDMERGE_PLUGINS"
+"""Environment variable: modules (comma-separated) imported when a model kind is not registered yet; each
+registers its families. Every process that meets the kind imports them (Ray workers inherit the variable;
+a deployed SuperNode's operator sets it), so a family of one's own runs on every backend."""
+
+
+def register(cls: type[Recommender]) -> type[Recommender]:
+    """Register a family under its ``kind`` (a class decorator); a name is taken once."""
+    if cls.kind in FAMILIES and FAMILIES[cls.kind] is not cls:
+        raise ValueError(f"model family {cls.kind!r} is already registered")
+    FAMILIES[cls.kind] = cls
+    return cls
+
+
+def _known(kind: str) -> bool:
+    """Whether `kind` is registered, once the :data:`PLUGINS` modules are imported if it is not."""
+    if kind not in FAMILIES:
+        for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS, "").split(","))):
+            try:
+                importlib.import_module(name)
+            except ImportError as err:
+                raise FedmergeError(f"{PLUGINS} names module {name!r}, which cannot be imported ({err}); "
+                                    "fix the name or install the module") from err
+    return kind in FAMILIES
+
+
+def _unknown(kind: str) -> str:
+    return (f"model kind {kind!r} is not a registered model family; use one of: {', '.join(FAMILIES)} (a family of "
+            f"your own registers with fedmerge.models.register in a module named in {PLUGINS})")
+
+
+def family(kind: str) -> type[Recommender]:
+    """The registered family `kind`, or an error that lists the registered ones."""
+    if not _known(kind):
+        raise FedmergeError(_unknown(kind))
+    return FAMILIES[kind]
+
+
+def _by_kind(value: Any, handler: ValidatorFunctionWrapHandler) -> FamilyConfig:
+    """Validate a model config as its family's config class (chosen by ``kind``; default :data:`DEFAULT_KIND`)."""
+    if isinstance(value, FamilyConfig):
+        return value
+    if isinstance(value, dict):
+        kind = value.get("kind", DEFAULT_KIND)
+        if not isinstance(kind, str) or not _known(kind):
+            raise ValueError(_unknown(str(kind)))
+        return FAMILIES[kind].Config.model_validate(value)
+    return handler(value)
+
+
+ModelConfig = Annotated[SerializeAsAny[FamilyConfig], WrapValidator(_by_kind)]
+"""A model config: one config class per family, chosen by ``kind`` (a union over the registry)."""
+
+
+MOVED_FROM_TRAIN = ("negatives", "text_weights")
+"""Keys that a stored config of an earlier fedmerge keeps under ``train`` and that now belong to the model."""
+
+
+def upgrade_stored(config: dict[str, Any]) -> dict[str, Any]:
+    """A config tree (with ``model`` and ``train`` tables) stored before each family had its own config, in
+    today's layout: :data:`MOVED_FROM_TRAIN` moves to ``model``, other families' keys are dropped. A tree in
+    today's layout comes back equal; `config` is not changed."""
+    tree = {**config, "model": dict(config.get("model") or {}), "train": dict(config.get("train") or {})}
+    for key in MOVED_FROM_TRAIN:
+        if key in tree["train"]:
+            tree["model"].setdefault(key, tree["train"].pop(key))
+    kind = tree["model"].get("kind", DEFAULT_KIND)
+    if isinstance(kind, str) and _known(kind):
+        fields = FAMILIES[kind].Config.model_fields
+        tree["model"] = {k: v for k, v in tree["model"].items() if k in fields}
+    return tree
+
+
+def default_model() -> FamilyConfig:
+    """The default model config (the :data:`DEFAULT_KIND` family's defaults)."""
+    return FAMILIES[DEFAULT_KIND].Config()
+
+
+def build_model(config: FamilyConfig, width: int, seed: int) -> Recommender:
+    """The seeded base model theta_0 of `config`: the same for every domain with the same seed."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return family(config.kind)(config, width)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def nonfinite(state: StateDict) -> str | None:
+    """The name of the first floating tensor of `state` that holds NaN or an infinity (None: all finite)."""
+    return next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
