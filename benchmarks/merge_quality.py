@@ -8,7 +8,9 @@ base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain``
 ``--set train.frozen=[]``), then merged. *fine-tuned (own)* is each domain's model
 on its own domain; *joint* one model trained on the pooled data (the non-private reference);
 *task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
-density 0.2 (global), *dare* p = 0.5 then TIES; *adamerging* and *mergerec* learn coefficients
+density 0.2 (global), *dare* p = 0.5 then TIES, each at lambda 1 and with lambda chosen on valid the
+same way (from {0.3, 0.5, 0.7, 1.0, 1.5, 2.0}); *mergerec_ties* is MergeRec's stand-alone TIES
+baseline (trim at density 0.2 and sum, no sign election, weight 1); *adamerging* and *mergerec* learn coefficients
 on pseudo-users (500 steps, TIES init; one row from the average instead) with the framework's
 defaults, which are not MergeRec as published: the *mergerec* rows use MergeRec's loss (CE +
 2.5 KL at T = 0.05) with a fitted KL score scale per domain (``learn.fit_scale``; published:
@@ -19,7 +21,13 @@ method (``--rows method``, the methods' own rows); the rows marked *usage rows* 
 catalogue usage (``fedmerge.merge.rows``, the framework's default), and their MergeRec rows
 start from task arithmetic at the lambda chosen on valid with usage rows; in the *scale on
 valid* rows the parties choose the size of the learned layer-wise coefficients, or of that
-init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1). *Unseen*: merge all
+init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1). *mergerec as published* is
+the ``[merge]`` table of ``configs/simulate-mergerec.toml`` (TIES init with method rows,
+layer-wise, CE + 2.5 KL, no fitted scale, candidates fixed at the initial merge, dense teachers,
+500 steps, the last step kept) on these textseq models. *oracle* searches the coefficients of
+TIES's processed vectors directly on the mean valid ndcg@10 (coordinate ascent over
+{0, 0.25, ..., 2}: task-wise, two sweeps, then layer-wise, one sweep) and reports test: the
+ceiling of any coefficients learned for this merge's vectors and backbone. *Unseen*: merge all
 domains but one (mergerec loss, fitted KL scale, task-wise, usage rows, that init) and test on
 the one left out, against theta_0 and every single fine-tuned model.
 
@@ -46,27 +54,39 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from report import train_once
 
 from fedmerge.config import load_config
 from fedmerge.files import write_json
-from fedmerge.merge.learn import LearnConfig
-from fedmerge.merge.run import merge_run
+from fedmerge.merge.learn import LearnConfig, build_merged, parameter_groups
+from fedmerge.merge.methods import prepare
+from fedmerge.merge.run import _valid_judge, merge_run
 from fedmerge.merge.server import MergeConfig
+from fedmerge.merge.vectors import task_vector
 from fedmerge.models import load_parts
 from fedmerge.models.family import upgrade_stored
-from fedmerge.train.checkpoint import load_checkpoint
+from fedmerge.protocol import FederationConfig
+from fedmerge.runs.results import write_metrics
+from fedmerge.train.checkpoint import load_checkpoint, read_state
 from fedmerge.train.config import ExperimentConfig
 from fedmerge.train.run import evaluate_rows, pretrain_config
 
 BASES = ("seeded", "pretrained")
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+TIES_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
+DARE = {"p": 0.5, "then": "ties", "density": 0.2}
+TUNED = {  # name -> (method, fixed params, lambdas): lambda chosen on the mean valid ndcg@10, method rows
+    "ties (lambda on valid)": ("ties", {}, TIES_LAMBDAS),
+    "dare (lambda on valid)": ("dare", DARE, TIES_LAMBDAS),
+}
 SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}
 MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConfig settings); params None: lambda
     # chosen on valid (same rows)
     "average": ("average", {}, "none", "mergerec", "method", {}),
     "ties": ("ties", {}, "none", "mergerec", "method", {}),
-    "dare": ("dare", {"p": 0.5, "then": "ties", "density": 0.2, "lam": 1.0}, "none", "mergerec", "method", {}),
+    "dare": ("dare", DARE | {"lam": 1.0}, "none", "mergerec", "method", {}),
+    "mergerec_ties": ("mergerec_ties", {}, "none", "mergerec", "method", {}),
     "adamerging": ("ties", {}, "task-wise", "adamerging", "method", {}),
     "mergerec task-wise": ("ties", {}, "task-wise", "mergerec", "method", {}),
     "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec", "method", {}),
@@ -78,6 +98,8 @@ MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConf
     "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
                                                                  "usage", SCALES),
 }
+MEASURED = [*TUNED, *MERGES, "mergerec as published", "oracle"]
+"""Every row a seed record must hold (besides the fine-tuned, joint and task-arithmetic rows)."""
 SHOWN = {  # record key (also in the run folder's name) -> the label the table shows, saying what the row ran
     "mergerec task-wise": "mergerec loss, fitted KL scale, task-wise",
     "mergerec layer-wise": "mergerec loss, fitted KL scale, layer-wise",
@@ -88,6 +110,9 @@ SHOWN = {  # record key (also in the run folder's name) -> the label the table s
         "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init, scale on valid",
     "unseen: mergerec of the others": "unseen: merge of the others (mergerec loss, fitted KL scale, task-wise, usage "
                                       "rows, TA init)",
+    "mergerec_ties": "mergerec_ties (MergeRec's stand-alone TIES baseline)",
+    "mergerec as published": "mergerec as published (configs/simulate-mergerec.toml [merge])",
+    "oracle": "oracle: coefficients searched on valid (TIES vectors, task-wise then layer-wise)",
 }
 
 
@@ -108,12 +133,65 @@ def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str
     return _rows(folder)
 
 
-def _best_lambda(runs: Path, base: Path, domains: list[str], rows: str, steps: int) -> tuple[float, list[dict]]:
-    """Task arithmetic's lambda with the best mean valid ndcg@10 (over LAMBDAS), and that merge's rows."""
-    grid = {lam: _merge(runs / f"merge-ta{'-usage' if rows == 'usage' else ''}-{lam}", base, runs, domains,
-                        "task_arithmetic", {"lam": lam}, "none", "mergerec", rows, steps) for lam in LAMBDAS}
-    best = max(LAMBDAS, key=lambda lam: np.mean([c[1] for c in _cells(grid[lam], "task_arithmetic", "valid").values()]))
+def _best_lambda(runs: Path, base: Path, domains: list[str], rows: str, steps: int, method: str = "task_arithmetic",
+                 fixed: dict | None = None, lambdas: tuple[float, ...] = LAMBDAS) -> tuple[float, list[dict]]:
+    """`method`'s lambda with the best mean valid ndcg@10 (over `lambdas`), and that merge's rows."""
+    prefix = "ta" if method == "task_arithmetic" else method
+    grid = {lam: _merge(runs / f"merge-{prefix}{'-usage' if rows == 'usage' else ''}-{lam}", base, runs, domains,
+                        method, (fixed or {}) | {"lam": lam}, "none", "mergerec", rows, steps) for lam in lambdas}
+    best = max(lambdas, key=lambda lam: np.mean([c[1] for c in _cells(grid[lam], method, "valid").values()]))
     return best, grid[best]
+
+
+ORACLE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+def _oracle(folder: Path, base_path: Path, runs: Path, domains: list[str], config: ExperimentConfig) -> list[dict]:
+    """Coefficients searched on the parties' valid ndcg@10 directly (the ceiling of learned coefficients), tested.
+
+    From TIES (its processed vectors, rows by the method, w = 1), coordinate ascent over
+    :data:`ORACLE_GRID`: task-wise (one w per domain, two sweeps), then layer-wise (one w per
+    domain and layer group, one sweep from the task-wise optimum); every candidate is scored by
+    the mean valid ndcg@10 over the domains, as the parties report it. The rows are the final
+    coefficients' valid and test metrics; the search is kept in ``oracle.json``.
+    """
+    if (folder / "metrics.json").exists():
+        return _rows(folder)
+    states = [load_checkpoint(runs / d)[0].exchanged() for d in domains]
+    base = {k: v for k, v in read_state(base_path).items() if k in states[0]}
+    prepared = prepare("ties", [task_vector(base, s) for s in states])
+    model = load_checkpoint(runs / domains[0])[0]  # a skeleton: the judge loads every candidate into it
+    parts = load_parts(domains, config.model, quiet=True)
+    judge = _valid_judge(model, parts, config.train)
+    keys = list(prepared.vectors[0])
+    group_of, groups = parameter_groups(model, keys, "layer-wise")
+    weights = torch.ones(len(domains), len(groups))
+    log: list[dict] = []
+
+    def ascend(coordinates: list[tuple[int, slice | int]]) -> None:
+        for k, g in coordinates:
+            tried = []
+            for value in ORACLE_GRID:
+                candidate = weights.clone()
+                candidate[k, g] = value
+                tried.append(candidate)
+            scores = judge([build_merged(base, prepared.vectors, w, group_of) for w in tried])
+            best = max(range(len(scores)), key=lambda i: (scores[i], -abs(ORACLE_GRID[i] - 1.0)))
+            weights.copy_(tried[best])
+            log.append({"domain": domains[k], "group": "all" if isinstance(g, slice) else groups[g],
+                        "scores": dict(zip(map(str, ORACLE_GRID), scores, strict=True)), "kept": ORACLE_GRID[best]})
+
+    task = [(k, slice(None)) for k in range(len(domains))]
+    with torch.no_grad():
+        ascend(task + task)
+        ascend([(k, g) for k in range(len(domains)) for g in range(len(groups))])
+        merged = build_merged(base, prepared.vectors, weights, group_of)
+    model.load_exchanged(merged)
+    rows = evaluate_rows(model, parts, "oracle", config.train.eval_batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "oracle.json", {"groups": groups, "weights": weights.tolist(), "log": log})
+    write_metrics(rows, folder)
+    return rows
 
 
 def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str) -> list[dict]:
@@ -154,6 +232,15 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
         lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
         table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda on valid)"] = \
             _cells(chosen, "task_arithmetic")
+    for label, (method, fixed, lambdas) in TUNED.items():
+        lam[label], chosen = _best_lambda(runs, base, args.domains, "method", args.steps, method, fixed, lambdas)
+        table[label] = _cells(chosen, method)
+    published = runs / "merge-mergerec-as-published"
+    if not (published / "metrics.json").exists():
+        merge_run(base, [runs / d for d in args.domains], args.domains,
+                  load_config("simulate-mergerec", [], FederationConfig).merge, published, quiet=True)
+    table["mergerec as published"] = _cells(_rows(published), "ties+layer-wise:mergerec")
+    table["oracle"] = _cells(_oracle(runs / "oracle", base, runs, args.domains, config), "oracle")
     for label, (method, params, mode, loss, rows, learn) in MERGES.items():
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
         merged = _merge(folder, base, runs, args.domains, method, {"lam": lam[rows]} if params is None else params,
@@ -183,7 +270,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: boo
     (benchmark arguments and the resolved preset apart from the seed; the ``--set`` overrides
     are recorded but only their result counts, so a recorded seed stays readable after a preset
     default changes, given ``--set`` back to the old value), else measured with :func:`run_seed`
-    and recorded there (atomically). A record that lacks rows of :data:`MERGES` is measured
+    and recorded there (atomically). A record that lacks rows of :data:`MEASURED` is measured
     again (reusing the runs), unless `report`: then it is read back as it is."""
     path = args.tables / f"{base_kind}-seed{seed}.json"
     settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
@@ -199,7 +286,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: boo
         if differing:
             raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
                              "give another --tables folder or remove that file to rerun the seed")
-        missing = [label for label in MERGES if label not in record["table"]]
+        missing = [label for label in MEASURED if label not in record["table"]]
         if report or not missing:
             return record
         print(f"{path} has no row {', '.join(missing)}: measuring the seed (complete runs under --runs are reused)")
@@ -288,6 +375,8 @@ def main() -> None:
     for kind, records in results.items():
         measured = "; ".join(f"seed {r['seed']}: {r['date']}, {r['machine']}, task arithmetic lambda "
                              f"{r['lambdas']['method']} (method rows) / {r['lambdas']['usage']} (usage rows)"
+                             + "".join(f", {label.split()[0]} lambda {r['lambdas'][label]}" for label in TUNED
+                                       if label in r["lambdas"])
                              for r in seeds[kind])
         text += f"\n## {kind} base\n\nSeeds measured: {measured}.\n\n{_markdown(records, args.domains)}\n"
     args.out.mkdir(parents=True, exist_ok=True)

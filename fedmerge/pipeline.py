@@ -284,7 +284,7 @@ def _merged_label(config: FederationConfig) -> str:
 
 def _kept(coefficients: dict) -> str:
     """Which learned coefficients the merge kept, and why."""
-    selection, best = coefficients["selection"], coefficients["best_step"]
+    selection = coefficients["selection"]
     if selection:
         scored = ", ".join(f"{_candidate_name(step, scale)}: {v:.4f}" for step, scale, v
                            in zip(selection["steps"], selection["scales"], selection["scores"], strict=True))
@@ -292,7 +292,7 @@ def _kept(coefficients: dict) -> str:
         return f"{chosen}, the best mean valid ndcg@10 of the parties ({scored})"
     if coefficients["learn"]["mode"] == "none":
         return "the training-free merge's (no learning)"
-    return "the last step" if best is None else f"step {best}, the lowest held-out pseudo-user loss"
+    return "the last step"
 
 
 def _candidate_name(step: int, scale: float) -> str:

@@ -23,7 +23,7 @@ def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path
                               overrides=[])
     # Recorded before the preset kept a weight average, with no --set at all.
     without_average = merge_quality._preset(load_config("textseq", ["train.ema=null"], ExperimentConfig).model_dump(mode="json"))
-    record = {"base": "seeded", "seed": 0, "table": dict.fromkeys(merge_quality.MERGES, {}), "lambdas": {},
+    record = {"base": "seeded", "seed": 0, "table": dict.fromkeys(merge_quality.MEASURED, {}), "lambdas": {},
               "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
                            "config": without_average}}
     write_json(tmp_path / "seeded-seed0.json", record)
@@ -49,7 +49,7 @@ def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_
     args = argparse.Namespace(tables=tmp_path, domains=["beauty", "pantry"], pretrain="steam,games", steps=500,
                               overrides=["train.ema=null"])
     config = merge_quality._preset(load_config("textseq", args.overrides, ExperimentConfig).model_dump(mode="json"))
-    record = {"base": "pretrained", "seed": 0, "table": dict.fromkeys(merge_quality.MERGES, {}), "lambdas": {},
+    record = {"base": "pretrained", "seed": 0, "table": dict.fromkeys(merge_quality.MEASURED, {}), "lambdas": {},
               "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
                            "config": config}}
     write_json(tmp_path / "pretrained-seed0.json", record)

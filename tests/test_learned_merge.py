@@ -26,7 +26,7 @@ from fedmerge.merge.learn import (
     server_domain,
 )
 from fedmerge.merge.losses import LOSSES, kd, mergerec
-from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, split_held_out, walk_users
+from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, walk_users
 from fedmerge.merge.run import merge_run
 from fedmerge.merge.server import Member, MergeConfig, server_merge
 from fedmerge.merge.teacher import neighbours, teacher_scores
@@ -96,18 +96,16 @@ def test_pseudo_user_selections_and_walks(finetuned: dict) -> None:
     ahead = walk_users(torch.arange(200), near, length=4, seed=0, mixed=True, next_item=True)
     kept = (ahead.histories >= 0).sum(1)
     assert all(int(ahead.items[i]) in near[int(ahead.histories[i, kept[i] - 1])].tolist() for i in range(200))
-    train, held = split_held_out(one_item_users(torch.arange(100)), 0.2, seed=0)
-    assert (len(train.items), len(held.items)) == (80, 20) and not set(train.items.tolist()) & set(held.items.tolist())
 
 
 def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned: dict) -> None:
     base, models = finetuned["base"], finetuned["models"]
     prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
-    config = LearnConfig(steps=80, held_out=0.25, eval_every=10, lr=1e-2)
+    config = LearnConfig(steps=80, lr=1e-2)
     skeleton = build_model(tiny().model, 64, seed=0)
     result = learn_coefficients(skeleton, base, prepared, _server(finetuned, config), config, quiet=True)
-    held = [e["held_out_loss"] for e in result.log if "held_out_loss" in e]
-    assert len(held) == 8 and min(held[1:]) < held[0]
+    losses = [e["loss"] for e in result.log]
+    assert len(losses) == 80 and np.mean(losses[-20:]) < np.mean(losses[:20])
     assert not torch.equal(result.weights, torch.full((3, 1), 0.3))
     groups = parameter_groups(skeleton, list(prepared.vectors[0]), "task-wise")[0]
     expected = build_merged(base, prepared.vectors, result.weights, groups)
@@ -125,12 +123,12 @@ def test_next_item_pseudo_users_leave_the_history_s_last_item_out_of_the_loss(fi
     assert mergerec(bumped, teacher, own, 0.05, 2.5) > mergerec(student, teacher, own, 0.05, 2.5) + 1.0
     base, models = finetuned["base"], finetuned["models"]
     prepared = prepare("task_arithmetic", [task_vector(base, m.state_dict()) for m in models], {"lam": 0.3})
-    config = LearnConfig(steps=40, held_out=0.25, eval_every=10, lr=1e-2, pseudo=PseudoConfig(target="next"))
+    config = LearnConfig(steps=40, lr=1e-2, pseudo=PseudoConfig(target="next"))
     domains = _server(finetuned, config)
     assert not any((d.users.items == d.users.histories[:, 0]).any() for d in domains)  # own item: the step after
     result = learn_coefficients(build_model(tiny().model, 64, seed=0), base, prepared, domains, config, quiet=True)
-    held = [e["held_out_loss"] for e in result.log if "held_out_loss" in e]
-    assert all(np.isfinite(held)) and min(held[1:]) < held[0]
+    losses = [e["loss"] for e in result.log]
+    assert all(np.isfinite(losses)) and np.mean(losses[-10:]) < np.mean(losses[:10])
 
 
 def test_item_vectors_say_which_candidates_follow_the_coefficients(finetuned: dict) -> None:
@@ -272,8 +270,6 @@ def test_the_judge_decides_and_valid_selection_needs_one(finetuned: dict) -> Non
         server_merge(base, members, tiny().model, 0, merge)
     with pytest.raises(FedmergeError, match="only the initial merge"):
         LearnConfig(valid_candidates=1)
-    with pytest.raises(FedmergeError, match="set one of them"):
-        LearnConfig(valid_candidates=3, held_out=0.1)
 
 
 def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(finetuned: dict) -> None:
@@ -309,8 +305,6 @@ def test_valid_scales_keep_the_learned_shape_at_the_size_the_parties_choose(fine
     assert scored == [2]
     with pytest.raises(FedmergeError, match=r"valid_scales must be factors in \(0, 100\)"):
         LearnConfig(valid_scales=[0.0, 1.0])
-    with pytest.raises(FedmergeError, match="set one of them"):
-        LearnConfig(valid_scales=[0.5], held_out=0.1)
 
 
 def test_merge_rejects_bad_inputs_by_name(finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,6 @@ vectors (``"history"``, the default), or every item's current vector (``"current
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +28,7 @@ from fedmerge.data.sequences import last_items
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.losses import LOSSES, NEEDS_TEACHER
 from fedmerge.merge.methods import Prepared
-from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers, one_item_users, select_items, split_held_out, walk_users
+from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers, one_item_users, select_items, walk_users
 from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
@@ -53,11 +52,9 @@ class LearnConfig(ConfigModel):
     lr: LearningRate = Field(1e-3, description="Adam learning rate of the coefficients")
     batch_size: int = Field(16, ge=1, description="pseudo-users per step")
     steps: int = Field(500, ge=0, description="optimisation steps (0: the training-free merge)")
-    held_out: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of pseudo-users held out; best w is restored")
-    eval_every: int = Field(50, ge=1, description="steps between held-out loss evaluations and log entries")
     valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
                                   "merge first, that the parties score on their valid split; the best mean valid "
-                                  "ndcg@10 over the domains is kept (0: the last step, or the held-out best)")
+                                  "ndcg@10 over the domains is kept (0: the last step)")
     valid_scales: list[float] = Field(
         default_factory=list, description="factors of the learned coefficients (the initial ones when nothing is "
         "learned) that the parties score on their valid split, with the initial merge and any valid_candidates "
@@ -72,19 +69,16 @@ class LearnConfig(ConfigModel):
     fit_scale: bool = Field(True, description="kd / mergerec: learn one score scale per domain for the KL term, "
                                               "so that it compares rankings, not the merged model's sharpness")
     scale_lr: LearningRate = Field(0.05, description="Adam lr of the log score scales (fit_scale)")
-    balance: bool = Field(False, description="every domain weighs the same in each step and in the held-out loss, "
+    balance: bool = Field(False, description="every domain weighs the same in each step, "
                                              "whatever its catalogue size (false: uniform over all pseudo-users, "
                                              "as in MergeRec)")
-    seed: int = Field(0, description="seed of the batch order and held-out split")
+    seed: int = Field(0, description="seed of the batch order")
     pseudo: PseudoConfig = PseudoConfig()
 
     @model_validator(mode="after")
     def _one_selection(self) -> LearnConfig:
         if self.valid_candidates == 1:
             raise FedmergeError("learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2")
-        if (self.valid_candidates or self.valid_scales) and self.held_out:
-            raise FedmergeError("learn.held_out and learn.valid_candidates / valid_scales both choose the "
-                                "coefficients; set one of them")
         if any(not 0.0 < c < 100.0 for c in self.valid_scales):
             raise FedmergeError(f"learn.valid_scales must be factors in (0, 100); got {self.valid_scales}")
         return self
@@ -104,8 +98,6 @@ class ServerDomain:
     features: torch.Tensor
     users: PseudoUsers
     teacher: Teacher | None
-    held_out: PseudoUsers | None = None
-    held_out_teacher: Teacher | None = None
 
 
 @dataclass
@@ -162,7 +154,7 @@ class _Student(nn.Module):
 @deterministic()
 def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, domains: list[ServerDomain],
                        config: LearnConfig, quiet: bool = False) -> LearnResult:
-    """Learn w on the domains' pseudo-users; return the final (or best held-out) coefficients and merged weights.
+    """Learn w on the domains' pseudo-users; return the last step's coefficients and merged weights.
 
     ``model`` is any instance of the merged models' architecture; its weights are overwritten
     with the initial merge (which scores the fixed candidate items). Everything is computed on
@@ -195,16 +187,15 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     rng = np.random.default_rng(config.seed)
     pool = _pool([d.users for d in domains])
     chance = _chances(pool) if config.balance else None
-    best = (float("inf"), None)
 
     def merged_params() -> StateDict:
         return {f"model.{k}": v for k, v in build_merged(base, prepared.vectors, weights, group_of).items()}
 
-    def batch_loss(params: StateDict, picks: np.ndarray, held: bool) -> torch.Tensor:
+    def batch_loss(params: StateDict, picks: np.ndarray) -> torch.Tensor:
         total = torch.zeros((), device=device)
         for k in np.unique(picks[:, 0]):
             d = domains[k]
-            users, teacher = (d.held_out, d.held_out_teacher) if held else (d.users, d.teacher)
+            users, teacher = d.users, d.teacher
             rows = torch.from_numpy(picks[picks[:, 0] == k, 1])
             histories = users.histories[rows].to(device)
             scores = torch.func.functional_call(student, params, (tables[k], anchors[k], histories))
@@ -216,7 +207,6 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
             total = total + loss * len(rows)
         return total / len(picks)
 
-    held_pool = _pool([d.held_out for d in domains])
     snapshot_at = set(config.candidate_steps())
 
     def snapshot(step: int) -> None:
@@ -229,23 +219,16 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
         task = progress.add_task("learn", total=config.steps, loss=float("nan"))
         for step in range(1, config.steps + 1):
             picks = pool[rng.choice(len(pool), size=min(config.batch_size, len(pool)), replace=False, p=chance)]
-            loss = batch_loss(merged_params(), picks, held=False)
+            loss = batch_loss(merged_params(), picks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             entry = {"step": step, "loss": loss.item(), "weights": weights.detach().tolist(),
                      "scales": log_scales.detach().exp().tolist()}
-            if len(held_pool) and (step % config.eval_every == 0 or step == config.steps):
-                with torch.no_grad():
-                    entry["held_out_loss"] = _held_out_loss(batch_loss, merged_params(), held_pool, config.balance)
-                if entry["held_out_loss"] < best[0]:
-                    best = (entry["held_out_loss"], (step, weights.detach().clone()))
             result.log.append(entry)
             snapshot(step)
             progress.update(task, advance=1, loss=entry["loss"])
     final = weights.detach().clone()
-    if best[1] is not None:
-        result.best_step, final = best[1]
     with torch.no_grad():
         result.merged = _to(build_merged(base, prepared.vectors, final, group_of), torch.device("cpu"))
     _add_scaled(result, base, prepared, group_of, config.steps, final, config.valid_scales)
@@ -309,17 +292,6 @@ def _chances(pool: np.ndarray) -> np.ndarray:
     return 1.0 / (len(domains) * counts[index])
 
 
-def _held_out_loss(batch_loss: Callable[[StateDict, np.ndarray, bool], torch.Tensor], params: StateDict,
-                   pool: np.ndarray, balance: bool, chunk: int = 256) -> float:
-    """Mean loss over `pool` (held-out pseudo-users), in chunks; with `balance` the mean of each domain's mean."""
-    def mean(rows: np.ndarray) -> float:
-        return sum(batch_loss(params, rows[i : i + chunk], True).item() * len(rows[i : i + chunk])
-                   for i in range(0, len(rows), chunk)) / len(rows)
-
-    parts = [pool[pool[:, 0] == k] for k in np.unique(pool[:, 0])] if balance else [pool]
-    return float(np.mean([mean(rows) for rows in parts]))
-
-
 def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender, config: LearnConfig) -> ServerDomain:
     """Pseudo-users of one domain (from its public item table) with the fine-tuned model's teacher scores."""
     pseudo = config.pseudo
@@ -330,12 +302,6 @@ def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender,
                            next_item=pseudo.target == "next")
     else:
         users = one_item_users(starts)
-    users, held = split_held_out(users, config.held_out, config.seed)
-    need = config.loss in NEEDS_TEACHER
-
-    def teach(group: PseudoUsers | None) -> Teacher | None:
-        if group is None or not need:
-            return None
-        return teacher_scores(teacher_model, features, group, config.teacher_top_k, config.temperature)
-
-    return ServerDomain(name, features, users, teach(users), held, teach(held))
+    teacher = (teacher_scores(teacher_model, features, users, config.teacher_top_k, config.temperature)
+               if config.loss in NEEDS_TEACHER else None)
+    return ServerDomain(name, features, users, teacher)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -106,13 +105,3 @@ def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed
             else torch.full((len(starts),), length))
     own = histories[torch.arange(len(starts)), kept - 1 + ahead].clone()
     return PseudoUsers(histories[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own)
-
-
-def split_held_out(users: PseudoUsers, fraction: float, seed: int) -> tuple[PseudoUsers, PseudoUsers | None]:
-    """A seeded (train, held-out) split of pseudo-users; no held-out part when `fraction` is 0."""
-    if fraction <= 0 or len(users.items) < 2:
-        return users, None
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(users.items)))
-    cut = max(1, int(round(fraction * len(order))))
-    held, kept = order[:cut], order[cut:]
-    return PseudoUsers(users.histories[kept], users.items[kept]), PseudoUsers(users.histories[held], users.items[held])
