@@ -187,7 +187,7 @@ def _oracle(folder: Path, base_path: Path, runs: Path, domains: list[str], confi
         ascend([(k, g) for k in range(len(domains)) for g in range(len(groups))])
         merged = build_merged(base, prepared.vectors, weights, group_of)
     model.load_exchanged(merged)
-    rows = evaluate_rows(model, parts, "oracle", config.train.eval_batch_size)
+    rows = evaluate_rows(model, parts, "oracle", config.train)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "oracle.json", {"groups": groups, "weights": weights.tolist(), "log": log})
     write_metrics(rows, folder)

@@ -20,7 +20,7 @@ from fedmerge.data.importers import IMPORTERS
 from fedmerge.data.importers.recbole import write_recbole
 from fedmerge.data.registry import REGISTRY, get_spec
 from fedmerge.errors import FedmergeError
-from fedmerge.evaluate import evaluate_domain, model_scorer
+from fedmerge.evaluate import EvalProtocol, evaluate_domain, model_scorer
 from fedmerge.evaluate.popularity import popularity_scorer
 from fedmerge.merge import METHODS
 from fedmerge.merge.learn import Mode
@@ -156,9 +156,13 @@ def evaluate(
     split: Annotated[str, typer.Option("--split", help="valid, test, or both.")] = "both",
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Do not rank items already in the history.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 1024,
+    candidates: Annotated[int | None, typer.Option("--candidates", help="Rank each target among this many sampled "
+                                                   "negatives (default: full ranking over all items).")] = None,
+    sampler: Annotated[str, typer.Option("--sampler", help="With --candidates: uniform or popularity.")] = "uniform",
     out: Annotated[Path | None, typer.Option("--out", help="Write metrics.json and metrics.csv here.")] = None,
 ) -> None:
-    """Full-ranking evaluation of a baseline or a trained checkpoint on domains' private splits."""
+    """Evaluate a baseline or a trained checkpoint on domains' private splits (full ranking, or candidate lists)."""
+    protocol = validate(EvalProtocol, {"candidates": candidates, "sampler": sampler})
     if (baseline is None) == (checkpoint is None):
         raise FedmergeError("give either --baseline NAME or --checkpoint DIR")
     if baseline is not None and baseline not in BASELINES:
@@ -179,8 +183,9 @@ def evaluate(
     rows = []
     for name, (data, scorer) in scorers.items():
         for part in splits:
-            metrics = evaluate_domain(scorer, data, part, batch_size=batch_size, exclude_seen=exclude_seen)
-            rows.append(metric_row(label, name, part, metrics | {"exclude_seen": exclude_seen}))
+            metrics = evaluate_domain(scorer, data, part, batch_size=batch_size, exclude_seen=exclude_seen,
+                                      protocol=protocol)
+            rows.append(metric_row(label, name, part, metrics | {"exclude_seen": exclude_seen}, protocol.name()))
     console.print(metrics_table(rows, title=f"{label}"))
     if out is not None:
         with Output(out, "evaluate", {"checkpoint": str(checkpoint), "baseline": baseline}).writing() as folder:

@@ -253,7 +253,7 @@ class Server:
         """Rows of every model on every domain from the parties' evaluations; closes the round."""
         usable = self._usable(round_, evaluations, "evaluation")
         rows = [r | {"round": round_} for label in labels
-                for r in domain_rows(label, [(s, v[label]) for s, v in usable])]
+                for r in domain_rows(label, [(s, v[label]) for s, v in usable], self.config.train.evaluation.name())]
         now = time.perf_counter()
         seconds = {"train": round(self.clock["trained"] - self.clock["start"], 2),
                    "merge": round(self.clock["merged"] - self.clock["trained"], 2),

@@ -218,7 +218,8 @@ def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, spl
                 known["valid"] = tried[max(scores, key=scores.get)][0]  # type: ignore[arg-type]
         scorer = model_scorer(model, part.features)
         return {split: {k: float(v) for k, v in (known.get(split) or evaluate_domain(
-                    scorer, part.domain, split, config.train.eval_batch_size)).items()} | model.facts()
+                    scorer, part.domain, split, config.train.eval_batch_size, protocol=config.train.evaluation)).items()}
+                | model.facts()
                 for split in splits or config.splits}
 
 
@@ -254,13 +255,15 @@ def fine_tuned(start: StateDict, reply: TrainReply) -> StateDict:
     return combine(start, [reply.update], [1.0])
 
 
-def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]]) -> list[Row]:
-    """Metric rows per domain and split from the parties' metrics (user-weighted means of their shards)."""
+def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]],
+                protocol: str = "full") -> list[Row]:
+    """Metric rows per domain and split from the parties' metrics (user-weighted means of their shards), ranked
+    with `protocol` (:meth:`fedmerge.evaluate.EvalProtocol.name`)."""
     rows = []
     for domain in dict.fromkeys(spec.domain for spec, _ in results):
         for split in results[0][1]:
             shards = [m[split] for spec, m in results if spec.domain == domain]
             users = sum(m["users"] for m in shards)
             merged = {k: sum(m[k] * m["users"] for m in shards) / max(users, 1.0) for k in shards[0] if k != "users"}
-            rows.append(metric_row(label, domain, split, merged | {"users": int(users)}))
+            rows.append(metric_row(label, domain, split, merged | {"users": int(users)}, protocol))
     return rows

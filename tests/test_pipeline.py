@@ -92,7 +92,7 @@ def test_candidates_are_scored_on_the_valid_users_that_chose_the_epoch(cache: Pa
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_exchanged(base)
     calibrate(model, [part], config.train)
-    seen_in_training = validation_score(model, validation_parts([part], 50, config.train.seed), 1024)
+    seen_in_training = validation_score(model, validation_parts([part], 50, config.train.seed), config.train)
     assert sampled["ndcg@10"] == pytest.approx(seen_in_training, abs=1e-9)
 
 

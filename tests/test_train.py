@@ -284,7 +284,7 @@ def test_text_weight_is_chosen_on_validation(cache: Path) -> None:
     one_by_one = {}
     for weight in experiment.model.text_weights:  # each weight set in turn and evaluated as the model scores
         model.text_weight.fill_(weight)
-        one_by_one[weight] = loop.validation_score(model, sample, config.eval_batch_size)
+        one_by_one[weight] = loop.validation_score(model, sample, config)
     assert len(set(one_by_one.values())) > 1
     tried = loop.calibrate(model, [part], config)  # one pass over the sampled users
     assert tried == one_by_one

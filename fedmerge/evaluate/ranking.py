@@ -1,4 +1,4 @@
-"""Batched full ranking of a domain's users over all of its items."""
+"""Batched ranking of a domain's users: over all of its items, or over each one's candidate list."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from fedmerge.data.domain import DomainData
 from fedmerge.evaluate.metrics import KS, rank_targets, summarize
+from fedmerge.evaluate.protocol import EvalProtocol, candidate_lists
 
 Scorer = Callable[[DomainData, np.ndarray, str], torch.Tensor]
 """``scorer(domain, users, split) -> (len(users), n_items)`` scores, from each user's history for `split`."""
@@ -34,8 +35,9 @@ def evaluate_domain(
     batch_size: int = 1024,
     exclude_seen: bool = False,
     ks: tuple[int, ...] = KS,
+    protocol: EvalProtocol | None = None,
 ) -> dict[str, float | int]:
-    """Full-ranking metrics of `scorer` on `domain`'s `split` (users without a target are skipped).
+    """Ranking metrics of `scorer` on `domain`'s `split` (users without a target are skipped).
 
     Parameters
     ----------
@@ -52,6 +54,9 @@ def evaluate_domain(
         as in MergeRec.
     ks : tuple[int, ...]
         Cut-offs.
+    protocol : EvalProtocol | None
+        Full ranking (None, or no ``candidates``), or each target among its candidate list
+        (:func:`fedmerge.evaluate.protocol.candidate_lists`).
 
     Returns
     -------
@@ -59,7 +64,7 @@ def evaluate_domain(
         ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were evaluated).
     """
     return evaluate_variants(lambda d, u, s: iter([scorer(d, u, s)]), 1, domain, split, batch_size, exclude_seen,
-                             ks)[0]
+                             ks, protocol)[0]
 
 
 def evaluate_variants(
@@ -70,24 +75,32 @@ def evaluate_variants(
     batch_size: int = 1024,
     exclude_seen: bool = False,
     ks: tuple[int, ...] = KS,
+    protocol: EvalProtocol | None = None,
 ) -> list[dict[str, float | int]]:
     """:func:`evaluate_domain` of `n_variants` scorers that share most of their work, in one pass
     over the users: `variants` yields each variant's scores of a batch in turn (one in memory at a time)."""
     all_targets = domain.targets(split)
     users = np.flatnonzero(all_targets >= 0)
+    lists = candidate_lists(domain, split, protocol) if protocol is not None and protocol.candidates else None
     # Users in order of history length: batches of similar lengths, so little padding to score.
-    users = users[np.argsort(np.diff(domain.train_offsets)[users], kind="stable")]
+    order = np.argsort(np.diff(domain.train_offsets)[users], kind="stable")
     ranks: list[list[torch.Tensor]] = [[] for _ in range(n_variants)]
     with torch.inference_mode():
         for start in range(0, len(users), batch_size):
-            batch = users[start : start + batch_size]
+            batch = users[order[start : start + batch_size]]
             targets = torch.from_numpy(all_targets[batch])
+            candidates = None if lists is None else torch.from_numpy(lists[order[start : start + batch_size]])
             for kept, scores in zip(ranks, variants(domain, batch, split), strict=True):
                 targets = targets.to(scores.device)
                 if exclude_seen:
                     scores = scores.clone()
                     _mask_seen(scores, domain, batch, split, targets)
-                kept.append(rank_targets(scores, targets).cpu())
+                if candidates is None:
+                    kept.append(rank_targets(scores, targets).cpu())
+                else:  # the target's column in its sorted candidate list
+                    candidates = candidates.to(scores.device)
+                    column = (candidates == targets[:, None]).int().argmax(1)
+                    kept.append(rank_targets(scores.gather(1, candidates), column).cpu())
     out = []
     for kept in ranks:
         metrics = summarize(torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), ks)

@@ -41,7 +41,7 @@ def _valid_judge(model: Recommender, parts: list[Part], train: TrainConfig) -> J
         scores = []
         for weights in candidates:
             model.load_exchanged(weights)
-            scores.append(validation_score(model, parts, train.eval_batch_size))
+            scores.append(validation_score(model, parts, train))
         return scores
 
     return judge
@@ -126,6 +126,6 @@ def _merge(base: StateDict, states: list[StateDict], text_dim: int, config: Expe
                                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     write_json(folder / "coefficients.json", coefficients)
     label = merge.method + ("" if merge.learn.mode == "none" else f"+{merge.learn.mode}:{merge.learn.loss}")
-    rows = evaluate_rows(skeleton, parts, label, config.train.eval_batch_size)
+    rows = evaluate_rows(skeleton, parts, label, config.train)
     write_metrics(rows, folder)
     return rows, outcome

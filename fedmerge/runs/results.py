@@ -16,13 +16,21 @@ from rich.table import Table
 from fedmerge.files import atomic_path, write_json
 
 Row = dict[str, str | float | int | bool]
-PROTOCOL = ("leave-one-out (valid = second-to-last item, test = last); full ranking over all items of the "
-            "domain; seen items not excluded unless stated; ties broken by item index")
 
 
-def metric_row(model: str, domain: str, split: str, metrics: dict[str, float]) -> Row:
-    """One results row."""
-    return {"model": model, "domain": domain, "split": split, **metrics}
+def protocol_text(rows: Sequence[Row] = ()) -> str:
+    """How `rows` were ranked (their ``protocol`` column; full ranking when they have none), in words."""
+    ranked = list(dict.fromkeys(str(r.get("protocol", "full")) for r in rows)) or ["full"]
+    ranking = "; ".join("full ranking over all items of the domain" if p == "full" else
+                        f"each target ranked among {p} (sorted by item id, the same lists for every model)"
+                        for p in ranked)
+    return (f"leave-one-out (valid = second-to-last item, test = last); {ranking}; seen items not excluded unless "
+            "stated; ties broken by item index")
+
+
+def metric_row(model: str, domain: str, split: str, metrics: dict[str, float], protocol: str = "full") -> Row:
+    """One results row; ``protocol`` is how it was ranked (:meth:`fedmerge.evaluate.EvalProtocol.name`)."""
+    return {"model": model, "domain": domain, "split": split, **metrics, "protocol": protocol}
 
 
 def write_metrics(rows: Sequence[Row], directory: Path) -> tuple[Path, Path]:
@@ -45,7 +53,7 @@ TABLE_METRICS: tuple[str, ...] = ("recall@10", "recall@20", "ndcg@10", "ndcg@20"
 def metrics_table(rows: Sequence[Row], metrics: Sequence[str] = TABLE_METRICS, title: str | None = None) -> Table:
     """A rich table of a few headline metrics per row (the files hold every metric)."""
     short = {"recall": "R", "ndcg": "N", "mrr": "MRR"}
-    table = Table(title=title, caption=f"R = recall, N = ndcg. {PROTOCOL}", caption_justify="left",
+    table = Table(title=title, caption=f"R = recall, N = ndcg. {protocol_text(rows)}", caption_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("model", "domain", "split", "users"):
         table.add_column(column, justify="right" if column == "users" else "left", no_wrap=True)

@@ -24,7 +24,7 @@ from fedmerge.files import atomic_path, write_json
 from fedmerge.models import StateDict
 from fedmerge.progress import Status, attach, detach
 from fedmerge.runs.outdir import Output
-from fedmerge.runs.results import PROTOCOL, Row, write_metrics
+from fedmerge.runs.results import Row, protocol_text, write_metrics
 from fedmerge.train.checkpoint import save_weights
 
 
@@ -116,7 +116,7 @@ class RunScreen:
 
     def results(self, rows: list[Row], out: Path) -> None:
         """The models x domains table of test recall@10 and ndcg@10 (as in ``report.md``) and the run directory."""
-        self.console.print(Text(f"\nResults: test recall@10 and ndcg@10 per domain; {PROTOCOL}.\n"), soft_wrap=True,
+        self.console.print(Text(f"\nResults: test recall@10 and ndcg@10 per domain; {protocol_text(rows)}.\n"), soft_wrap=True,
                            highlight=False)
         self.console.print(Text(markdown_table(rows)), soft_wrap=True, highlight=False)
         self.console.print(Text(f"\nrun directory: {out} ({RESULT_FILES})"), soft_wrap=True, highlight=False)
@@ -248,10 +248,10 @@ def markdown_table(rows: list[Row], split: str = "test", metrics: tuple[str, ...
 def report_text(title: str, rows: list[Row], facts: dict[str, Any]) -> str:
     """The Markdown report: the table (with the facts each model was evaluated with, such as a
     family's calibrated value, where the rows have them), the protocol and the run's facts."""
-    known = {"model", "domain", "split", "users", "round", "exclude_seen", *metric_names()}
+    known = {"model", "domain", "split", "users", "round", "exclude_seen", "protocol", *metric_names()}
     metrics = ("recall@10", "ndcg@10", *dict.fromkeys(k for r in rows for k in r if k not in known))
     lines = [f"# {title}", "", markdown_table(rows, metrics=metrics), "",
-             f"Protocol: test split; {PROTOCOL}. Each party evaluates every model on its own private split; a domain "
+             f"Protocol: test split; {protocol_text(rows)}. Each party evaluates every model on its own private split; a domain "
              "split across parties is the user-weighted mean.", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     return "\n".join(lines) + "\n"

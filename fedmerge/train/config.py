@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from fedmerge.config import ConfigModel, LearningRate
+from fedmerge.evaluate import EvalProtocol
 from fedmerge.models import ModelConfig, default_model
 
 
@@ -21,6 +22,7 @@ class TrainConfig(ConfigModel):
     patience: int = Field(3, ge=1, description="epochs without a better valid ndcg@10 before stopping")
     seed: int = Field(0, description="seed of theta_0, the batch order and the validation sample")
     eval_batch_size: int = Field(1024, ge=1, description="users scored per batch in evaluation")
+    evaluation: EvalProtocol = EvalProtocol()
     targets: Literal["all", "last"] = Field(
         "all", description="train on every position of each sequence (every prefix), or on its last item only")
     valid_users: int | None = Field(

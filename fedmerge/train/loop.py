@@ -42,10 +42,10 @@ class FitResult:
     stopped: str = ""
 
 
-def validation_score(model: Recommender, parts: list[Part], batch_size: int) -> float:
-    """Mean validation ndcg@10 over the parts."""
-    return float(np.mean([evaluate_domain(model_scorer(model, p.features), p.domain, "valid", batch_size)["ndcg@10"]
-                          for p in parts]))
+def validation_score(model: Recommender, parts: list[Part], config: TrainConfig) -> float:
+    """Mean validation ndcg@10 over the parts (``train.evaluation``'s protocol)."""
+    return float(np.mean([evaluate_domain(model_scorer(model, p.features), p.domain, "valid", config.eval_batch_size,
+                                          protocol=config.evaluation)["ndcg@10"] for p in parts]))
 
 
 def reads_every_user(part: Part, users: int | None) -> bool:
@@ -192,7 +192,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
     else:
         # The starting model is a candidate (epoch 0), but patience counts against the best trained
         # epoch: the first epochs may dip below a strong text-similarity start and then pass it.
-        start_score = validation_score(model, parts, config.eval_batch_size)
+        start_score = validation_score(model, parts, config)
         result = FitResult(copy.deepcopy(model.state_dict()), 0, start_score)
         result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
         best_trained, stale, start_epoch = float("-inf"), 0, 1
@@ -226,7 +226,7 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
             seconds = time.perf_counter() - began
             result.train_seconds += seconds
             with swapped(model, average):
-                score = validation_score(model, parts, config.eval_batch_size)
+                score = validation_score(model, parts, config)
                 if score > result.best_score:
                     result.best_state, result.best_epoch, result.best_score = copy.deepcopy(model.state_dict()), epoch, score
             result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score,
@@ -261,7 +261,7 @@ def calibration_metrics(model: Recommender, parts: list[Part],
     if not values:
         return {}
     per_part = [evaluate_variants(calibration_variants(model, p.features), len(values), p.domain, "valid",
-                                  config.eval_batch_size)
+                                  config.eval_batch_size, protocol=config.evaluation)
                 for p in validation_parts(parts, config.valid_users, config.seed)]
     return {v: [metrics[i] for metrics in per_part] for i, v in enumerate(values)}
 

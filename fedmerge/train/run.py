@@ -26,7 +26,7 @@ from fedmerge.models.family import upgrade_stored
 from fedmerge.runs.outdir import Output, check_out
 from fedmerge.runs.results import Row, metric_row, write_metrics
 from fedmerge.train.checkpoint import checkpoint_files, load_weights, save_weights
-from fedmerge.train.config import ExperimentConfig
+from fedmerge.train.config import ExperimentConfig, TrainConfig
 from fedmerge.train.loop import calibrate, fit, resolve_device
 from fedmerge.train.state import has_state, remove_state
 
@@ -46,13 +46,16 @@ def pretrain_config(preset: str | Path | None, overrides: list[str]) -> Experime
     return load_config(preset, [*overrides, f"train.frozen={json.dumps(frozen)}"], ExperimentConfig)
 
 
-def evaluate_rows(model: Recommender, parts: list[Part], label: str, batch_size: int = 1024) -> list[Row]:
-    """Valid and test rows of `model` on every part (item vectors computed once per part)."""
+def evaluate_rows(model: Recommender, parts: list[Part], label: str, config: TrainConfig | None = None) -> list[Row]:
+    """Valid and test rows of `model` on every part (item vectors computed once per part), ranked as
+    ``config.evaluation`` says (default: full ranking), which each row records."""
+    config = config or TrainConfig()
     rows = []
     for part in parts:
         scorer = model_scorer(model, part.features)
-        rows += [metric_row(label, part.domain.name, split, evaluate_domain(scorer, part.domain, split, batch_size))
-                 for split in ("valid", "test")]
+        rows += [metric_row(label, part.domain.name, split, evaluate_domain(
+                    scorer, part.domain, split, config.eval_batch_size, protocol=config.evaluation),
+                    config.evaluation.name()) for split in ("valid", "test")]
     return rows
 
 
@@ -98,14 +101,14 @@ def _train(model: Recommender, parts: list[Part], held: list[Part], config: Expe
            label: str | None, quiet: bool, init: Path | None) -> list[Row]:
     """Train `model` (theta_0 or ``--init``) in `folder`: base, state after each epoch, model, facts, metrics."""
     save_weights(model, folder / "base.safetensors")
-    rows = evaluate_rows(model, parts + held, "base", config.train.eval_batch_size)
+    rows = evaluate_rows(model, parts + held, "base", config.train)
     write_json(folder / "config.json", _facts(config, parts, init, held))
     result = fit(model, parts, config.train, state_dir=folder, quiet=quiet, holdout=held)
     model.load_state_dict(result.best_state)
     calibrated = calibrate(model, held or parts, config.train)
     save_weights(model, folder / "model.safetensors")
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
-    rows += evaluate_rows(model, parts + held, label, config.train.eval_batch_size)
+    rows += evaluate_rows(model, parts + held, label, config.train)
     facts = _facts(config, parts, init, held) | {
         "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
         "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
