@@ -2,7 +2,7 @@
 #   make run     install fedmerge into .venv, then run the main job
 #   make demo    the same federation in about a minute, offline, on generated domains (both backends)
 #   make test    install fedmerge with its test tools into .venv, then run the test suite
-#   make lint    the lint gate (ruff)
+#   make lint    the lint gate: ruff (rules and formatting), then mypy on fedmerge, clients, server
 # Both read FEDMERGE_DATA (cache folder) and FEDMERGE_MIRROR (dataset mirror), see README.md.
 
 PYTHON ?= python3
@@ -42,8 +42,12 @@ demo: install
 test: install
 	$(BIN)/pytest
 
+# ruff: [tool.ruff] in pyproject.toml (line length 100, numpy docstrings); `ruff format` fixes the
+# formatting. mypy: [tool.mypy] (its `files` are fedmerge, clients and server).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Regenerate docs/cli.md and docs/config.md from the code (tests/test_docs.py checks they are current).
 .PHONY: docs
@@ -60,4 +64,4 @@ bench-quality: install
 	$(BIN)/python benchmarks/domain_quality.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -26,7 +26,11 @@ from fedmerge.evaluate import rank_embeddings, summarize
 def _cpu() -> str:
     """The CPU model name (Linux), or the machine type."""
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.machine()
 
@@ -66,12 +70,26 @@ def main() -> None:
     t_bare, t_ours = _best_time(bare, args.repeats), _best_time(fedmerge_eval, args.repeats)
     row = {
         "machine": f"{_cpu()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "users": args.users, "items": args.items, "dim": args.dim,
-        "batch_size": args.batch_size, "bare_topk_s": round(t_bare, 3), "fedmerge_s": round(t_ours, 3),
-        "bare_users_per_s": round(args.users / t_bare), "fedmerge_users_per_s": round(args.users / t_ours),
+        "torch": torch.__version__,
+        "users": args.users,
+        "items": args.items,
+        "dim": args.dim,
+        "batch_size": args.batch_size,
+        "bare_topk_s": round(t_bare, 3),
+        "fedmerge_s": round(t_ours, 3),
+        "bare_users_per_s": round(args.users / t_bare),
+        "fedmerge_users_per_s": round(args.users / t_ours),
         "ratio": round(t_bare / t_ours, 3),
     }
-    print(write_row(args.out, "eval_speed", "Full-ranking evaluation speed", (__doc__ or "").split("\n\n")[1], row))
+    print(
+        write_row(
+            args.out,
+            "eval_speed",
+            "Full-ranking evaluation speed",
+            (__doc__ or "").split("\n\n")[1],
+            row,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ the overhead ratio compares the rounds. Peak memory is the largest resident set 
 process tree (server, Ray workers), sampled every 0.2 s. Both backends give each party
 ``client_cpus`` threads; the metrics of the two runs are compared for equality.
 
-    python benchmarks/federation_speed.py [--domains synth-0,synth-1] [--set key=value ...] [--flower-only]
+    python benchmarks/federation_speed.py [--domains synth-0,synth-1] [--set key=value ...]
+        [--flower-only]
 """
 
 from __future__ import annotations
@@ -37,9 +38,23 @@ def _tree_rss(root: psutil.Process) -> int:
 
 
 def run(backend: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    """One ``fedmerge simulate`` in a child process: seconds to the parties, seconds in all, peak tree RSS."""
-    command = [sys.executable, "-m", "fedmerge", "simulate", "--domains", args.domains, "--backend", backend,
-               "--out", str(out), *[x for item in args.overrides for x in ("--set", item)]]
+    """One ``fedmerge simulate`` in a child process.
+
+    Seconds to the parties, seconds in all, peak tree RSS.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "fedmerge",
+        "simulate",
+        "--domains",
+        args.domains,
+        "--backend",
+        backend,
+        "--out",
+        str(out),
+        *[x for item in args.overrides for x in ("--set", item)],
+    ]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak, watched = 0, psutil.Process(child.pid)
@@ -60,29 +75,50 @@ def run(backend: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     ready = next(e["t"] for e in events if e["event"] == "parties")
     done = next(e["t"] for e in reversed(events) if e["event"] == "round_done")
-    return {"total_s": round(total, 1), "startup_s": round(ready, 1), "rounds_s": round(done - ready, 1),
-            "peak_rss_gb": round(peak / 2**30, 2)}
+    return {
+        "total_s": round(total, 1),
+        "startup_s": round(ready, 1),
+        "rounds_s": round(done - ready, 1),
+        "peak_rss_gb": round(peak / 2**30, 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default="synth-0,synth-1")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--flower-only", action="store_true", help="measure the Flower run only (e.g. many parties)")
+    parser.add_argument(
+        "--flower-only", action="store_true", help="measure the Flower run only (e.g. many parties)"
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/federation_speed"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     flower = run("flower", args, args.runs / "flower")
-    row = {"domains": args.domains, "settings": " ".join(args.overrides) or "preset",
-           **{f"flower {k}": v for k, v in flower.items()}}
+    row = {
+        "domains": args.domains,
+        "settings": " ".join(args.overrides) or "preset",
+        **{f"flower {k}": v for k, v in flower.items()},
+    }
     if args.flower_only:
-        print(write_row(args.out, "federation_memory", "Flower simulation: time and peak memory", PROTOCOL, row))
+        print(
+            write_row(
+                args.out,
+                "federation_memory",
+                "Flower simulation: time and peak memory",
+                PROTOCOL,
+                row,
+            )
+        )
         return
     inprocess = run("inprocess", args, args.runs / "inprocess")
-    same = (json.loads((args.runs / "flower" / "metrics.json").read_text())
-            == json.loads((args.runs / "inprocess" / "metrics.json").read_text()))
-    row |= {**{f"inprocess {k}": v for k, v in inprocess.items()},
-            "rounds ratio": round(flower["rounds_s"] / inprocess["rounds_s"], 3), "same metrics": same}
+    same = json.loads((args.runs / "flower" / "metrics.json").read_text()) == json.loads(
+        (args.runs / "inprocess" / "metrics.json").read_text()
+    )
+    row |= {
+        **{f"inprocess {k}": v for k, v in inprocess.items()},
+        "rounds ratio": round(flower["rounds_s"] / inprocess["rounds_s"], 3),
+        "same metrics": same,
+    }
     print(write_row(args.out, "federation_speed", "Federation overhead", PROTOCOL, row))
 
 

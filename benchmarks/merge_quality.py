@@ -1,35 +1,34 @@
 """Merging benchmark: fine-tuned, joint, training-free merges and learned (MergeRec) merges.
 
-Protocol: each domain's test split (leave-one-out; MergeRec domains use their published split),
-full ranking over all items of the domain, seen items not excluded; recall@10 and ndcg@10,
-mean +- std over seeds. Per seed and base regime, every domain is fine-tuned from the same
-base theta_0 (``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain`` on the
-``--pretrain`` domains with that seed and its defaults, so only the text adaptor trains unless
-``--set train.frozen=[]``), then merged. *fine-tuned (own)* is each domain's model
-on its own domain; *joint* one model trained on the pooled data (the non-private reference);
-*task_arithmetic* picks lambda from {0.1, 0.2, 0.3, 0.5, 0.7, 1.0} by mean valid ndcg@10; *ties*
-density 0.2 (global), *dare* p = 0.5 then TIES, each at lambda 1 and with lambda chosen on valid the
-same way (from {0.3, 0.5, 0.7, 1.0, 1.5, 2.0}); *mergerec_ties* is MergeRec's stand-alone TIES
-baseline (trim at density 0.2 and sum, no sign election, weight 1); *adamerging* and *mergerec* learn coefficients
-on pseudo-users (500 steps, TIES init; one row from the average instead) with the framework's
-defaults, which are not MergeRec as published: the *mergerec* rows use MergeRec's loss (CE +
-2.5 KL at T = 0.05) with a fitted KL score scale per domain (``learn.fit_scale``; published:
-none), every learned row scores the candidates with the history items' current vectors
-(``learn.item_vectors = "history"``; published: ``"fixed"``, every candidate from the initial
-merge), and the last step is kept. Rows without *usage rows* merge the text-code rows by the
-method (``--rows method``, the methods' own rows); the rows marked *usage rows* merge them by
-catalogue usage (``fedmerge.merge.rows``, the framework's default), and their MergeRec rows
-start from task arithmetic at the lambda chosen on valid with usage rows; in the *scale on
-valid* rows the parties choose the size of the learned layer-wise coefficients, or of that
-init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1). *mergerec as published* is
-the ``[merge]`` table of ``configs/simulate-mergerec.toml`` (TIES init with method rows,
-layer-wise, CE + 2.5 KL, no fitted scale, candidates fixed at the initial merge, dense teachers,
-500 steps, the last step kept) on these textseq models. *oracle* searches the coefficients of
-TIES's processed vectors directly on the mean valid ndcg@10 (coordinate ascent over
-{0, 0.25, ..., 2}: task-wise, two sweeps, then layer-wise, one sweep) and reports test: the
-ceiling of any coefficients learned for this merge's vectors and backbone. *Unseen*: merge all
-domains but one (mergerec loss, fitted KL scale, task-wise, usage rows, that init) and test on
-the one left out, against theta_0 and every single fine-tuned model.
+Protocol: each domain's test split (leave-one-out; MergeRec domains use their published split), full
+ranking over all items of the domain, seen items not excluded; recall@10 and ndcg@10, mean +- std
+over seeds. Per seed and base regime, every domain is fine-tuned from the same base theta_0
+(``seeded``: the seeded init; ``pretrained``: ``fedmerge pretrain`` on the ``--pretrain`` domains
+with that seed and its defaults, so only the text adaptor trains unless ``--set train.frozen=[]``),
+then merged. *fine-tuned (own)* is each domain's model on its own domain; *joint* one model trained
+on the pooled data (the non-private reference); *task_arithmetic* picks lambda from {0.1, 0.2, 0.3,
+0.5, 0.7, 1.0} by mean valid ndcg@10; *ties* density 0.2 (global), *dare* p = 0.5 then TIES, each at
+lambda 1 and with lambda chosen on valid the same way (from {0.3, 0.5, 0.7, 1.0, 1.5, 2.0});
+*mergerec_ties* is MergeRec's stand-alone TIES baseline (trim at density 0.2 and sum, no sign
+election, weight 1); *adamerging* and *mergerec* learn coefficients on pseudo-users (500 steps, TIES
+init; one row from the average instead) with the framework's defaults, which are not MergeRec as
+published: the *mergerec* rows use MergeRec's loss (CE + 2.5 KL at T = 0.05) with a fitted KL score
+scale per domain (``learn.fit_scale``; published: none), every learned row scores the candidates
+with the history items' current vectors (``learn.item_vectors = "history"``; published: ``"fixed"``,
+every candidate from the initial merge), and the last step is kept. Rows without *usage rows* merge
+the text-code rows by the method (``--rows method``, the methods' own rows); the rows marked *usage
+rows* merge them by catalogue usage (``fedmerge.merge.rows``, the framework's default), and their
+MergeRec rows start from task arithmetic at the lambda chosen on valid with usage rows; in the
+*scale on valid* rows the parties choose the size of the learned layer-wise coefficients, or of that
+init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1). *mergerec as published* is the
+``[merge]`` table of ``configs/simulate-mergerec.toml`` (TIES init with method rows, layer-wise,
+CE + 2.5 KL, no fitted scale, candidates fixed at the initial merge, dense teachers, 500 steps, the
+last step kept) on these textseq models. *oracle* searches the coefficients of TIES's processed
+vectors directly on the mean valid ndcg@10 (coordinate ascent over {0, 0.25, ..., 2}: task-wise, two
+sweeps, then layer-wise, one sweep) and reports test: the ceiling of any coefficients learned for
+this merge's vectors and backbone. *Unseen*: merge all domains but one (mergerec loss, fitted KL
+scale, task-wise, usage rows, that init) and test on the one left out, against theta_0 and every
+single fine-tuned model.
 
 Runs are kept under ``--runs`` and reused when complete. Each finished base regime and seed is
 also recorded as ``--tables``/``{base}-seed{N}.json`` (its cells, chosen lambdas, machine and
@@ -76,13 +75,15 @@ BASES = ("seeded", "pretrained")
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 TIES_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
 DARE = {"p": 0.5, "then": "ties", "density": 0.2}
-TUNED = {  # name -> (method, fixed params, lambdas): lambda chosen on the mean valid ndcg@10, method rows
+# name -> (method, fixed params, lambdas): lambda chosen on the mean valid ndcg@10, method rows
+TUNED = {
     "ties (lambda on valid)": ("ties", {}, TIES_LAMBDAS),
     "dare (lambda on valid)": ("dare", DARE, TIES_LAMBDAS),
 }
 SCALES = {"valid_scales": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0]}
-MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConfig settings); params None: lambda
-    # chosen on valid (same rows)
+# name -> (method, params, learn mode, loss, rows, further LearnConfig settings); params None:
+# lambda chosen on valid (same rows)
+MERGES = {
     "average": ("average", {}, "none", "mergerec", "method", {}),
     "ties": ("ties", {}, "none", "mergerec", "method", {}),
     "dare": ("dare", DARE | {"lam": 1.0}, "none", "mergerec", "method", {}),
@@ -92,24 +93,59 @@ MERGES = {  # name -> (method, params, learn mode, loss, rows, further LearnConf
     "mergerec layer-wise": ("ties", {}, "layer-wise", "mergerec", "method", {}),
     "mergerec task-wise, average init": ("average", {}, "task-wise", "mergerec", "method", {}),
     "ties, usage rows": ("ties", {}, "none", "mergerec", "usage", {}),
-    "mergerec task-wise, usage rows, TA init": ("task_arithmetic", None, "task-wise", "mergerec", "usage", {}),
-    "mergerec layer-wise, usage rows, TA init": ("task_arithmetic", None, "layer-wise", "mergerec", "usage", {}),
-    "task arithmetic, usage rows, scale on valid": ("task_arithmetic", None, "none", "mergerec", "usage", SCALES),
-    "mergerec layer-wise, usage rows, TA init, scale on valid": ("task_arithmetic", None, "layer-wise", "mergerec",
-                                                                 "usage", SCALES),
+    "mergerec task-wise, usage rows, TA init": (
+        "task_arithmetic",
+        None,
+        "task-wise",
+        "mergerec",
+        "usage",
+        {},
+    ),
+    "mergerec layer-wise, usage rows, TA init": (
+        "task_arithmetic",
+        None,
+        "layer-wise",
+        "mergerec",
+        "usage",
+        {},
+    ),
+    "task arithmetic, usage rows, scale on valid": (
+        "task_arithmetic",
+        None,
+        "none",
+        "mergerec",
+        "usage",
+        SCALES,
+    ),
+    "mergerec layer-wise, usage rows, TA init, scale on valid": (
+        "task_arithmetic",
+        None,
+        "layer-wise",
+        "mergerec",
+        "usage",
+        SCALES,
+    ),
 }
 MEASURED = [*TUNED, *MERGES, "mergerec as published", "oracle"]
 """Every row a seed record must hold (besides the fine-tuned, joint and task-arithmetic rows)."""
-SHOWN = {  # record key (also in the run folder's name) -> the label the table shows, saying what the row ran
+# record key (also in the run folder's name) -> the label the table shows, saying what the row ran
+SHOWN = {
     "mergerec task-wise": "mergerec loss, fitted KL scale, task-wise",
     "mergerec layer-wise": "mergerec loss, fitted KL scale, layer-wise",
     "mergerec task-wise, average init": "mergerec loss, fitted KL scale, task-wise, average init",
-    "mergerec task-wise, usage rows, TA init": "mergerec loss, fitted KL scale, task-wise, usage rows, TA init",
-    "mergerec layer-wise, usage rows, TA init": "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init",
-    "mergerec layer-wise, usage rows, TA init, scale on valid":
-        "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init, scale on valid",
-    "unseen: mergerec of the others": "unseen: merge of the others (mergerec loss, fitted KL scale, task-wise, usage "
-                                      "rows, TA init)",
+    "mergerec task-wise, usage rows, TA init": (
+        "mergerec loss, fitted KL scale, task-wise, usage rows, TA init"
+    ),
+    "mergerec layer-wise, usage rows, TA init": (
+        "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init"
+    ),
+    "mergerec layer-wise, usage rows, TA init, scale on valid": (
+        "mergerec loss, fitted KL scale, layer-wise, usage rows, TA init, scale on valid"
+    ),
+    "unseen: mergerec of the others": (
+        "unseen: merge of the others (mergerec loss, fitted KL scale, task-wise, usage rows, "
+        "TA init)"
+    ),
     "mergerec_ties": "mergerec_ties (MergeRec's stand-alone TIES baseline)",
     "mergerec as published": "mergerec as published (configs/simulate-mergerec.toml [merge])",
     "oracle": "oracle: coefficients searched on valid (TIES vectors, task-wise then layer-wise)",
@@ -117,15 +153,34 @@ SHOWN = {  # record key (also in the run folder's name) -> the label the table s
 
 
 def _rows(folder: Path) -> list[dict]:
-    return json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else []
+    return (
+        json.loads((folder / "metrics.json").read_text())
+        if (folder / "metrics.json").exists()
+        else []
+    )
 
 
 def _cells(rows: list[dict], label: str, split: str = "test") -> dict[str, tuple[float, float]]:
-    return {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in rows if r["model"] == label and r["split"] == split}
+    return {
+        r["domain"]: (r["recall@10"], r["ndcg@10"])
+        for r in rows
+        if r["model"] == label and r["split"] == split
+    }
 
 
-def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str, params: dict, mode: str, loss: str,
-           rows: str, steps: int, learn: dict | None = None) -> list[dict]:
+def _merge(
+    folder: Path,
+    base: Path,
+    runs: Path,
+    domains: list[str],
+    method: str,
+    params: dict,
+    mode: str,
+    loss: str,
+    rows: str,
+    steps: int,
+    learn: dict | None = None,
+) -> list[dict]:
     if not (folder / "metrics.json").exists():
         config = LearnConfig(mode=mode, loss=loss, steps=steps, **(learn or {}))
         merge = MergeConfig(method=method, params=params, learn=config, rows=rows)
@@ -133,21 +188,49 @@ def _merge(folder: Path, base: Path, runs: Path, domains: list[str], method: str
     return _rows(folder)
 
 
-def _best_lambda(runs: Path, base: Path, domains: list[str], rows: str, steps: int, method: str = "task_arithmetic",
-                 fixed: dict | None = None, lambdas: tuple[float, ...] = LAMBDAS) -> tuple[float, list[dict]]:
-    """`method`'s lambda with the best mean valid ndcg@10 (over `lambdas`), and that merge's rows."""
+def _best_lambda(
+    runs: Path,
+    base: Path,
+    domains: list[str],
+    rows: str,
+    steps: int,
+    method: str = "task_arithmetic",
+    fixed: dict | None = None,
+    lambdas: tuple[float, ...] = LAMBDAS,
+) -> tuple[float, list[dict]]:
+    """`method`'s lambda with the best mean valid ndcg@10 (over `lambdas`), and its merge's rows."""
     prefix = "ta" if method == "task_arithmetic" else method
-    grid = {lam: _merge(runs / f"merge-{prefix}{'-usage' if rows == 'usage' else ''}-{lam}", base, runs, domains,
-                        method, (fixed or {}) | {"lam": lam}, "none", "mergerec", rows, steps) for lam in lambdas}
-    best = max(lambdas, key=lambda lam: np.mean([c[1] for c in _cells(grid[lam], method, "valid").values()]))
+    grid = {
+        lam: _merge(
+            runs / f"merge-{prefix}{'-usage' if rows == 'usage' else ''}-{lam}",
+            base,
+            runs,
+            domains,
+            method,
+            (fixed or {}) | {"lam": lam},
+            "none",
+            "mergerec",
+            rows,
+            steps,
+        )
+        for lam in lambdas
+    }
+    best = max(
+        lambdas,
+        key=lambda lam: np.mean([c[1] for c in _cells(grid[lam], method, "valid").values()]),
+    )
     return best, grid[best]
 
 
 ORACLE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
-def _oracle(folder: Path, base_path: Path, runs: Path, domains: list[str], config: ExperimentConfig) -> list[dict]:
-    """Coefficients searched on the parties' valid ndcg@10 directly (the ceiling of learned coefficients), tested.
+def _oracle(
+    folder: Path, base_path: Path, runs: Path, domains: list[str], config: ExperimentConfig
+) -> list[dict]:
+    """Coefficients searched on the parties' valid ndcg@10 directly, tested.
+
+    The ceiling of learned coefficients.
 
     From TIES (its processed vectors, rows by the method, w = 1), coordinate ascent over
     :data:`ORACLE_GRID`: task-wise (one w per domain, two sweeps), then layer-wise (one w per
@@ -160,7 +243,8 @@ def _oracle(folder: Path, base_path: Path, runs: Path, domains: list[str], confi
     states = [load_checkpoint(runs / d)[0].exchanged() for d in domains]
     base = {k: v for k, v in read_state(base_path).items() if k in states[0]}
     prepared = prepare("ties", [task_vector(base, s) for s in states])
-    model = load_checkpoint(runs / domains[0])[0]  # a skeleton: the judge loads every candidate into it
+    # a skeleton: the judge loads every candidate into it
+    model = load_checkpoint(runs / domains[0])[0]
     parts = load_parts(domains, config.model, quiet=True)
     judge = _valid_judge(model, parts, config.train)
     keys = list(prepared.vectors[0])
@@ -178,8 +262,14 @@ def _oracle(folder: Path, base_path: Path, runs: Path, domains: list[str], confi
             scores = judge([build_merged(base, prepared.vectors, w, group_of) for w in tried])
             best = max(range(len(scores)), key=lambda i: (scores[i], -abs(ORACLE_GRID[i] - 1.0)))
             weights.copy_(tried[best])
-            log.append({"domain": domains[k], "group": "all" if isinstance(g, slice) else groups[g],
-                        "scores": dict(zip(map(str, ORACLE_GRID), scores, strict=True)), "kept": ORACLE_GRID[best]})
+            log.append(
+                {
+                    "domain": domains[k],
+                    "group": "all" if isinstance(g, slice) else groups[g],
+                    "scores": dict(zip(map(str, ORACLE_GRID), scores, strict=True)),
+                    "kept": ORACLE_GRID[best],
+                }
+            )
 
     task = [(k, slice(None)) for k in range(len(domains))]
     with torch.no_grad():
@@ -206,15 +296,23 @@ def _cross(folder: Path, names: list[str], config: ExperimentConfig, label: str)
 
 
 def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict, dict[str, float]]:
-    """All table cells of one base regime and seed, {row label: {domain: (recall@10, ndcg@10)}},
-    and task arithmetic's lambda chosen on valid for each way of merging rows."""
+    """All table cells of one base regime and seed, and task arithmetic's lambdas.
+
+    The cells are {row label: {domain: (recall@10, ndcg@10)}}; a lambda is chosen on valid for each
+    way of merging rows.
+    """
     config = load_config("textseq", [*args.overrides, f"train.seed={seed}"], ExperimentConfig)
     runs = args.runs / base_kind / f"seed{seed}"
     init = None
     if base_kind == "pretrained":
         init = args.runs / f"pretrained-seed{seed}"
-        train_once(args.pretrain.split(","), pretrain_config("textseq", [*args.overrides, f"train.seed={seed}"]), init, None,
-               label="pretrained")
+        train_once(
+            args.pretrain.split(","),
+            pretrain_config("textseq", [*args.overrides, f"train.seed={seed}"]),
+            init,
+            None,
+            label="pretrained",
+        )
     for name in args.domains:
         train_once([name], config, runs / name, init)
     train_once(args.domains, config, runs / "joint", init)
@@ -230,70 +328,138 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
     lam = {}
     for rows in ("method", "usage"):
         lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
-        table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda on valid)"] = \
+        table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda on valid)"] = (
             _cells(chosen, "task_arithmetic")
+        )
     for label, (method, fixed, lambdas) in TUNED.items():
-        lam[label], chosen = _best_lambda(runs, base, args.domains, "method", args.steps, method, fixed, lambdas)
+        lam[label], chosen = _best_lambda(
+            runs, base, args.domains, "method", args.steps, method, fixed, lambdas
+        )
         table[label] = _cells(chosen, method)
     published = runs / "merge-mergerec-as-published"
     if not (published / "metrics.json").exists():
-        merge_run(base, [runs / d for d in args.domains], args.domains,
-                  load_config("simulate-mergerec", [], FederationConfig).merge, published, quiet=True)
+        merge_run(
+            base,
+            [runs / d for d in args.domains],
+            args.domains,
+            load_config("simulate-mergerec", [], FederationConfig).merge,
+            published,
+            quiet=True,
+        )
     table["mergerec as published"] = _cells(_rows(published), "ties+layer-wise:mergerec")
     table["oracle"] = _cells(_oracle(runs / "oracle", base, runs, args.domains, config), "oracle")
     for label, (method, params, mode, loss, rows, learn) in MERGES.items():
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
-        merged = _merge(folder, base, runs, args.domains, method, {"lam": lam[rows]} if params is None else params,
-                        mode, loss, rows, args.steps, learn)
-        table[label] = {r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in merged if r["split"] == "test"}
+        merged = _merge(
+            folder,
+            base,
+            runs,
+            args.domains,
+            method,
+            {"lam": lam[rows]} if params is None else params,
+            mode,
+            loss,
+            rows,
+            args.steps,
+            learn,
+        )
+        table[label] = {
+            r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in merged if r["split"] == "test"
+        }
     table["unseen: mergerec of the others"] = {}
     for unseen in args.domains:
         seen = [d for d in args.domains if d != unseen]
         folder = runs / f"unseen-{unseen}"
-        _merge(folder, base, runs, seen, "task_arithmetic", {"lam": lam["usage"]}, "task-wise", "mergerec", "usage",
-               args.steps)
-        table["unseen: mergerec of the others"] |= _cells(_cross(folder, [unseen], config, "merged"), "merged")
+        _merge(
+            folder,
+            base,
+            runs,
+            seen,
+            "task_arithmetic",
+            {"lam": lam["usage"]},
+            "task-wise",
+            "mergerec",
+            "usage",
+            args.steps,
+        )
+        table["unseen: mergerec of the others"] |= _cells(
+            _cross(folder, [unseen], config, "merged"), "merged"
+        )
     return table, lam
 
 
 def _preset(config: dict) -> dict:
-    """A resolved preset as recorded, without the seed; keys added to the config since a record
-    was written take their defaults (which keep the old behaviour), so the record still matches,
-    and a record written before each family had its own config is read in today's layout."""
+    """A resolved preset as recorded, without the seed.
+
+    Keys added to the config since a record was written take their defaults (which keep the old
+    behaviour), so the record still matches, and a record written before each family had its own
+    config is read in today's layout.
+    """
     dump = ExperimentConfig.model_validate(upgrade_stored(config)).model_dump(mode="json")
     del dump["train"]["seed"]
     return dump
 
 
 def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: bool = False) -> dict:
-    """One base regime and seed: read from ``args.tables`` when recorded with the same settings
-    (benchmark arguments and the resolved preset apart from the seed; the ``--set`` overrides
-    are recorded but only their result counts, so a recorded seed stays readable after a preset
-    default changes, given ``--set`` back to the old value), else measured with :func:`run_seed`
-    and recorded there (atomically). A record that lacks rows of :data:`MEASURED` is measured
-    again (reusing the runs), unless `report`: then it is read back as it is."""
+    """One base regime and seed.
+
+    Read from ``args.tables`` when recorded with the same settings (benchmark arguments and the
+    resolved preset apart from the seed; the ``--set`` overrides are recorded but only their result
+    counts, so a recorded seed stays readable after a preset default changes, given ``--set`` back
+    to the old value), else measured with :func:`run_seed` and recorded there (atomically). A record
+    that lacks rows of :data:`MEASURED` is measured again (reusing the runs), unless `report`: then
+    it is read back as it is.
+    """
     path = args.tables / f"{base_kind}-seed{seed}.json"
-    settings = {"domains": args.domains, "pretrain": args.pretrain, "steps": args.steps, "overrides": args.overrides,
-                "config": _preset(load_config("textseq", args.overrides, ExperimentConfig).model_dump(mode="json"))}
+    settings = {
+        "domains": args.domains,
+        "pretrain": args.pretrain,
+        "steps": args.steps,
+        "overrides": args.overrides,
+        "config": _preset(
+            load_config("textseq", args.overrides, ExperimentConfig).model_dump(mode="json")
+        ),
+    }
     if base_kind == "pretrained":
-        settings["pretrain config"] = _preset(pretrain_config("textseq", args.overrides).model_dump(mode="json"))
+        settings["pretrain config"] = _preset(
+            pretrain_config("textseq", args.overrides).model_dump(mode="json")
+        )
     if path.exists():
         record = json.loads(path.read_text())
         recorded = record["settings"] | {"config": _preset(record["settings"].get("config", {}))}
-        if base_kind == "pretrained":  # records from before pretrain had its own config pretrained with the same one
-            recorded["pretrain config"] = _preset(record["settings"].get("pretrain config", recorded["config"]))
-        differing = [key for key, value in settings.items() if key != "overrides" and recorded.get(key) != value]
+        # records from before pretrain had its own config pretrained with the same one
+        if base_kind == "pretrained":
+            recorded["pretrain config"] = _preset(
+                record["settings"].get("pretrain config", recorded["config"])
+            )
+        differing = [
+            key
+            for key, value in settings.items()
+            if key != "overrides" and recorded.get(key) != value
+        ]
         if differing:
-            raise SystemExit(f"{path} was measured with another {', '.join(differing)}; "
-                             "give another --tables folder or remove that file to rerun the seed")
+            raise SystemExit(
+                f"{path} was measured with another {', '.join(differing)}; "
+                "give another --tables folder or remove that file to rerun the seed"
+            )
         missing = [label for label in MEASURED if label not in record["table"]]
         if report or not missing:
             return record
-        print(f"{path} has no row {', '.join(missing)}: measuring the seed (complete runs under --runs are reused)")
+        print(
+            f"{path} has no row {', '.join(missing)}: measuring the seed (complete runs under "
+            "--runs are reused)"
+        )
     table, lambdas = run_seed(base_kind, seed, args)
-    record = {"base": base_kind, "seed": seed, "settings": settings, "lambdas": lambdas, "table": table,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-              "date": datetime.date.today().isoformat()}
+    record = {
+        "base": base_kind,
+        "seed": seed,
+        "settings": settings,
+        "lambdas": lambdas,
+        "table": table,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}",
+        "date": datetime.date.today().isoformat(),
+    }
     args.tables.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
     return record
@@ -303,9 +469,14 @@ def _summary(tables: list[dict], domains: list[str]) -> list[dict]:
     """Mean and std over seeds of every cell, plus the average over domains."""
     out = []
     for label in dict.fromkeys(label for t in tables for label in t):
-        having = [t[label] for t in tables if label in t]  # rows added since are missing from older records
+        # rows added since are missing from older records
+        having = [t[label] for t in tables if label in t]
         shown = SHOWN.get(label, label)
-        name = shown if len(having) == len(tables) else f"{shown} ({len(having)} of {len(tables)} seeds)"
+        name = (
+            shown
+            if len(having) == len(tables)
+            else f"{shown} ({len(having)} of {len(tables)} seeds)"
+        )
         record: dict[str, object] = {"model": name}
         for metric, index in (("recall@10", 0), ("ndcg@10", 1)):
             per_seed = [[cells[d][index] for d in domains if d in cells] for cells in having]
@@ -337,9 +508,16 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
     for ax, (regime, records) in zip(axes[0], results.items(), strict=True):
-        shown = [r for r in records if "average recall@10" in r and not r["model"].startswith(("fine-tuned on", "unseen"))]
-        ax.barh([r["model"] for r in shown], [r["average recall@10"][0] for r in shown],
-                xerr=[r["average recall@10"][1] for r in shown])
+        shown = [
+            r
+            for r in records
+            if "average recall@10" in r and not r["model"].startswith(("fine-tuned on", "unseen"))
+        ]
+        ax.barh(
+            [r["model"] for r in shown],
+            [r["average recall@10"][0] for r in shown],
+            xerr=[r["average recall@10"][1] for r in shown],
+        )
         ax.set_title(f"{regime} base")
         ax.set_xlabel("average test recall@10")
         ax.invert_yaxis()
@@ -349,36 +527,62 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--domains", type=lambda s: s.split(","), default=["beauty", "sports", "toys", "pantry"])
+    parser.add_argument(
+        "--domains", type=lambda s: s.split(","), default=["beauty", "sports", "toys", "pantry"]
+    )
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--bases", type=lambda s: s.split(","), default=list(BASES))
     parser.add_argument("--pretrain", default="steam,games")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
-    parser.add_argument("--tables", type=Path, default=Path(__file__).parent / "results" / "merge_quality")
+    parser.add_argument(
+        "--tables", type=Path, default=Path(__file__).parent / "results" / "merge_quality"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--report", action="store_true",
-                        help="measure nothing; only write the table (--seeds and --bases are ignored)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="measure nothing; only write the table (--seeds and --bases are ignored)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not args.report:
         for kind in args.bases:
             for seed in args.seeds:
                 seed_record(kind, seed, args)
-    recorded = {kind: sorted(int(p.stem.split("-seed")[1]) for p in args.tables.glob(f"{kind}-seed*.json"))
-                for kind in BASES}
-    seeds = {kind: [seed_record(kind, seed, args, report=True) for seed in recorded[kind]]
-             for kind in BASES if recorded[kind]}
-    results = {kind: _summary([r["table"] for r in records], args.domains) for kind, records in seeds.items()}
+    recorded = {
+        kind: sorted(int(p.stem.split("-seed")[1]) for p in args.tables.glob(f"{kind}-seed*.json"))
+        for kind in BASES
+    }
+    seeds = {
+        kind: [seed_record(kind, seed, args, report=True) for seed in recorded[kind]]
+        for kind in BASES
+        if recorded[kind]
+    }
+    results = {
+        kind: _summary([r["table"] for r in records], args.domains)
+        for kind, records in seeds.items()
+    }
     protocol = (__doc__ or "").split("\n\n")[1]
-    text = f"# Merging quality\n\n{protocol}\n\nSettings: {' '.join(args.overrides) or 'preset defaults'}.\n"
+    text = (
+        f"# Merging quality\n\n{protocol}\n\nSettings: "
+        f"{' '.join(args.overrides) or 'preset defaults'}.\n"
+    )
     for kind, records in results.items():
-        measured = "; ".join(f"seed {r['seed']}: {r['date']}, {r['machine']}, task arithmetic lambda "
-                             f"{r['lambdas']['method']} (method rows) / {r['lambdas']['usage']} (usage rows)"
-                             + "".join(f", {label.split()[0]} lambda {r['lambdas'][label]}" for label in TUNED
-                                       if label in r["lambdas"])
-                             for r in seeds[kind])
-        text += f"\n## {kind} base\n\nSeeds measured: {measured}.\n\n{_markdown(records, args.domains)}\n"
+        measured = "; ".join(
+            f"seed {r['seed']}: {r['date']}, {r['machine']}, task arithmetic lambda "
+            f"{r['lambdas']['method']} (method rows) / {r['lambdas']['usage']} (usage rows)"
+            + "".join(
+                f", {label.split()[0]} lambda {r['lambdas'][label]}"
+                for label in TUNED
+                if label in r["lambdas"]
+            )
+            for r in seeds[kind]
+        )
+        text += (
+            f"\n## {kind} base\n\nSeeds measured: "
+            f"{measured}.\n\n{_markdown(records, args.domains)}\n"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merge_quality.md").write_text(text)
     with open(args.out / "merge_quality.csv", "w", newline="") as handle:

@@ -39,14 +39,21 @@ def main() -> None:
     part = load_parts([args.domain], config.model, quiet=True)[0]
     base = build_model(config.model, part.features.shape[1], config.train.seed)
     sequences = training_sequences(part.domain, config.model.max_len)
-    batches = list(length_batches(sequences, config.train.batch_size, config.model.max_len, np.random.default_rng(0)))
+    batches = list(
+        length_batches(
+            sequences, config.train.batch_size, config.model.max_len, np.random.default_rng(0)
+        )
+    )
 
     def bare() -> float:
         model = copy.deepcopy(base).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
         start = time.perf_counter()
         for inputs, targets in batches:
-            loss = model.loss(part.features, inputs, targets)  # sampled softmax: the model config's negatives
+            # sampled softmax: the model config's negatives
+            loss = model.loss(part.features, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -56,11 +63,22 @@ def main() -> None:
         return fit(copy.deepcopy(base), [part], config.train, quiet=True).sequences_per_second
 
     bare_rate, our_rate = max(bare(), bare()), max(ours(), ours())
-    row = {"domain": args.domain, "sequences": len(sequences), "batch_size": config.train.batch_size,
-           "dim": config.model.dim, "layers": config.model.layers, "threads": torch.get_num_threads(),
-           "bare_seq_per_s": round(bare_rate, 1), "fedmerge_seq_per_s": round(our_rate, 1),
-           "ratio": round(our_rate / bare_rate, 3)}
-    print(write_row(args.out, "train_speed", "Training throughput", (__doc__ or "").split("\n\n")[1], row))
+    row = {
+        "domain": args.domain,
+        "sequences": len(sequences),
+        "batch_size": config.train.batch_size,
+        "dim": config.model.dim,
+        "layers": config.model.layers,
+        "threads": torch.get_num_threads(),
+        "bare_seq_per_s": round(bare_rate, 1),
+        "fedmerge_seq_per_s": round(our_rate, 1),
+        "ratio": round(our_rate / bare_rate, 3),
+    }
+    print(
+        write_row(
+            args.out, "train_speed", "Training throughput", (__doc__ or "").split("\n\n")[1], row
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.errors import FedmergeError
 from fedmerge.models import Part
-from fedmerge.protocol import FederationConfig, PartySpec, describe, party_data, party_evaluate, party_specs, party_train
+from fedmerge.protocol import (
+    FederationConfig,
+    PartySpec,
+    describe,
+    party_data,
+    party_evaluate,
+    party_specs,
+    party_train,
+)
 from server.records import (
     description_content,
     evaluate_reply_content,
@@ -25,7 +33,8 @@ from server.records import (
 )
 
 app = ClientApp()
-_DATA: dict[tuple[str, str], Part] = {}  # (party, config) -> data, reused while this process serves the party
+# (party, config) -> data, reused while this process serves the party
+_DATA: dict[tuple[str, str], Part] = {}
 
 
 def _spec(config: FederationConfig, context: Context) -> PartySpec:
@@ -34,9 +43,11 @@ def _spec(config: FederationConfig, context: Context) -> PartySpec:
         domain, shard = str(node["domain"]), int(node.get("shard", 0))
         match = [s for s in party_specs(config) if s.domain == domain and s.shard == shard]
         if not match:
-            raise FedmergeError(f"this SuperNode serves domain {domain!r} shard {shard}, which the run does not have "
-                                f"(domains {config.domains}, {config.parties_per_domain} parties each); "
-                                "start it with a --node-config domain of the run, or change the run's domains")
+            raise FedmergeError(
+                f"this SuperNode serves domain {domain!r} shard {shard}, which the run does not "
+                f"have (domains {config.domains}, {config.parties_per_domain} parties each); start "
+                "it with a --node-config domain of the run, or change the run's domains"
+            )
         return match[0]
     return party_specs(config)[int(node["partition-id"])]
 
@@ -66,13 +77,21 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune from the received weights; reply with the update and aggregate facts."""
     config, spec, part = _party(msg, context)
-    return Message(train_reply_content(spec.party, party_train(part, read_start(msg), config)), reply_to=msg)
+    return Message(
+        train_reply_content(spec.party, party_train(part, read_start(msg), config)), reply_to=msg
+    )
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate every received model on the private splits the server names; reply with metrics only."""
+    """Evaluate every received model on the private splits the server names.
+
+    Reply with metrics only.
+    """
     config, spec, part = _party(msg, context)
     request = read_evaluate_request(msg)
-    evaluations = [party_evaluate(part, weights, config, request.splits, request.sample) for weights in request.models]
+    evaluations = [
+        party_evaluate(part, weights, config, request.splits, request.sample)
+        for weights in request.models
+    ]
     return Message(evaluate_reply_content(spec.party, spec.domain, evaluations), reply_to=msg)

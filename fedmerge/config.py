@@ -25,7 +25,10 @@ LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
 
 
 class ConfigModel(BaseModel):
-    """The base of every config model: unknown keys, NaN and infinity are refused (also inside lists)."""
+    """The base of every config model: unknown keys, NaN and infinity are refused.
+
+    NaN and infinity are refused inside lists too.
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -71,20 +74,32 @@ def load_config(path: Path | str | None, overrides: list[str] | None, schema: ty
             file = CONFIG_DIR / f"{path}.toml"
         presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
         try:
-            if not stat.S_ISREG(os.stat(file).st_mode):  # a folder or a FIFO: never read (a FIFO would block)
-                raise FedmergeError(f"config {file} is not a regular file; give a TOML file or a preset: {presets}")
+            # a folder or a FIFO: never read (a FIFO would block)
+            if not stat.S_ISREG(os.stat(file).st_mode):
+                raise FedmergeError(
+                    f"config {file} is not a regular file; give a TOML file or a preset: {presets}"
+                )
             tree = tomllib.loads(file.read_bytes().decode("utf-8"))
         except OSError as err:
-            raise FedmergeError(f"cannot read config {path} ({err.strerror}); give a TOML file or a preset: {presets}") from err
+            raise FedmergeError(
+                f"cannot read config {path} ({err.strerror}); give a TOML file or a preset: "
+                f"{presets}"
+            ) from err
         except UnicodeDecodeError as err:
-            raise FedmergeError(f"config {file} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8") from err
+            raise FedmergeError(
+                f"config {file} is not UTF-8 text (bad byte at offset {err.start}); save it as "
+                "UTF-8"
+            ) from err
         except tomllib.TOMLDecodeError as err:
             raise FedmergeError(f"config {file} is not valid TOML ({err})") from err
     return validate(schema, apply_overrides(tree, overrides or []))
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``section.key=value`` of `overrides` in the nested dict `tree` (in place; returned)."""
+    """Set each ``section.key=value`` of `overrides` in the nested dict `tree`, in place.
+
+    `tree` is also returned.
+    """
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -94,7 +109,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def validate(model: type[M], tree: dict[str, Any], prefix: str = "") -> M:
-    """`tree` validated as `model`, or a FedmergeError that names the first bad key (``prefix.key``).
+    """`tree` validated as `model`, or a FedmergeError naming the first bad key as ``prefix.key``.
 
     Parameters
     ----------
@@ -115,11 +130,18 @@ def validate(model: type[M], tree: dict[str, Any], prefix: str = "") -> M:
         return model.model_validate(tree)
     except ValidationError as err:
         first = err.errors()[0]
-        key = prefix + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])[1:]
+        key = (
+            prefix
+            + "".join(
+                f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
+            )[1:]
+        )
         if first["type"] == "extra_forbidden":
             raise FedmergeError(f"config key {key!r} is not a known key") from err
         if first["type"] == "value_error":
             raise FedmergeError(str(first["ctx"]["error"])) from err
         problem = first["msg"][0].lower() + first["msg"][1:]
         problem = problem.replace("input should be", "must be", 1)
-        raise FedmergeError(f"config key {key!r} {problem} (got {first['input']!r}); set it to a valid value") from err
+        raise FedmergeError(
+            f"config key {key!r} {problem} (got {first['input']!r}); set it to a valid value"
+        ) from err

@@ -1,5 +1,7 @@
-"""Atomic writes of files and folders (a reader never sees a half-written one, a failed write leaves
-nothing), and the sweep of temporary files their killed writers left."""
+"""Atomic writes of files and folders, and the sweep of temporary files of killed writers.
+
+A reader never sees a half-written file or folder, and a failed write leaves nothing.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 from fedmerge.errors import FedmergeError
 
 STALE_AFTER_S = 60.0
-"""A temporary file of a dead process left untouched for this long is removed (:func:`remove_stale_temps`)."""
+"""A dead process's temporary file untouched this long is removed (:func:`remove_stale_temps`)."""
 
 
 def _temp_prefix(path: Path) -> str:
@@ -27,7 +29,10 @@ def _temp_prefix(path: Path) -> str:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; it replaces `path` on success, is removed on failure."""
+    """Yield a temporary sibling of `path` to write.
+
+    It replaces `path` on success and is removed on failure.
+    """
     tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}")
     try:
         yield tmp
@@ -47,14 +52,18 @@ def write_json(path: Path, data: Any) -> None:
     try:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     except ValueError as err:
-        raise FedmergeError(f"refusing to write {path}: its data holds a NaN or infinite number, which JSON cannot "
-                            "represent; the run that computed it diverged, so check its settings and inputs") from err
+        raise FedmergeError(
+            f"refusing to write {path}: its data holds a NaN or infinite number, which JSON cannot "
+            "represent; the run that computed it diverged, so check its settings and inputs"
+        ) from err
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
-    """Remove the temporary siblings of `final` (:func:`atomic_path`) whose process is gone; return them.
+    """Remove the temporary siblings of `final` whose process is gone; return them.
+
+    The siblings are those :func:`atomic_path` writes.
 
     A killed writer (``kill -9``) leaves one behind. A temporary file of a live process (a
     concurrent writer) is kept, and so is one modified in the last :data:`STALE_AFTER_S` seconds
@@ -63,9 +72,13 @@ def remove_stale_temps(final: Path) -> list[Path]:
     prefix = _temp_prefix(final)
     removed = []
     for tmp in final.parent.glob(glob.escape(prefix) + "*"):
-        pid = tmp.name[len(prefix):]
+        pid = tmp.name[len(prefix) :]
         try:
-            if pid.isdigit() and not pid_alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
+            if (
+                pid.isdigit()
+                and not pid_alive(int(pid))
+                and time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+            ):
                 tmp.unlink()
                 removed.append(tmp)
         except FileNotFoundError:  # removed by a concurrent writer
@@ -103,7 +116,10 @@ def swap_folder(new: Path, target: Path, complete: Callable[[Path], bool] | None
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine (the owner of a ``.NAME.tmp-PID`` file or a run record)."""
+    """Whether process `pid` exists on this machine.
+
+    `pid` is the owner of a ``.NAME.tmp-PID`` file or of a run record.
+    """
     if pid <= 0:
         return False
     try:

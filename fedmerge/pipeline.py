@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -49,8 +49,13 @@ from fedmerge.protocol import (
 from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
 
+T = TypeVar("T")
+K = TypeVar("K", str, int)
 Log = Callable[..., None]
-"""Records one event of the run: ``log(event, **fields)`` (:meth:`fedmerge.runs.rundir.RunDir.log`)."""
+"""Records one event of the run: ``log(event, **fields)``.
+
+See :meth:`fedmerge.runs.rundir.RunDir.log`.
+"""
 
 
 def _silent(event: str, **fields: object) -> None:
@@ -63,66 +68,103 @@ class Transport(Protocol):
     def describe(self, log: Log) -> dict[int, Description | Exception]:
         """Each party's description and item table (``query``): a value or the error.
 
-        Each party that is ready is logged as it replies (:func:`log_ready`), where the transport sees it.
+        Each party that is ready is logged as it replies (:func:`log_ready`), where the transport
+        sees it.
         """
         ...
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
-        """Every round: parties train from the round's start, `server` accepts and merges, parties evaluate."""
+        """Every round: parties train, `server` accepts and merges, parties evaluate.
+
+        The parties train from the round's start.
+        """
         ...
 
 
 class InProcess:
-    """The parties as plain function calls in this process (each loads its own private data once)."""
+    """The parties as plain function calls in this process.
+
+    Each party loads its own private data once.
+    """
 
     def __init__(self, config: FederationConfig, quiet: bool = True) -> None:
         self.config, self.quiet = config, quiet
         self.specs = party_specs(config)
         self._parts: dict[int, Part] = {}
         self._domains: dict[str, Part] = {}
-        self.log: Log = _silent  # the run's log while it runs: each party's reply is logged as it comes
+        # the run's log while it runs: each party's reply is logged as it comes
+        self.log: Log = _silent
         self.round = 0
 
     def part(self, spec: PartySpec) -> Part:
         """The party's data (each domain is loaded once and shared by its shards' parties)."""
         if spec.party not in self._parts:
             if spec.domain not in self._domains:
-                self._domains[spec.domain] = load_parts([spec.domain], self.config.model, self.quiet)[0]
-            self._parts[spec.party] = party_data(spec, self.config, whole=self._domains[spec.domain])
+                self._domains[spec.domain] = load_parts(
+                    [spec.domain], self.config.model, self.quiet
+                )[0]
+            self._parts[spec.party] = party_data(
+                spec, self.config, whole=self._domains[spec.domain]
+            )
         return self._parts[spec.party]
 
-    def _each(self, call: Callable[[PartySpec], object],
-              report: Callable[[PartySpec, object, float], None] | None = None) -> dict[int, object]:
-        """`call` for every party: its value or its error; `report` (spec, value, seconds) follows each value."""
-        results: dict[int, object] = {}
+    def _each(
+        self,
+        call: Callable[[PartySpec], T],
+        report: Callable[[PartySpec, T, float], None] | None = None,
+    ) -> dict[int, T | Exception]:
+        """`call` for every party: its value or its error.
+
+        `report` (spec, value, seconds) follows each value.
+        """
+        results: dict[int, T | Exception] = {}
         for spec in self.specs:
             began = time.perf_counter()
             try:
-                results[spec.party] = call(spec)
+                results[spec.party] = value = call(spec)
             except Exception as err:  # noqa: BLE001 - a failing party is reported, not fatal
                 results[spec.party] = err
                 continue
             if report is not None:
-                report(spec, results[spec.party], time.perf_counter() - began)
+                report(spec, value, time.perf_counter() - began)
         return results
 
     def describe(self, log: Log = _silent) -> dict[int, Description | Exception]:
-        return self._each(lambda s: describe(s, self.part(s)),  # type: ignore[return-value]
-                          lambda s, value, seconds: log_ready(log, s, value))  # type: ignore[arg-type]
+        """Each party's description and item table, logged as it is ready."""
+        return self._each(
+            lambda s: describe(s, self.part(s)),
+            lambda s, value, seconds: log_ready(log, s, value),
+        )
 
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
         """Every party fine-tunes from `start`."""
-        return self._each(lambda s: party_train(self.part(s), start, self.config, self.quiet),  # type: ignore[return-value]
-                          lambda s, reply, seconds: log_trained(self.log, self.round, s, reply.metrics))  # type: ignore[attr-defined]
+        return self._each(
+            lambda s: party_train(self.part(s), start, self.config, self.quiet),
+            lambda s, reply, seconds: log_trained(self.log, self.round, s, reply.metrics),
+        )
 
-    def evaluate(self, models: dict, splits: tuple[str, ...] | None = None,
-                 sample: bool = False) -> dict[int, dict[str, Evaluation] | Exception]:
-        """Every party evaluates every model of `models` (label -> weights) on its private `splits`."""
-        return self._each(lambda s: {label: party_evaluate(self.part(s), weights, self.config, splits, sample)  # type: ignore[return-value]
-                                     for label, weights in models.items()},
-                          lambda s, value, seconds: log_evaluated(self.log, self.round, s, len(models), seconds, sample))
+    def evaluate(
+        self,
+        models: dict[K, StateDict],
+        splits: tuple[str, ...] | None = None,
+        sample: bool = False,
+    ) -> dict[int, dict[K, Evaluation] | Exception]:
+        """Every party evaluates every model of `models` on its private `splits`.
+
+        `models` maps a label to weights.
+        """
+        return self._each(
+            lambda s: {
+                label: party_evaluate(self.part(s), weights, self.config, splits, sample)
+                for label, weights in models.items()
+            },
+            lambda s, value, seconds: log_evaluated(
+                self.log, self.round, s, len(models), seconds, sample
+            ),
+        )
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
+        """Every round from `base`: the parties train, `server` merges, the parties evaluate."""
         start, self.log = base, server.log
         for round_ in range(1, self.config.rounds + 1):
             self.round = round_
@@ -130,7 +172,9 @@ class InProcess:
             replies = server.accept(round_, start, self.train(start))
 
             def judge(candidates: list[StateDict], round_: int = round_) -> list[float]:
-                return server.valid_scores(round_, self.evaluate(dict(enumerate(candidates)), ("valid",), sample=True))
+                return server.valid_scores(
+                    round_, self.evaluate(dict(enumerate(candidates)), ("valid",), sample=True)
+                )
 
             outcome, models = server.merge(round_, start, replies, judge)
             server.evaluating(round_, list(models))
@@ -145,14 +189,28 @@ def log_ready(log: Log, spec: PartySpec, described: Description) -> None:
 
 
 def log_trained(log: Log, round_: int, spec: PartySpec, metrics: dict[str, float]) -> None:
-    """A party's training reply arrived: its metrics as sent (epochs, last loss, best valid ndcg@10, seconds...)."""
+    """A party's training reply arrived: its metrics as sent.
+
+    Epochs, last loss, best valid ndcg@10, seconds...
+    """
     log("party_trained", round=round_, party=party_name(spec), **metrics)
 
 
-def log_evaluated(log: Log, round_: int, spec: PartySpec, models: int, seconds: float, sample: bool) -> None:
-    """A party's evaluation of `models` models arrived (``sample``: candidate merges scored on its valid users)."""
-    log("party_evaluated", round=round_, party=party_name(spec), models=models, valid_selection=sample,
-        seconds=seconds)
+def log_evaluated(
+    log: Log, round_: int, spec: PartySpec, models: int, seconds: float, sample: bool
+) -> None:
+    """A party's evaluation of `models` models arrived.
+
+    ``sample``: candidate merges scored on its valid users.
+    """
+    log(
+        "party_evaluated",
+        round=round_,
+        party=party_name(spec),
+        models=models,
+        valid_selection=sample,
+        seconds=seconds,
+    )
 
 
 @dataclass
@@ -174,7 +232,9 @@ class Server:
     and closes the round. Parties left out are collected per round in ``failed``.
     """
 
-    def __init__(self, config: FederationConfig, tables: dict[str, torch.Tensor], log: Log = _silent) -> None:
+    def __init__(
+        self, config: FederationConfig, tables: dict[str, torch.Tensor], log: Log = _silent
+    ) -> None:
         self.config, self.tables, self.log = config, tables, log
         self.specs = {s.party: s for s in party_specs(config)}
         self.need = config.min_parties or len(self.specs)
@@ -188,7 +248,9 @@ class Server:
         self.failed, self.clock, self.outcome = {}, {"start": time.perf_counter()}, None
         self.log("train_start", round=round_, parties=len(self.specs))
 
-    def accept(self, round_: int, start: StateDict, raw: dict[int, TrainReply | Exception]) -> dict[int, TrainReply]:
+    def accept(
+        self, round_: int, start: StateDict, raw: dict[int, TrainReply | Exception]
+    ) -> dict[int, TrainReply]:
         """The usable training replies; the others are named in ``failed`` (too few: an error)."""
         replies: dict[int, TrainReply] = {}
         for party, reply in sorted(raw.items()):
@@ -206,68 +268,142 @@ class Server:
             self._fail(round_, party_name(self.specs[party]), "no reply (timed out)")
         if len(replies) < self.need:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
-            raise FedmergeError(f"only {len(replies)} of {len(self.specs)} parties replied, fewer than min_parties = "
-                                f"{self.need} ({reasons}); fix the failing parties or lower min_parties")
+            raise FedmergeError(
+                f"only {len(replies)} of {len(self.specs)} parties replied, fewer than min_parties "
+                f"= {self.need} ({reasons}); fix the failing parties or lower min_parties"
+            )
         self.clock["trained"] = time.perf_counter()
-        self.log("train_done", round=round_, replied=len(replies),
-                 train_seconds={party_name(self.specs[p]): round(r.metrics["train_seconds"], 2)
-                                for p, r in replies.items()})
+        self.log(
+            "train_done",
+            round=round_,
+            replied=len(replies),
+            train_seconds={
+                party_name(self.specs[p]): round(r.metrics["train_seconds"], 2)
+                for p, r in replies.items()
+            },
+        )
         return replies
 
-    def merge(self, round_: int, start: StateDict, replies: dict[int, TrainReply],
-              judge: Judge | None = None) -> tuple[MergeOutcome, dict[str, StateDict]]:
-        """FedAvg inside each domain, then the merge; returns it and every model the parties evaluate (label -> weights).
+    def merge(
+        self,
+        round_: int,
+        start: StateDict,
+        replies: dict[int, TrainReply],
+        judge: Judge | None = None,
+    ) -> tuple[MergeOutcome, dict[str, StateDict]]:
+        """FedAvg inside each domain, then the merge.
 
-        `judge` asks the parties to score candidate merges on valid (``merge.learn.valid_candidates``).
+        Returns the merge and every model the parties evaluate (label -> weights).
+
+        `judge` asks the parties to score candidate merges on valid
+        (``merge.learn.valid_candidates``).
         """
-        domains = [d for d in self.config.domains if any(self.specs[p].domain == d for p in replies)]
-        per_domain = [average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
-                      for d in domains]
+        domains = [
+            d for d in self.config.domains if any(self.specs[p].domain == d for p in replies)
+        ]
+        per_domain = [
+            average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
+            for d in domains
+        ]
         self.log("merge_start", round=round_, domains=domains)
         members = [Member(r.domain, r.update, self.tables[r.domain]) for r in per_domain]
-        outcome = server_merge(start, members, self.config.model, self.config.seed, self.config.merge, quiet=False,
-                               judge=judge, device=self.config.train.device)  # its bar: on a run's console only
+        outcome = server_merge(
+            start,
+            members,
+            self.config.model,
+            self.config.seed,
+            self.config.merge,
+            quiet=False,
+            # its bar: on a run's console only
+            judge=judge,
+            device=self.config.train.device,
+        )
         self.clock["merged"] = time.perf_counter()
-        self.log("merge_done", round=round_, seconds=round(outcome.seconds, 2), weights=outcome.coefficients["weights"],
-                 selection=outcome.coefficients["selection"])
+        self.log(
+            "merge_done",
+            round=round_,
+            seconds=round(outcome.seconds, 2),
+            weights=outcome.coefficients["weights"],
+            selection=outcome.coefficients["selection"],
+        )
         models = {"theta_0" if round_ == 1 else f"start of round {round_}": start}
         models |= {f"fine-tuned on {r.domain}": fine_tuned(start, r) for r in per_domain}
-        models |= {f"{self.config.merge.method} (training-free)": outcome.initial, _merged_label(self.config): outcome.merged}
+        models |= {
+            f"{self.config.merge.method} (training-free)": outcome.initial,
+            _merged_label(self.config): outcome.merged,
+        }
         self.outcome = outcome
         return outcome, models
 
     def evaluating(self, round_: int, labels: list[str]) -> None:
         """The parties are asked to evaluate the models `labels` on their private splits."""
-        self.log("evaluate_start", round=round_, models=labels, splits=list(self.config.splits), parties=len(self.specs))
+        self.log(
+            "evaluate_start",
+            round=round_,
+            models=labels,
+            splits=list(self.config.splits),
+            parties=len(self.specs),
+        )
 
-    def valid_scores(self, round_: int, evaluations: dict[int, dict[int, Evaluation] | Exception]) -> list[float]:
-        """Each candidate's mean valid ndcg@10 over the domains, from the parties' evaluations of candidates 0..n-1."""
+    def valid_scores(
+        self, round_: int, evaluations: dict[int, dict[int, Evaluation] | Exception]
+    ) -> list[float]:
+        """Each candidate's mean valid ndcg@10 over the domains.
+
+        From the parties' evaluations of candidates 0..n-1.
+        """
         usable = self._usable(round_, evaluations, "valid selection")
         if not usable:
-            raise FedmergeError("no party scored the candidate merges on valid; see the failed parties in the event log")
-        return [float(np.mean([r["ndcg@10"] for r in domain_rows(str(i), [(s, v[i]) for s, v in usable])]))
-                for i in range(len(usable[0][1]))]
+            raise FedmergeError(
+                "no party scored the candidate merges on valid; see the failed parties in the "
+                "event log"
+            )
+        return [
+            float(
+                np.mean([r["ndcg@10"] for r in domain_rows(str(i), [(s, v[i]) for s, v in usable])])
+            )
+            for i in range(len(usable[0][1]))
+        ]
 
-    def record(self, round_: int, labels: list[str],
-               evaluations: dict[int, dict[str, Evaluation] | Exception]) -> RoundResult:
+    def record(
+        self,
+        round_: int,
+        labels: list[str],
+        evaluations: dict[int, dict[str, Evaluation] | Exception],
+    ) -> RoundResult:
         """Rows of every model on every domain from the parties' evaluations; closes the round."""
         usable = self._usable(round_, evaluations, "evaluation")
-        rows = [r | {"round": round_} for label in labels
-                for r in domain_rows(label, [(s, v[label]) for s, v in usable], self.config.train.evaluation.name())]
+        rows = [
+            r | {"round": round_}
+            for label in labels
+            for r in domain_rows(
+                label, [(s, v[label]) for s, v in usable], self.config.train.evaluation.name()
+            )
+        ]
         now = time.perf_counter()
-        seconds = {"train": round(self.clock["trained"] - self.clock["start"], 2),
-                   "merge": round(self.clock["merged"] - self.clock["trained"], 2),
-                   "evaluate": round(now - self.clock["merged"], 2)}
+        seconds = {
+            "train": round(self.clock["trained"] - self.clock["start"], 2),
+            "merge": round(self.clock["merged"] - self.clock["trained"], 2),
+            "evaluate": round(now - self.clock["merged"], 2),
+        }
         self.log("round_done", round=round_, seconds=seconds, failed=self.failed)
+        assert self.outcome is not None  # merge() came first in this round
         self.results.append(RoundResult(round_, rows, self.outcome, dict(self.failed), seconds))
         return self.results[-1]
 
     def _usable(self, round_: int, evaluations: dict, step: str) -> list[tuple[PartySpec, dict]]:
-        """The parties' evaluations that arrived, with their specs; the errors are named in ``failed``."""
+        """The parties' evaluations that arrived, with their specs.
+
+        The errors are named in ``failed``.
+        """
         usable = []
         for party, value in sorted(evaluations.items()):
             if isinstance(value, Exception):
-                self._fail(round_, party_name(self.specs[party]), f"{step}: {type(value).__name__}: {value}")
+                self._fail(
+                    round_,
+                    party_name(self.specs[party]),
+                    f"{step}: {type(value).__name__}: {value}",
+                )
             else:
                 usable.append((self.specs[party], value))
         return usable
@@ -279,15 +415,23 @@ class Server:
 
 def _merged_label(config: FederationConfig) -> str:
     learn = config.merge.learn
-    return f"{config.merge.method} (training-free)" if learn.mode == "none" else f"merged ({learn.mode}, {learn.loss})"
+    return (
+        f"{config.merge.method} (training-free)"
+        if learn.mode == "none"
+        else f"merged ({learn.mode}, {learn.loss})"
+    )
 
 
 def _kept(coefficients: dict) -> str:
     """Which learned coefficients the merge kept, and why."""
     selection = coefficients["selection"]
     if selection:
-        scored = ", ".join(f"{_candidate_name(step, scale)}: {v:.4f}" for step, scale, v
-                           in zip(selection["steps"], selection["scales"], selection["scores"], strict=True))
+        scored = ", ".join(
+            f"{_candidate_name(step, scale)}: {v:.4f}"
+            for step, scale, v in zip(
+                selection["steps"], selection["scales"], selection["scores"], strict=True
+            )
+        )
         chosen = _candidate_name(selection["chosen_step"], selection["chosen_scale"])
         return f"{chosen}, the best mean valid ndcg@10 of the parties ({scored})"
     if coefficients["learn"]["mode"] == "none":
@@ -300,12 +444,17 @@ def _candidate_name(step: int, scale: float) -> str:
 
 
 def party_name(spec: PartySpec) -> str:
-    """How the run names a party: its domain, or domain/shard when the domain is split across parties."""
+    """How the run names a party.
+
+    Its domain, or domain/shard when the domain is split across parties.
+    """
     return spec.domain if spec.shards == 1 else f"{spec.domain}/{spec.shard}"
 
 
 def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list[RoundResult]:
-    """The whole run on `transport`: ask the parties who they are, build theta_0, run the rounds, write results.
+    """The whole run on `transport`.
+
+    Ask the parties who they are, build theta_0, run the rounds, write the results.
 
     The caller sets the final status of `run` (see :func:`simulate`).
     """
@@ -315,33 +464,50 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
     if broken:
         party, err = next(iter(broken.items()))
         raise FedmergeError(f"party {party} could not load its data: {err}")
-    parties: dict[int, Description] = described  # type: ignore[assignment]
+    parties = {p: v for p, v in described.items() if not isinstance(v, Exception)}
     for party, description in parties.items():
         check_description(description, f"party {party}")
     tables = {d.domain: d.table for d in parties.values()}
-    run.log("parties", parties={p: f"{d.domain} ({d.n_items:,} items)" for p, d in sorted(parties.items())})
+    run.log(
+        "parties",
+        parties={p: f"{d.domain} ({d.n_items:,} items)" for p, d in sorted(parties.items())},
+    )
     width = next(iter(tables.values())).shape[1]
     base = read_weights(Path(config.base)) if config.base else base_weights(config, width)
     results = transport.run_rounds(base, Server(config, tables, run.log))
     last = results[-1]
     rows = [r for result in results for r in result.rows]
-    facts = {"domains": ", ".join(config.domains), "parties": config.n_parties, "rounds": config.rounds,
-             "merge": f"{config.merge.method} {config.merge.params or ''} + {config.merge.learn.mode} "
-                      f"({config.merge.learn.loss}, {config.merge.learn.steps} steps)",
-             "base": config.base or f"seeded (seed {config.seed})",
-             "coefficients kept": _kept(last.merge.coefficients),
-             "seconds per round (train / merge / evaluate)": [r.seconds for r in results],
-             "parties left out": {f"round {r.round}": r.failed for r in results if r.failed} or "none",
-             "machine": run.status["machine"]}
-    coefficients = last.merge.coefficients | {"merge_seconds": round(last.merge.seconds, 2),
-                                              "teacher_bytes": last.merge.teacher_bytes}
-    run.write_results(rows, last.merge.merged, coefficients, report_text("fedmerge simulate", rows, facts))
+    facts = {
+        "domains": ", ".join(config.domains),
+        "parties": config.n_parties,
+        "rounds": config.rounds,
+        "merge": f"{config.merge.method} {config.merge.params or ''} + {config.merge.learn.mode} "
+        f"({config.merge.learn.loss}, {config.merge.learn.steps} steps)",
+        "base": config.base or f"seeded (seed {config.seed})",
+        "coefficients kept": _kept(last.merge.coefficients),
+        "seconds per round (train / merge / evaluate)": [r.seconds for r in results],
+        "parties left out": {f"round {r.round}": r.failed for r in results if r.failed} or "none",
+        "machine": run.status["machine"],
+    }
+    coefficients = last.merge.coefficients | {
+        "merge_seconds": round(last.merge.seconds, 2),
+        "teacher_bytes": last.merge.teacher_bytes,
+    }
+    run.write_results(
+        rows, last.merge.merged, coefficients, report_text("fedmerge simulate", rows, facts)
+    )
     return results
 
 
-def simulate(config: FederationConfig, transport: Transport | Callable[[RunDir], list[RoundResult]], out: Path,
-             console: Console | None = None) -> list[RoundResult] | None:
-    """Run `config` into the run directory `out` and set its final status (``complete``, ``failed``, ``interrupted``).
+def simulate(
+    config: FederationConfig,
+    transport: Transport | Callable[[RunDir], list[RoundResult]],
+    out: Path,
+    console: Console | None = None,
+) -> list[RoundResult] | None:
+    """Run `config` into the run directory `out` and set its final status.
+
+    The status is ``complete``, ``failed`` or ``interrupted``.
 
     `transport` is a :class:`Transport` (the run happens here), or a callable that runs
     :func:`execute` itself, given the run directory (the Flower backend, whose ServerApp does).
@@ -357,23 +523,30 @@ def simulate(config: FederationConfig, transport: Transport | Callable[[RunDir],
     import threading
 
     if not config.domains:
-        raise FedmergeError("no domains given; pass --domains A,B (registered names, see `fedmerge data list`)")
+        raise FedmergeError(
+            "no domains given; pass --domains A,B (registered names, see `fedmerge data list`)"
+        )
     for name in config.domains:
         check_domain_name(name)
     if config.base:
-        read_weights(Path(config.base))  # an unreadable base is refused before the run folder is made
+        # an unreadable base is refused before the run folder is made
+        read_weights(Path(config.base))
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
     if ours:
         signal.signal(signal.SIGTERM, interrupt)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     run: RunDir | None = None
     try:
         run = RunDir(out, {"federation": config.model_dump()}, console)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came meanwhile is raised here
+        # a signal that came meanwhile is raised here
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         results = transport(run) if callable(transport) else execute(config, transport, run)
     except KeyboardInterrupt as err:
         if run is not None:

@@ -1,10 +1,12 @@
-"""Progress for long work: rich bars on a terminal, plain lines off one (a quarter of the way, half, ...).
+"""Progress for long work: rich bars on a terminal, plain lines off one.
 
-Outside a run, :func:`progress_bar` draws a transient bar on stderr (plain lines off a terminal). While a
-run's console is attached (:func:`attach`, done by :class:`fedmerge.runs.rundir.RunScreen`),
-bars go to that console instead, so they share the screen with the run's lines; off a terminal
-they become a few plain lines (a quarter of the way, half, three quarters, done), and
-:class:`Status` is the one-line spinner of a phase that waits (a terminal only).
+The plain lines say a quarter of the way, half, ...
+
+Outside a run, :func:`progress_bar` draws a transient bar on stderr (plain lines off a terminal).
+While a run's console is attached (:func:`attach`, done by :class:`fedmerge.runs.rundir.RunScreen`),
+bars go to that console instead, so they share the screen with the run's lines; off a terminal they
+become a few plain lines (a quarter of the way, half, three quarters, done), and :class:`Status` is
+the one-line spinner of a phase that waits (a terminal only).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from rich.progress import (
 
 
 class Status:
-    """The phase a run is waiting in, with its elapsed time: a transient spinner line on a terminal, nothing off one.
+    """The phase a run is waiting in, with its elapsed time.
+
+    A transient spinner line on a terminal, nothing off one.
 
     ``show`` starts it or changes its text (``restart``: the clock starts again, for a new phase);
     ``stop`` clears it, so a progress bar can take the screen.
@@ -39,20 +43,28 @@ class Status:
         self._lock = threading.Lock()
 
     def show(self, text: str, restart: bool = False) -> None:
+        """Show `text` with the elapsed time; `restart` starts the clock again."""
         if not self.enabled:
             return
         with self._lock:
             if self._progress is not None and restart:
                 self._stop()
             if self._progress is None:
-                self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
-                                          TimeElapsedColumn(), console=self.console, transient=True)
+                self._progress = Progress(
+                    SpinnerColumn(),
+                    TextColumn("{task.description}", markup=False),
+                    TimeElapsedColumn(),
+                    console=self.console,
+                    transient=True,
+                )
                 self._task = self._progress.add_task(text, total=None)
                 self._progress.start()
             else:
-                self._progress.update(self._task, description=text)  # type: ignore[arg-type]
+                assert self._task is not None  # added with the progress
+                self._progress.update(self._task, description=text)
 
     def stop(self) -> None:
+        """Clear the spinner line."""
         with self._lock:
             self._stop()
 
@@ -63,13 +75,17 @@ class Status:
 
 
 class _Lines(Progress):
-    """A progress that draws nothing and prints a plain line at each quarter of a task (off a terminal)."""
+    """A progress that draws nothing and prints a plain line at each quarter of a task.
+
+    Used off a terminal.
+    """
 
     def __init__(self, *columns: str | ProgressColumn, line: Callable[[str], None]) -> None:
         super().__init__(*columns, disable=True)
-        self._line, self._shown = line, {}  # task -> quarters printed
+        self._line = line
+        self._shown: dict[TaskID, int] = {}  # task -> quarters printed
 
-    def update(self, task_id: TaskID, **changes: Any) -> None:  # type: ignore[override]
+    def update(self, task_id: TaskID, **changes: Any) -> None:
         super().update(task_id, **changes)
         self._report(task_id)
 
@@ -86,17 +102,27 @@ class _Lines(Progress):
             self._shown[task_id] = 0
         if quarter > self._shown.get(task_id, 0):
             self._shown[task_id] = quarter
-            words = [column.render(task).plain for column in self.columns
-                     if isinstance(column, TextColumn | MofNCompleteColumn)]  # the line's time is the elapsed time
+            words = [
+                column.render(task).plain
+                for column in self.columns
+                # the line's time is the elapsed time
+                if isinstance(column, TextColumn | MofNCompleteColumn)
+            ]
             self._line("  " + " ".join(w.strip() for w in words if w.strip()))
 
 
 _attached: tuple[Console, Callable[[str], None], Status] | None = None
-"""The console of the run in progress, how it prints one plain line, and its status (see :func:`attach`)."""
+"""The console of the run in progress, how it prints one plain line, and its status.
+
+See :func:`attach`.
+"""
 
 
 def attach(console: Console, line: Callable[[str], None], status: Status) -> None:
-    """Route every progress bar to `console` until :func:`detach` (off a terminal: quarter lines through `line`)."""
+    """Route every progress bar to `console` until :func:`detach`.
+
+    Off a terminal: quarter lines through `line`.
+    """
     global _attached
     _attached = (console, line, status)
 

@@ -44,27 +44,59 @@ from fedmerge.updates import check_mechanisms, send_update
 
 
 class FederationConfig(ConfigModel):
-    """One federated run: which domains, how many parties, the model, local training and the merge."""
+    """One federated run: the domains, how many parties, the model, local training, the merge."""
 
-    domains: list[str] = Field(default_factory=list, description="one or more registered domains, each once")
-    parties_per_domain: int = Field(1, ge=1, description="parties each domain's users are split across (FedAvg inside)")
-    rounds: int = Field(1, ge=1, description="merging rounds; round r > 1 starts from round r - 1's merged model")
-    min_parties: int | None = Field(None, ge=1, description="parties that must reply per round (default: all)")
-    seed: int = Field(0, description="seed of theta_0 (the seeded base) and of the parties' training")
-    base: str | None = Field(None, description="base weights theta_0 (a safetensors file or checkpoint folder); "
-                             "default: the seeded init of the model config")
-    client_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per party: Ray resources, and its torch threads "
-                               "in every backend")
-    client_gpus: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per simulated party (fractions allowed)")
-    evaluate_valid: bool = Field(True, description="parties evaluate every model on their valid split as well as "
-                                 "on test (false: test only, half the evaluation time)")
-    local_calibration: bool = Field(True, description="each party calibrates every model it evaluates on its own "
-                                    "valid users, as after its own training, when the model family has a calibration "
-                                    "(false: the calibration the model arrives with)")
-    updates: list[str] = Field(default_factory=list, description="update mechanisms each party's update passes, in "
-                               "order, before it is sent (empty: the update as computed; see fedmerge.updates)")
-    timeout_minutes: float = Field(120.0, gt=0.0, description="how long the server waits for the parties of a round")
-    model: ModelConfig = Field(default_factory=default_model, description="the model family and its settings")
+    domains: list[str] = Field(
+        default_factory=list, description="one or more registered domains, each once"
+    )
+    parties_per_domain: int = Field(
+        1, ge=1, description="parties each domain's users are split across (FedAvg inside)"
+    )
+    rounds: int = Field(
+        1, ge=1, description="merging rounds; round r > 1 starts from round r - 1's merged model"
+    )
+    min_parties: int | None = Field(
+        None, ge=1, description="parties that must reply per round (default: all)"
+    )
+    seed: int = Field(
+        0, description="seed of theta_0 (the seeded base) and of the parties' training"
+    )
+    base: str | None = Field(
+        None,
+        description="base weights theta_0 (a safetensors file or checkpoint folder); "
+        "default: the seeded init of the model config",
+    )
+    client_cpus: float = Field(
+        1.0,
+        gt=0.0,
+        le=1024.0,
+        description="CPUs per party: Ray resources, and its torch threads in every backend",
+    )
+    client_gpus: float = Field(
+        0.0, ge=0.0, le=64.0, description="GPUs per simulated party (fractions allowed)"
+    )
+    evaluate_valid: bool = Field(
+        True,
+        description="parties evaluate every model on their valid split as well as "
+        "on test (false: test only, half the evaluation time)",
+    )
+    local_calibration: bool = Field(
+        True,
+        description="each party calibrates every model it evaluates on its own "
+        "valid users, as after its own training, when the model family has a calibration "
+        "(false: the calibration the model arrives with)",
+    )
+    updates: list[str] = Field(
+        default_factory=list,
+        description="update mechanisms each party's update passes, in "
+        "order, before it is sent (empty: the update as computed; see fedmerge.updates)",
+    )
+    timeout_minutes: float = Field(
+        120.0, gt=0.0, description="how long the server waits for the parties of a round"
+    )
+    model: ModelConfig = Field(
+        default_factory=default_model, description="the model family and its settings"
+    )
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
 
@@ -74,13 +106,16 @@ class FederationConfig(ConfigModel):
             twice = sorted({d for d in self.domains if self.domains.count(d) > 1})
             raise FedmergeError(f"domain {twice[0]!r} is listed twice; give each domain once")
         if self.min_parties is not None and self.min_parties > self.n_parties:
-            raise FedmergeError(f"min_parties = {self.min_parties} but the run has only {self.n_parties} parties "
-                                f"({len(self.domains)} domains x {self.parties_per_domain}); lower min_parties")
+            raise FedmergeError(
+                f"min_parties = {self.min_parties} but the run has only {self.n_parties} parties "
+                f"({len(self.domains)} domains x {self.parties_per_domain}); lower min_parties"
+            )
         check_mechanisms(self.updates)
         return self
 
     @property
     def n_parties(self) -> int:
+        """How many parties the run has: ``parties_per_domain`` for each domain."""
         return len(self.domains) * self.parties_per_domain
 
     @property
@@ -105,8 +140,12 @@ def party_specs(config: FederationConfig) -> list[PartySpec]:
     return [PartySpec(i * n + s, d, s, n) for i, d in enumerate(config.domains) for s in range(n)]
 
 
-def party_data(spec: PartySpec, config: FederationConfig, quiet: bool = True, whole: Part | None = None) -> Part:
-    """The party's private data: its domain, or its shard of the users (seeded, disjoint), with the item table.
+def party_data(
+    spec: PartySpec, config: FederationConfig, quiet: bool = True, whole: Part | None = None
+) -> Part:
+    """The party's private data.
+
+    Its domain, or its shard of the users (seeded, disjoint), with the item table.
 
     `whole` is the loaded domain, when the caller already has it (parties simulated in one process).
     """
@@ -114,15 +153,20 @@ def party_data(spec: PartySpec, config: FederationConfig, quiet: bool = True, wh
     if spec.shards == 1:
         return part
     if part.domain.n_users < spec.shards:
-        raise FedmergeError(f"domain {spec.domain!r} has {part.domain.n_users} users, fewer than its "
-                            f"{spec.shards} parties; lower parties_per_domain")
+        raise FedmergeError(
+            f"domain {spec.domain!r} has {part.domain.n_users} users, fewer than its "
+            f"{spec.shards} parties; lower parties_per_domain"
+        )
     order = np.random.default_rng(config.seed).permutation(part.domain.n_users)
     return Part(user_subset(part.domain, np.sort(order[spec.shard :: spec.shards])), part.features)
 
 
 @dataclass
 class Description:
-    """A party's answer to ``query``: who it is, and its domain's public item table (sent once per run)."""
+    """A party's answer to ``query``: who it is, and its domain's public item table.
+
+    Sent once per run.
+    """
 
     party: int
     domain: str
@@ -132,7 +176,10 @@ class Description:
 
 @dataclass
 class TrainReply:
-    """What a party sends after local training: its update (exchanged state - start) and aggregate facts."""
+    """What a party sends after local training.
+
+    Its update (exchanged state - start) and aggregate facts.
+    """
 
     domain: str
     update: StateDict
@@ -141,7 +188,10 @@ class TrainReply:
 
 @dataclass
 class EvaluateRequest:
-    """Models (exchanged states) for a party to evaluate on its private `splits` (``sample``: see party_evaluate)."""
+    """Models (exchanged states) for a party to evaluate on its private `splits`.
+
+    ``sample``: see party_evaluate.
+    """
 
     models: list[StateDict]
     splits: tuple[str, ...]
@@ -158,13 +208,22 @@ def describe(spec: PartySpec, part: Part) -> Description:
 
 
 def base_weights(config: FederationConfig, width: int) -> StateDict:
-    """theta_0: the exchanged state of the model config's seeded init (``config.base`` is read by the caller)."""
-    return {k: v.detach().clone() for k, v in build_model(config.model, width, config.seed).exchanged().items()}
+    """theta_0: the exchanged state of the model config's seeded init.
+
+    ``config.base`` is read by the caller.
+    """
+    return {
+        k: v.detach().clone()
+        for k, v in build_model(config.model, width, config.seed).exchanged().items()
+    }
 
 
 @contextmanager
 def party_threads(config: FederationConfig) -> Iterator[None]:
-    """Run a party's work on ``client_cpus`` torch threads, in every backend (the same arithmetic, the same result)."""
+    """Run a party's work on ``client_cpus`` torch threads, in every backend.
+
+    The same arithmetic, the same result.
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.client_cpus)))
     try:
@@ -173,9 +232,13 @@ def party_threads(config: FederationConfig) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: bool = True) -> TrainReply:
-    """Fine-tune from `start` on the party's training split (the same loop as ``fedmerge train``); the
-    reply carries the update after the ``updates`` chain, not the weights."""
+def party_train(
+    part: Part, start: StateDict, config: FederationConfig, quiet: bool = True
+) -> TrainReply:
+    """Fine-tune from `start` on the party's training split (the loop of ``fedmerge train``).
+
+    The reply carries the update after the ``updates`` chain, not the weights.
+    """
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_exchanged(start)
     began = time.perf_counter()
@@ -183,20 +246,33 @@ def party_train(part: Part, start: StateDict, config: FederationConfig, quiet: b
         result = fit(model, [part], config.train, quiet=quiet)
         model.load_state_dict(result.best_state)
         calibrate(model, [part], config.train)
-    trained = [h for h in result.history if "loss" in h]  # the epochs trained (epoch 0 is the start)
-    metrics = {"users": float(part.domain.n_users), "n_items": float(part.domain.n_items),
-               "epochs": float(len(trained)), "best_epoch": float(result.best_epoch),
-               "best_valid_ndcg@10": float(result.best_score), **({"last_loss": float(trained[-1]["loss"])} if trained
-                                                                 else {}),
-               "train_seconds": float(result.train_seconds), "seconds": time.perf_counter() - began}
+    # the epochs trained (epoch 0 is the start)
+    trained = [h for h in result.history if "loss" in h]
+    metrics = {
+        "users": float(part.domain.n_users),
+        "n_items": float(part.domain.n_items),
+        "epochs": float(len(trained)),
+        "best_epoch": float(result.best_epoch),
+        "best_valid_ndcg@10": float(result.best_score),
+        **({"last_loss": float(trained[-1]["loss"])} if trained else {}),
+        "train_seconds": float(result.train_seconds),
+        "seconds": time.perf_counter() - began,
+    }
     after = model.exchanged()
     update = {k: after[k].detach().cpu() - v for k, v in start.items() if v.is_floating_point()}
     return TrainReply(part.domain.name, send_update(update, config.updates), metrics)
 
 
-def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, splits: tuple[str, ...] | None = None,
-                   sample: bool = False) -> Evaluation:
-    """Aggregate metrics of `weights` on the party's private `splits` (default ``config.splits``): {split: metrics}.
+def party_evaluate(
+    part: Part,
+    weights: StateDict,
+    config: FederationConfig,
+    splits: tuple[str, ...] | None = None,
+    sample: bool = False,
+) -> Evaluation:
+    """Aggregate metrics of `weights` on the party's private `splits`: {split: metrics}.
+
+    `splits` defaults to ``config.splits``.
 
     ``sample`` reads only the ``train.valid_users`` seeded users that chose the party's epoch
     (how candidate merges are scored); the reported rows always read every user. With
@@ -215,26 +291,49 @@ def party_evaluate(part: Part, weights: StateDict, config: FederationConfig, spl
             tried = calibration_metrics(model, [part], config.train)
             scores = choose_calibration(model, tried)
             if scores and reads_every_user(part, config.train.valid_users):
-                known["valid"] = tried[max(scores, key=scores.get)][0]  # type: ignore[arg-type]
+                known["valid"] = tried[max(scores, key=scores.__getitem__)][0]
         scorer = model_scorer(model, part.features)
-        return {split: {k: float(v) for k, v in (known.get(split) or evaluate_domain(
-                    scorer, part.domain, split, config.train.eval_batch_size, protocol=config.train.evaluation)).items()}
-                | model.facts()
-                for split in splits or config.splits}
+        return {
+            split: {
+                k: float(v)
+                for k, v in (
+                    known.get(split)
+                    or evaluate_domain(
+                        scorer,
+                        part.domain,
+                        split,
+                        config.train.eval_batch_size,
+                        protocol=config.train.evaluation,
+                    )
+                ).items()
+            }
+            | model.facts()
+            for split in splits or config.splits
+        }
 
 
 def check_reply(reply: TrainReply, start: StateDict, party: str) -> None:
-    """Reject a reply whose update does not match the floating tensors of `start`, or is not finite (names the party)."""
-    check_aligned({k: v for k, v in start.items() if v.is_floating_point()}, [reply.update], [party])
+    """Reject a reply whose update mismatches the floating tensors of `start` or is not finite.
+
+    The error names the party.
+    """
+    check_aligned(
+        {k: v for k, v in start.items() if v.is_floating_point()}, [reply.update], [party]
+    )
 
 
 def check_description(description: Description, party: str) -> None:
     """Reject an item table that is not a finite (n_items, width) matrix (names the party)."""
     table = description.table
-    if table.ndim != 2 or len(table) != description.n_items or (table.is_floating_point()
-                                                                 and not torch.isfinite(table).all()):
-        raise FedmergeError(f"{party} sent an item table of shape {tuple(table.shape)} for {description.n_items} items, "
-                            "with non-finite values or the wrong shape; it is rejected")
+    if (
+        table.ndim != 2
+        or len(table) != description.n_items
+        or (table.is_floating_point() and not torch.isfinite(table).all())
+    ):
+        raise FedmergeError(
+            f"{party} sent an item table of shape {tuple(table.shape)} for {description.n_items} "
+            "items, with non-finite values or the wrong shape; it is rejected"
+        )
 
 
 def average_parties(replies: list[TrainReply]) -> TrainReply:
@@ -243,10 +342,16 @@ def average_parties(replies: list[TrainReply]) -> TrainReply:
         return replies[0]
     users = torch.tensor([r.metrics["users"] for r in replies], dtype=torch.float64)
     share = (users / users.sum()).tolist()
-    update = {k: sum(s * r.update[k] for s, r in zip(share, replies, strict=True)).to(v.dtype)
-              for k, v in replies[0].update.items()}
-    metrics = {"users": float(users.sum()), "n_items": replies[0].metrics["n_items"], "parties": float(len(replies)),
-               "train_seconds": max(r.metrics["train_seconds"] for r in replies)}
+    update = {
+        k: sum(s * r.update[k] for s, r in zip(share, replies, strict=True)).to(v.dtype)
+        for k, v in replies[0].update.items()
+    }
+    metrics = {
+        "users": float(users.sum()),
+        "n_items": replies[0].metrics["n_items"],
+        "parties": float(len(replies)),
+        "train_seconds": max(r.metrics["train_seconds"] for r in replies),
+    }
     return TrainReply(replies[0].domain, update, metrics)
 
 
@@ -255,15 +360,22 @@ def fine_tuned(start: StateDict, reply: TrainReply) -> StateDict:
     return combine(start, [reply.update], [1.0])
 
 
-def domain_rows(label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]],
-                protocol: str = "full") -> list[Row]:
-    """Metric rows per domain and split from the parties' metrics (user-weighted means of their shards), ranked
-    with `protocol` (:meth:`fedmerge.evaluate.EvalProtocol.name`)."""
+def domain_rows(
+    label: str, results: list[tuple[PartySpec, dict[str, dict[str, float]]]], protocol: str = "full"
+) -> list[Row]:
+    """Metric rows per domain and split: user-weighted means of the parties' shard metrics.
+
+    Each row records `protocol`, how it was ranked (:meth:`fedmerge.evaluate.EvalProtocol.name`).
+    """
     rows = []
     for domain in dict.fromkeys(spec.domain for spec, _ in results):
         for split in results[0][1]:
             shards = [m[split] for spec, m in results if spec.domain == domain]
             users = sum(m["users"] for m in shards)
-            merged = {k: sum(m[k] * m["users"] for m in shards) / max(users, 1.0) for k in shards[0] if k != "users"}
+            merged = {
+                k: sum(m[k] * m["users"] for m in shards) / max(users, 1.0)
+                for k in shards[0]
+                if k != "users"
+            }
             rows.append(metric_row(label, domain, split, merged | {"users": int(users)}, protocol))
     return rows

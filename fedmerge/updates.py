@@ -30,7 +30,10 @@ def check_mechanisms(names: list[str]) -> None:
     """Refuse a chain naming an unknown mechanism (named, with the known ones)."""
     for name in names:
         if name not in MECHANISMS:
-            raise FedmergeError(f"updates names {name!r}, which is no update mechanism; use: {', '.join(MECHANISMS)}")
+            raise FedmergeError(
+                f"updates names {name!r}, which is no update mechanism; use: "
+                f"{', '.join(MECHANISMS)}"
+            )
 
 
 def send_update(update: StateDict, names: list[str]) -> StateDict:

@@ -1,11 +1,12 @@
 """Flower ServerApp and the MergeRec strategy: thin wrappers over :class:`fedmerge.pipeline.Server`.
 
 :class:`MergeRecStrategy` is a Flower ``Strategy`` (so Flower's wrappers can wrap it): its
-``configure_*`` methods build the messages, its ``aggregate_*`` methods decode the replies and
-call the very steps the in-process pipeline calls (accept, merge, record). ``Strategy.start``
-runs the rounds. :func:`server.simulation.flower_backend` runs it all in Flower's simulation runtime (Ray); the
-module-level :data:`app` is the ServerApp of a deployed federation (SuperLink + SuperNodes,
-``flwr run``), which reads its run config and writes the same run directory as ``fedmerge simulate``.
+``configure_*`` methods build the messages, its ``aggregate_*`` methods decode the replies and call
+the very steps the in-process pipeline calls (accept, merge, record). ``Strategy.start`` runs the
+rounds. :func:`server.simulation.flower_backend` runs it all in Flower's simulation runtime (Ray);
+the module-level :data:`app` is the ServerApp of a deployed federation (SuperLink + SuperNodes,
+``flwr run``), which reads its run config and writes the same run directory as ``fedmerge
+simulate``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfig
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+    UserConfig,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
@@ -34,7 +43,14 @@ from fedmerge.pipeline import (
     log_trained,
     simulate,
 )
-from fedmerge.protocol import Description, EvaluateRequest, Evaluation, FederationConfig, TrainReply, party_specs
+from fedmerge.protocol import (
+    Description,
+    EvaluateRequest,
+    Evaluation,
+    FederationConfig,
+    TrainReply,
+    party_specs,
+)
 from server.records import (
     evaluate_asked,
     evaluate_content,
@@ -47,14 +63,20 @@ from server.records import (
     train_content,
 )
 
+if TYPE_CHECKING:
+    from fedmerge.runs.rundir import RunDir
+
 
 def _error(msg: Message) -> Exception:
     return RuntimeError(msg.error.reason if msg.has_error() else "empty reply")
 
 
 class MergeRecStrategy(Strategy):
-    """Send the round's start, receive each party's update separately, merge with learned coefficients, evaluate
-    every model everywhere. The ConfigRecords Flower hands ``configure_*`` travel in every request."""
+    """Send the round's start, receive each party's update, merge, evaluate every model everywhere.
+
+    Each party's update is received separately, and the merge has learned coefficients. The
+    ConfigRecords Flower hands ``configure_*`` travel in every request.
+    """
 
     def __init__(self, config: FederationConfig, server: Server, nodes: dict[int, int]) -> None:
         self.config, self.server, self.nodes = config, server, nodes  # nodes: party id -> node id
@@ -65,17 +87,29 @@ class MergeRecStrategy(Strategy):
         self.train_config = federation(config)
 
     def _messages(self, content: RecordDict, kind: str, server_round: int) -> list[Message]:
-        return [Message(content=content, message_type=kind, dst_node_id=node, group_id=str(server_round))
-                for node in self.nodes.values()]
+        return [
+            Message(
+                content=content, message_type=kind, dst_node_id=node, group_id=str(server_round)
+            )
+            for node in self.nodes.values()
+        ]
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        self.start_weights, self.grid, self.train_config = arrays.to_torch_state_dict(), grid, config
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The ``train`` messages of round `server_round`: the start weights, to every party."""
+        self.start_weights, self.grid, self.train_config = (
+            arrays.to_torch_state_dict(),
+            grid,
+            config,
+        )
         self.server.begin(server_round)
         return self._messages(train_content(arrays, config), "train", server_round)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Accept each party's update separately, then merge: the merged weights for the round."""
         raw: dict[int, TrainReply | Exception] = {}
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
@@ -88,61 +122,98 @@ class MergeRecStrategy(Strategy):
         def judge(candidates: list[StateDict]) -> list[float]:
             assert self.grid is not None  # set by configure_train
             request = EvaluateRequest(candidates, ("valid",), sample=True)
-            messages = self._messages(evaluate_content(self.train_config, request), "evaluate", server_round)
+            messages = self._messages(
+                evaluate_content(self.train_config, request), "evaluate", server_round
+            )
             replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
-            return self.server.valid_scores(server_round,
-                                            self._evaluations(replies, list(range(len(candidates))), ("valid",)))
+            return self.server.valid_scores(
+                server_round, self._evaluations(replies, list(range(len(candidates))), ("valid",))
+            )
 
         outcome, self.models = self.server.merge(server_round, self.start_weights, accepted, judge)
         return ArrayRecord(outcome.merged), MetricRecord({"merge_seconds": outcome.seconds})
 
-    def _evaluations(self, replies: Iterable[Message], labels: list,
-                     splits: tuple[str, ...]) -> dict[int, dict[Any, Evaluation] | Exception]:
-        """Each party's evaluations of the models sent in order, keyed by `labels`, on `splits`; or its error."""
+    def _evaluations(
+        self, replies: Iterable[Message], labels: list, splits: tuple[str, ...]
+    ) -> dict[int, dict[Any, Evaluation] | Exception]:
+        """Each party's evaluations of the models sent, by `labels`, on `splits`; or its error.
+
+        The models were sent in the order of `labels`.
+        """
         evaluations: dict[int, dict[Any, Evaluation] | Exception] = {}
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
             try:
-                evaluations[party] = (_error(msg) if msg.has_error() else
-                                      dict(zip(labels, read_evaluations(msg, len(labels), splits), strict=True)))
+                evaluations[party] = (
+                    _error(msg)
+                    if msg.has_error()
+                    else dict(zip(labels, read_evaluations(msg, len(labels), splits), strict=True))
+                )
             except (KeyError, TypeError, ValueError) as err:
                 evaluations[party] = FedmergeError(f"malformed reply ({type(err).__name__}: {err})")
         return evaluations
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The ``evaluate`` messages: every model of the round, to every party."""
         self.server.evaluating(server_round, list(self.models))
         request = EvaluateRequest(list(self.models.values()), self.config.splits)
         return self._messages(evaluate_content(config, request), "evaluate", server_round)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record the parties' evaluations as the round's rows; the metrics say how many."""
         labels = list(self.models)
-        result = self.server.record(server_round, labels, self._evaluations(replies, labels, self.config.splits))
+        result = self.server.record(
+            server_round, labels, self._evaluations(replies, labels, self.config.splits)
+        )
         return MetricRecord({"rows": len(result.rows)})
 
     def summary(self) -> None:
-        self.server.log("strategy", name=type(self).__name__, parties=len(self.nodes), rounds=self.config.rounds)
+        """Log the strategy's name, its number of parties and of rounds."""
+        self.server.log(
+            "strategy", name=type(self).__name__, parties=len(self.nodes), rounds=self.config.rounds
+        )
 
 
 def discover(grid: Grid, config: FederationConfig) -> tuple[dict[int, Description], dict[int, int]]:
-    """Wait for every party's node and ask each who it is (``query``): descriptions and node ids by party id."""
+    """Wait for every party's node and ask each who it is (``query``).
+
+    Returns descriptions and node ids by party id.
+    """
     deadline = time.monotonic() + 60 * config.timeout_minutes
     nodes: list[int] = []
     while len(nodes) < config.n_parties and time.monotonic() < deadline:
         nodes = list(grid.get_node_ids())
         time.sleep(0.2)
     if len(nodes) < config.n_parties:
-        raise FedmergeError(f"only {len(nodes)} of {config.n_parties} parties connected within "
-                            f"{config.timeout_minutes} minutes; start more SuperNodes or lower the party count")
-    messages = [Message(content=RecordDict({"config": federation(config)}), message_type="query", dst_node_id=node,
-                        group_id="query") for node in nodes]
+        raise FedmergeError(
+            f"only {len(nodes)} of {config.n_parties} parties connected within "
+            f"{config.timeout_minutes} minutes; start more SuperNodes or lower the party count"
+        )
+    messages = [
+        Message(
+            content=RecordDict({"config": federation(config)}),
+            message_type="query",
+            dst_node_id=node,
+            group_id="query",
+        )
+        for node in nodes
+    ]
     found: dict[int, Description] = {}
     node_of: dict[int, int] = {}
     for msg in grid.send_and_receive(messages, timeout=60 * config.timeout_minutes):
         if msg.has_error():
-            raise FedmergeError(f"node {msg.metadata.src_node_id} could not load its data: {msg.error.reason}")
+            raise FedmergeError(
+                f"node {msg.metadata.src_node_id} could not load its data: {msg.error.reason}"
+            )
         description = read_description(msg)
-        found[description.party], node_of[description.party] = description, int(msg.metadata.src_node_id)
+        found[description.party], node_of[description.party] = (
+            description,
+            int(msg.metadata.src_node_id),
+        )
     return found, node_of
 
 
@@ -154,24 +225,35 @@ class FlowerBackend:
         self.nodes: dict[int, int] = {}
 
     def describe(self, log: Log) -> dict[int, Description | Exception]:
-        """Each party's description; a grid built with :func:`reply_logger` logs each one as it arrives."""
+        """Each party's description.
+
+        A grid built with :func:`reply_logger` logs each one as it arrives.
+        """
         found, self.nodes = discover(self.grid, self.config)
         return dict(found)
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
+        """Every round, driven by Flower's strategy loop (:class:`MergeRecStrategy`)."""
         strategy = MergeRecStrategy(self.config, server, self.nodes)
-        strategy.start(self.grid, ArrayRecord(base), num_rounds=self.config.rounds,
-                       timeout=60 * self.config.timeout_minutes, train_config=federation(self.config),
-                       evaluate_config=federation(self.config))
+        strategy.start(
+            self.grid,
+            ArrayRecord(base),
+            num_rounds=self.config.rounds,
+            timeout=60 * self.config.timeout_minutes,
+            train_config=federation(self.config),
+            evaluate_config=federation(self.config),
+        )
         return server.results
 
 
 Reporter = Callable[[Message, Message, float], None]
-"""Called with (request, reply, seconds since the request was sent) for every reply as it arrives."""
+"""Called for every reply as it arrives: (request, reply, seconds since the request was sent)."""
 
 
 class StoppableGrid:
-    """A grid whose waits for replies end with an error once `stop` is set, and that reports each reply as it arrives.
+    """A grid whose waits for replies end with an error once `stop` is set.
+
+    It reports each reply as it arrives.
 
     In simulation the ServerApp runs in a thread of its own, and Ctrl-C reaches the main thread
     only: without this, the ServerApp would wait out its timeout for parties that are gone.
@@ -179,10 +261,13 @@ class StoppableGrid:
     last party's does; `poll` is the pause between two pulls of the replies.
     """
 
-    def __init__(self, grid: Grid, stop: threading.Event, on_reply: Reporter | None = None, poll: float = 0.1) -> None:
+    def __init__(
+        self, grid: Grid, stop: threading.Event, on_reply: Reporter | None = None, poll: float = 0.1
+    ) -> None:
         self.grid, self.stop, self.on_reply, self.poll = grid, stop, on_reply, poll
 
     def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped grid's."""
         return getattr(self.grid, name)
 
     def _check(self) -> None:
@@ -190,11 +275,14 @@ class StoppableGrid:
             raise FedmergeError("the run was interrupted")
 
     def get_node_ids(self) -> Iterable[int]:
+        """The grid's node ids, unless the run was stopped."""
         self._check()
         return self.grid.get_node_ids()
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push `messages`, then pull replies until all arrived, `timeout` seconds passed, or the run stops."""
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push `messages`; pull replies until all arrived, the run stops or `timeout` is up."""
         messages = list(messages)
         ids = list(self.grid.push_messages(messages))
         requests, pending, sent = dict(zip(ids, messages, strict=False)), set(ids), time.monotonic()
@@ -207,7 +295,9 @@ class StoppableGrid:
             pending -= {msg.metadata.reply_to_message_id for msg in arrived}
             for msg in arrived:
                 if self.on_reply is not None and msg.metadata.reply_to_message_id in requests:
-                    self.on_reply(requests[msg.metadata.reply_to_message_id], msg, time.monotonic() - sent)
+                    self.on_reply(
+                        requests[msg.metadata.reply_to_message_id], msg, time.monotonic() - sent
+                    )
             if pending:
                 time.sleep(self.poll)
         return replies
@@ -258,7 +348,9 @@ def deployed_run(run_config: UserConfig) -> tuple[FederationConfig, Path]:
     """
     preset = str(run_config.get("config", "simulate")) or None
     overrides = [item.strip() for item in str(run_config.get("set", "")).split(";") if item.strip()]
-    return load_config(preset, overrides, FederationConfig), Path(str(run_config.get("out", "runs/deployed")))
+    return load_config(preset, overrides, FederationConfig), Path(
+        str(run_config.get("out", "runs/deployed"))
+    )
 
 
 app = ServerApp()
@@ -266,11 +358,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation on the deployed SuperNodes and write the run directory (``run.json`` says how it ended)."""
+    """Run the federation on the deployed SuperNodes and write the run directory.
+
+    ``run.json`` says how it ended.
+    """
     config, out = deployed_run(context.run_config)
 
-    def run(run_dir):  # type: ignore[no-untyped-def]
-        watched = StoppableGrid(grid, threading.Event(), reply_logger(config, run_dir.log), poll=1.0)
-        return execute(config, FlowerBackend(watched, config), run_dir)
+    def run(run_dir: RunDir) -> list[RoundResult]:
+        watched = StoppableGrid(
+            grid, threading.Event(), reply_logger(config, run_dir.log), poll=1.0
+        )
+        # a Grid by delegation: StoppableGrid passes everything but the waits to `grid`
+        return execute(config, FlowerBackend(cast(Grid, watched), config), run_dir)
 
     simulate(config, run, out, Console(markup=False))

@@ -1,29 +1,67 @@
-"""Flower records <-> fedmerge's typed messages, both ways: the only place that knows the wire layout.
+"""Flower records <-> fedmerge's typed messages, both ways.
+
+The only place that knows the wire layout.
 
 The ClientApp (``clients/app.py``) and the ServerApp (``server/app.py``) convert here and pass
 the protocol's dataclasses (:mod:`fedmerge.protocol`) everywhere else. Every message carries
 the federation config as JSON in its ``config`` record (the strategy forwards the ConfigRecord
 Flower hands it, so a wrapper's keys travel too).
 
-========  =====================================================  ==============================================
-message   request                                                reply
-========  =====================================================  ==============================================
-query     ``config``                                             ``party`` (id, domain, n_items), ``table``
-train     ``config``, ``arrays`` (the start: one ArrayRecord)    ``update`` (one ArrayRecord), ``metrics``,
-                                                                 ``party``
-evaluate  ``config`` (+ models, splits, sample), ``model-<i>``   ``party``, ``metrics-<i>-<split>``
-========  =====================================================  ==============================================
+========  ====================================================  ====================================
+message   request                                               reply
+========  ====================================================  ====================================
+query     ``config``                                            ``party`` (id, domain, n_items),
+                                                                ``table``
+train     ``config``, ``arrays`` (the start: one ArrayRecord)   ``update`` (one ArrayRecord),
+                                                                ``metrics``, ``party``
+evaluate  ``config`` (+ models, splits, sample), ``model-<i>``  ``party``, ``metrics-<i>-<split>``
+========  ====================================================  ====================================
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict
 from fedmerge.protocol import Description, EvaluateRequest, Evaluation, FederationConfig, TrainReply
+
+
+def _arrays(content: RecordDict, key: str) -> StateDict:
+    """The tensors of the ArrayRecord at `key` (where the wire layout puts one)."""
+    return cast(ArrayRecord, content[key]).to_torch_state_dict()
+
+
+def _config(content: RecordDict, key: str) -> ConfigRecord:
+    """The ConfigRecord at `key` (where the wire layout puts one)."""
+    return cast(ConfigRecord, content[key])
+
+
+def _int(record: ConfigRecord, key: str) -> int:
+    """The integer at `key` of `record` (where the wire layout puts one)."""
+    return int(cast(int, record[key]))
+
+
+def _floats(record: MetricRecord) -> dict[str, float]:
+    """Every value of `record` as a float (the layout sends scalar metrics only)."""
+    return {k: float(cast(float, v)) for k, v in record.items()}
+
+
+def _metric_record(values: Mapping[str, float]) -> MetricRecord:
+    """`values` as a MetricRecord (which copies them)."""
+    metrics: dict[str, MetricRecordValues] = dict(values)
+    return MetricRecord(metrics)
 
 
 def federation(config: FederationConfig) -> ConfigRecord:
@@ -42,15 +80,23 @@ def _party(party: int, domain: str, **extra: int) -> ConfigRecord:
 
 def description_content(description: Description) -> RecordDict:
     """A ``query`` reply."""
-    return RecordDict({"party": _party(description.party, description.domain, n_items=description.n_items),
-                       "table": ArrayRecord({"table": description.table})})
+    return RecordDict(
+        {
+            "party": _party(description.party, description.domain, n_items=description.n_items),
+            "table": ArrayRecord({"table": description.table}),
+        }
+    )
 
 
 def read_description(msg: Message) -> Description:
     """The :class:`Description` of a ``query`` reply."""
-    party = msg.content["party"]
-    return Description(int(party["party"]), str(party["domain"]), int(party["n_items"]),  # type: ignore[arg-type]
-                       msg.content["table"].to_torch_state_dict()["table"])
+    party = _config(msg.content, "party")
+    return Description(
+        _int(party, "party"),
+        str(party["domain"]),
+        _int(party, "n_items"),
+        _arrays(msg.content, "table")["table"],
+    )
 
 
 def train_content(start: ArrayRecord, config: ConfigRecord) -> RecordDict:
@@ -60,33 +106,47 @@ def train_content(start: ArrayRecord, config: ConfigRecord) -> RecordDict:
 
 def read_start(msg: Message) -> StateDict:
     """The start weights of a ``train`` request."""
-    return msg.content["arrays"].to_torch_state_dict()
+    return _arrays(msg.content, "arrays")
 
 
 def train_reply_content(party: int, reply: TrainReply) -> RecordDict:
     """A ``train`` reply: the update (one ArrayRecord), aggregate metrics, who sent it."""
-    return RecordDict({"update": ArrayRecord(reply.update), "metrics": MetricRecord(reply.metrics),
-                       "party": _party(party, reply.domain)})
+    return RecordDict(
+        {
+            "update": ArrayRecord(reply.update),
+            "metrics": _metric_record(reply.metrics),
+            "party": _party(party, reply.domain),
+        }
+    )
 
 
 def read_metrics(msg: Message) -> dict[str, float]:
     """The aggregate metrics of a ``train`` reply."""
-    return {k: float(v) for k, v in msg.content["metrics"].items()}  # type: ignore[arg-type]
+    return _floats(cast(MetricRecord, msg.content["metrics"]))
 
 
 def read_train_reply(msg: Message) -> TrainReply:
     """The :class:`TrainReply` of a ``train`` reply; a malformed one is a FedmergeError."""
     try:
-        return TrainReply(str(msg.content["party"]["domain"]), msg.content["update"].to_torch_state_dict(),
-                          read_metrics(msg))
+        return TrainReply(
+            str(msg.content["party"]["domain"]),
+            _arrays(msg.content, "update"),
+            read_metrics(msg),
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise FedmergeError(f"malformed reply ({type(err).__name__}: {err})") from err
 
 
 def evaluate_content(config: ConfigRecord, request: EvaluateRequest) -> RecordDict:
     """An ``evaluate`` request: the config record with what to evaluate, and each model."""
-    asked = ConfigRecord(dict(config) | {"models": len(request.models), "splits": json.dumps(request.splits),
-                                         "sample": request.sample})
+    asked = ConfigRecord(
+        dict(config)
+        | {
+            "models": len(request.models),
+            "splits": json.dumps(request.splits),
+            "sample": request.sample,
+        }
+    )
     content = RecordDict({"config": asked})
     for index, weights in enumerate(request.models):
         content[f"model-{index}"] = ArrayRecord(weights)
@@ -94,16 +154,18 @@ def evaluate_content(config: ConfigRecord, request: EvaluateRequest) -> RecordDi
 
 
 def evaluate_asked(msg: Message) -> tuple[int, bool]:
-    """How many models an ``evaluate`` request holds, and whether it asks for the sampled valid users."""
-    asked = msg.content["config"]
-    return int(asked["models"]), bool(asked["sample"])  # type: ignore[arg-type]
+    """How many models an ``evaluate`` request holds, and whether it samples the valid users."""
+    asked = _config(msg.content, "config")
+    return _int(asked, "models"), bool(asked["sample"])
 
 
 def read_evaluate_request(msg: Message) -> EvaluateRequest:
     """The :class:`EvaluateRequest` of an ``evaluate`` request."""
     models, sample = evaluate_asked(msg)
     splits = tuple(json.loads(str(msg.content["config"]["splits"])))
-    return EvaluateRequest([msg.content[f"model-{i}"].to_torch_state_dict() for i in range(models)], splits, sample)
+    return EvaluateRequest(
+        [_arrays(msg.content, f"model-{i}") for i in range(models)], splits, sample
+    )
 
 
 def evaluate_reply_content(party: int, domain: str, evaluations: list[Evaluation]) -> RecordDict:
@@ -111,16 +173,21 @@ def evaluate_reply_content(party: int, domain: str, evaluations: list[Evaluation
     content = RecordDict({"party": _party(party, domain)})
     for index, evaluation in enumerate(evaluations):
         for split, values in evaluation.items():
-            content[f"metrics-{index}-{split}"] = MetricRecord(values)
+            content[f"metrics-{index}-{split}"] = _metric_record(values)
     return content
 
 
 def read_evaluations(msg: Message, models: int, splits: tuple[str, ...]) -> list[Evaluation]:
     """Each model's evaluation in an ``evaluate`` reply."""
-    return [{split: {k: float(v) for k, v in msg.content[f"metrics-{i}-{split}"].items()}  # type: ignore[arg-type]
-             for split in splits} for i in range(models)]
+    return [
+        {
+            split: _floats(cast(MetricRecord, msg.content[f"metrics-{i}-{split}"]))
+            for split in splits
+        }
+        for i in range(models)
+    ]
 
 
 def sender(msg: Message) -> int:
     """The party id a reply names."""
-    return int(msg.content["party"]["party"])  # type: ignore[arg-type]
+    return _int(_config(msg.content, "party"), "party")

@@ -1,4 +1,6 @@
-"""The Flower backend of ``fedmerge simulate``: the ServerApp and ClientApps in Flower's simulation runtime (Ray).
+"""The Flower backend of ``fedmerge simulate``.
+
+The ServerApp and ClientApps in Flower's simulation runtime (Ray).
 
 :func:`flower_backend` runs :func:`fedmerge.pipeline.execute` in a ServerApp next to one
 ClientApp per party, with Flower's and Ray's own output hidden unless asked for
@@ -10,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -21,11 +23,18 @@ from fedmerge.errors import FedmergeError
 from fedmerge.protocol import FederationConfig
 from server.app import FlowerBackend, StoppableGrid, reply_logger
 
+if TYPE_CHECKING:
+    from fedmerge.pipeline import RoundResult
+    from fedmerge.runs.rundir import RunDir
+
 
 def server_app(config: FederationConfig, holder: dict) -> ServerApp:
-    """A ServerApp that runs `config` via :func:`fedmerge.pipeline.execute`; its outcome goes into `holder`.
+    """A ServerApp that runs `config` via :func:`fedmerge.pipeline.execute`.
 
-    ``holder["stop"]`` (a ``threading.Event``) ends its waits for the parties (see :class:`StoppableGrid`).
+    Its outcome goes into `holder`.
+
+    ``holder["stop"]`` (a ``threading.Event``) ends its waits for the parties (see
+    :class:`StoppableGrid`).
     """
     from fedmerge.pipeline import execute
 
@@ -35,48 +44,70 @@ def server_app(config: FederationConfig, holder: dict) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         try:
             watched = StoppableGrid(grid, holder["stop"], reply_logger(config, holder["run"].log))
-            holder["results"] = execute(config, FlowerBackend(watched, config), holder["run"])
+            # a Grid by delegation: StoppableGrid passes everything but the waits to `grid`
+            holder["results"] = execute(
+                config, FlowerBackend(cast(Grid, watched), config), holder["run"]
+            )
         except BaseException as err:  # noqa: BLE001 - handed back to the caller of run_simulation
             holder["error"] = err
 
     return app
 
 
-def flower_backend(config: FederationConfig, verbose: bool = False):  # type: ignore[no-untyped-def]
-    """A callable for :func:`fedmerge.pipeline.simulate`: the run in Flower's simulation runtime (Ray).
+def flower_backend(
+    config: FederationConfig, verbose: bool = False
+) -> Callable[[RunDir], list[RoundResult]]:
+    """A callable for :func:`fedmerge.pipeline.simulate`: the run in Flower's simulation runtime.
 
-    Flower's and Ray's own log lines and warnings are hidden unless `verbose` (:func:`runtime_output`);
-    a failure of the runtime itself is raised as one :class:`FedmergeError` that quotes Flower's error.
+    The runtime is Ray.
+
+    Flower's and Ray's own log lines and warnings are hidden unless `verbose`
+    (:func:`runtime_output`); a failure of the runtime itself is raised as one
+    :class:`FedmergeError` that quotes Flower's error.
     """
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
 
-    def run(run_dir):  # type: ignore[no-untyped-def]
+    def run(run_dir: RunDir) -> list[RoundResult]:
         holder: dict = {"run": run_dir, "stop": threading.Event()}
-        backend: dict[str, Any] = {"client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}}
+        backend: dict[str, Any] = {
+            "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}
+        }
         run_dir.log("runtime_start", backend="flower", nodes=config.n_parties)
         with runtime_output(verbose) as (init_args, errors):
             backend["init_args"] = init_args
             try:
                 with ray_keeps_sigterm_handler():
-                    run_simulation(server_app(config, holder), client_app, num_supernodes=config.n_parties,
-                                   backend_config=backend)  # type: ignore[arg-type]
+                    run_simulation(
+                        server_app(config, holder),
+                        client_app,
+                        num_supernodes=config.n_parties,
+                        backend_config=backend,
+                    )
             except KeyboardInterrupt:
-                holder["stop"].set()  # the ServerApp's thread stops at its next wait for the parties
+                # the ServerApp's thread stops at its next wait for the parties
+                holder["stop"].set()
                 raise
             except Exception as err:
                 failed = holder.get("error")  # the ServerApp's own error, if it had one
-                holder["stop"].set()  # the ServerApp's thread may still wait for the parties: it ends at its next wait
+                # the ServerApp's thread may still wait for the parties: it ends at its next wait
+                holder["stop"].set()
                 if failed is not None:
                     raise failed from None
-                raise FedmergeError(f"Flower's simulation runtime failed: {_said(errors) or f'{type(err).__name__}: {err}'}"
-                                    f"; rerun with --verbose to see Flower's and Ray's log") from err
+                raise FedmergeError(
+                    "Flower's simulation runtime failed: "
+                    f"{_said(errors) or f'{type(err).__name__}: {err}'}; rerun with --verbose to "
+                    "see Flower's and Ray's log"
+                ) from err
         if "error" in holder:
             raise holder["error"]
         if "results" not in holder:
-            raise FedmergeError(f"the Flower simulation ended without results{f' ({_said(errors)})' if errors else ''}; "
-                                "rerun with --verbose to see Flower's and Ray's log")
+            raise FedmergeError(
+                "the Flower simulation ended without "
+                f"results{f' ({_said(errors)})' if errors else ''}; rerun with --verbose to see "
+                "Flower's and Ray's log"
+            )
         return holder["results"]
 
     return run
@@ -88,7 +119,10 @@ def _said(errors: list[str]) -> str:
 
 
 class _Keep(logging.Handler):
-    """Keeps the messages of the records it handles (Flower's errors, while its console output is hidden)."""
+    """Keeps the messages of the records it handles.
+
+    Flower's errors, while its console output is hidden.
+    """
 
     def __init__(self, into: list[str]) -> None:
         super().__init__(logging.ERROR)
@@ -122,7 +156,8 @@ def runtime_output(verbose: bool) -> Iterator[tuple[dict[str, Any], list[str]]]:
         colored, prefix = console_handler.colored, os.environ.get("RAY_COLOR_PREFIX")
         console_handler.colored = sys.stderr.isatty()
         if not sys.stderr.isatty():
-            os.environ["RAY_COLOR_PREFIX"] = "0"  # Ray's "(ClientAppActor pid=...)" prefix without colour codes
+            # Ray's "(ClientAppActor pid=...)" prefix without colour codes
+            os.environ["RAY_COLOR_PREFIX"] = "0"
         try:
             yield {}, errors
         finally:
@@ -169,7 +204,9 @@ def ray_keeps_sigterm_handler() -> Iterator[None]:
 
 
 def leave_after_interrupt(code: int = 130) -> NoReturn:
-    """End this process at once after Ctrl-C or SIGTERM stopped a simulation (its record already says ``interrupted``).
+    """End this process at once after Ctrl-C or SIGTERM stopped a simulation.
+
+    Its record already says ``interrupted``.
 
     A terminal's Ctrl-C also stops Ray's workers; Flower's runtime threads then wait forever
     for their replies, and a normal exit would wait for those threads. Ray is shut down first.
@@ -183,7 +220,8 @@ def leave_after_interrupt(code: int = 130) -> NoReturn:
     import sys
 
     try:
-        import ray  # fails when the signal came while Ray was being imported: then nothing of Ray runs yet
+        # fails when the signal came while Ray was being imported: then nothing of Ray runs yet
+        import ray
 
         ray.shutdown()
     finally:

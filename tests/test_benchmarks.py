@@ -14,22 +14,41 @@ from fedmerge.train.config import ExperimentConfig
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import merge_quality
 
-    args = argparse.Namespace(tables=tmp_path, domains=["beauty", "pantry"], pretrain="steam,games", steps=500,
-                              overrides=[])
+    args = argparse.Namespace(
+        tables=tmp_path,
+        domains=["beauty", "pantry"],
+        pretrain="steam,games",
+        steps=500,
+        overrides=[],
+    )
     # Recorded before the preset kept a weight average, with no --set at all.
-    without_average = merge_quality._preset(load_config("textseq", ["train.ema=null"], ExperimentConfig).model_dump(mode="json"))
-    record = {"base": "seeded", "seed": 0, "table": dict.fromkeys(merge_quality.MEASURED, {}), "lambdas": {},
-              "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
-                           "config": without_average}}
+    without_average = merge_quality._preset(
+        load_config("textseq", ["train.ema=null"], ExperimentConfig).model_dump(mode="json")
+    )
+    record = {
+        "base": "seeded",
+        "seed": 0,
+        "table": dict.fromkeys(merge_quality.MEASURED, {}),
+        "lambdas": {},
+        "settings": {
+            "domains": args.domains,
+            "pretrain": args.pretrain,
+            "steps": 500,
+            "overrides": [],
+            "config": without_average,
+        },
+    }
     write_json(tmp_path / "seeded-seed0.json", record)
     with pytest.raises(SystemExit, match="seeded-seed0.json was measured with another config;"):
         merge_quality.seed_record("seeded", 0, args)  # today's preset averages the weights
-    args.overrides = ["train.ema=null"]  # the same resolved config, spelt with a --set the record lacks
+    # the same resolved config, spelt with a --set the record lacks
+    args.overrides = ["train.ema=null"]
     assert merge_quality.seed_record("seeded", 0, args) == record
     args.steps = 300
     with pytest.raises(SystemExit, match="measured with another steps;"):
@@ -41,21 +60,46 @@ def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(tmp_path
 
 
 def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_measured_with(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Records written before ``pretrain`` froze all but the adaptor pretrained everything (``train.frozen=[]``)."""
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records written before ``pretrain`` froze all but the adaptor pretrained everything.
+
+    That is, ``train.frozen=[]``.
+    """
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import merge_quality
 
-    args = argparse.Namespace(tables=tmp_path, domains=["beauty", "pantry"], pretrain="steam,games", steps=500,
-                              overrides=["train.ema=null"])
-    config = merge_quality._preset(load_config("textseq", args.overrides, ExperimentConfig).model_dump(mode="json"))
-    record = {"base": "pretrained", "seed": 0, "table": dict.fromkeys(merge_quality.MEASURED, {}), "lambdas": {},
-              "settings": {"domains": args.domains, "pretrain": args.pretrain, "steps": 500, "overrides": [],
-                           "config": config}}
+    args = argparse.Namespace(
+        tables=tmp_path,
+        domains=["beauty", "pantry"],
+        pretrain="steam,games",
+        steps=500,
+        overrides=["train.ema=null"],
+    )
+    config = merge_quality._preset(
+        load_config("textseq", args.overrides, ExperimentConfig).model_dump(mode="json")
+    )
+    record = {
+        "base": "pretrained",
+        "seed": 0,
+        "table": dict.fromkeys(merge_quality.MEASURED, {}),
+        "lambdas": {},
+        "settings": {
+            "domains": args.domains,
+            "pretrain": args.pretrain,
+            "steps": 500,
+            "overrides": [],
+            "config": config,
+        },
+    }
     write_json(tmp_path / "pretrained-seed0.json", record)
-    with pytest.raises(SystemExit, match="pretrained-seed0.json was measured with another pretrain config;"):
-        merge_quality.seed_record("pretrained", 0, args)  # today's pretraining trains the adaptor only
-    args.overrides = ["train.ema=null", "train.frozen=[]"]  # fine-tuning is unchanged by it: frozen is [] there
+    with pytest.raises(
+        SystemExit, match="pretrained-seed0.json was measured with another pretrain config;"
+    ):
+        # today's pretraining trains the adaptor only
+        merge_quality.seed_record("pretrained", 0, args)
+    # fine-tuning is unchanged by it: frozen is [] there
+    args.overrides = ["train.ema=null", "train.frozen=[]"]
     assert merge_quality.seed_record("pretrained", 0, args) == record
 
 
@@ -67,11 +111,14 @@ def test_the_summary_says_which_rows_fewer_seeds_measured(monkeypatch: pytest.Mo
     tables = [{"ties": both, "new": both}, {"ties": {"a": (0.3, 0.05), "b": (0.5, 0.1)}}]
     ties, new = merge_quality._summary(tables, ["a", "b"])
     assert ties["model"] == "ties" and ties["average recall@10"] == pytest.approx((0.3, 0.1))
-    assert new["model"] == "new (1 of 2 seeds)" and new["average recall@10"] == pytest.approx((0.2, 0.0))
+    assert new["model"] == "new (1 of 2 seeds)" and new["average recall@10"] == pytest.approx(
+        (0.2, 0.0)
+    )
 
 
 def test_measuring_one_seed_writes_the_table_of_every_recorded_seed_of_both_regimes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import merge_quality
 

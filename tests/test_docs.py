@@ -1,4 +1,4 @@
-"""The documentation: generated pages are current, relative links resolve, the Quick start commands exist."""
+"""The docs: generated pages are current, relative links resolve, Quick start commands exist."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ LINKED = ["README.md", "benchmarks/README.md", "configs/README.md"]
 
 
 def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fedmerge_docs_generate", ROOT / "docs" / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "fedmerge_docs_generate", ROOT / "docs" / "generate.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -26,7 +28,10 @@ def test_generated_docs_are_current(capsys) -> None:
     generate = _generator()
     files = generate.render()
     stale = [str(path.relative_to(ROOT)) for path in generate.stale(files)]
-    assert not stale, f"{', '.join(stale)} out of date with the code or configs/: run `make docs` (python docs/generate.py)"
+    assert not stale, (
+        f"{', '.join(stale)} out of date with the code or configs/: run `make docs` (python "
+        "docs/generate.py)"
+    )
     assert generate.main(["--check"]) == 0  # the --check mode agrees
     capsys.readouterr()
 
@@ -58,32 +63,53 @@ def test_config_doc_lists_every_key_and_preset() -> None:
             else:
                 yield prefix + name
 
-    expected = [*keys(ExperimentConfig), *keys(FederationConfig)]  # `model`: the keys every family has
-    expected += [f"model.{k}" for cls in FAMILIES.values() if cls.__module__.startswith("fedmerge.")
-                 for k in cls.Config.model_fields]  # and each built-in family's own (not one a test registers)
-    expected += [f"merge.params.{k}" for method in METHODS.values() for k in method.params.model_fields]
+    # `model`: the keys every family has
+    expected = [*keys(ExperimentConfig), *keys(FederationConfig)]
+    expected += [
+        f"model.{k}"
+        for cls in FAMILIES.values()
+        if cls.__module__.startswith("fedmerge.")
+        # and each built-in family's own (not one a test registers)
+        for k in cls.Config.model_fields
+    ]
+    expected += [
+        f"merge.params.{k}" for method in METHODS.values() for k in method.params.model_fields
+    ]
     missing = [k for k in expected if f"| `{k}` |" not in text]
     assert not missing, f"docs/config.md lacks {missing}: run `make docs`"
     for path in sorted((ROOT / "configs").glob("*.toml")):
-        assert f"### `configs/{path.name}`" in text, f"docs/config.md lacks the preset {path.name}: run `make docs`"
+        assert f"### `configs/{path.name}`" in text, (
+            f"docs/config.md lacks the preset {path.name}: run `make docs`"
+        )
 
 
 def _without_code(text: str) -> str:
-    """`text` with fenced code blocks and inline code blanked out (same length, same line breaks)."""
+    """`text` with fenced code blocks and inline code blanked out.
+
+    Same length, same line breaks.
+    """
     blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))  # noqa: E731
     text = re.sub(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", blank, text, flags=re.M | re.S)
-    return re.sub(r"(`+)(?!`)(?:(?!\n[ \t]*\n).)*?(?<!`)\1(?!`)", blank, text, flags=re.S)  # not across paragraphs
+    # not across paragraphs
+    return re.sub(r"(`+)(?!`)(?:(?!\n[ \t]*\n).)*?(?<!`)\1(?!`)", blank, text, flags=re.S)
 
 
-_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'(][^)]*)?\)"  # [text](target "title")
-                   r"|^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)"  # [ref]: target
-                   r"|<a\s[^>]*?href\s*=\s*[\"']([^\"']+)[\"']", re.M | re.I)
+_LINK = re.compile(
+    # [text](target "title")
+    r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'(][^)]*)?\)"
+    r"|^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)"  # [ref]: target
+    r"|<a\s[^>]*?href\s*=\s*[\"']([^\"']+)[\"']",
+    re.M | re.I,
+)
 
 
 def markdown_links(path: Path) -> list[tuple[int, str]]:
     """(line, target) of every link in a Markdown file, outside code."""
     text = _without_code(path.read_text(encoding="utf-8"))
-    return [(text.count("\n", 0, m.start()) + 1, next(g for g in m.groups() if g)) for m in _LINK.finditer(text)]
+    return [
+        (text.count("\n", 0, m.start()) + 1, next(g for g in m.groups() if g))
+        for m in _LINK.finditer(text)
+    ]
 
 
 def _markdown_files() -> list[Path]:
@@ -111,11 +137,19 @@ def test_relative_links_resolve() -> None:
 
 def test_link_finder(tmp_path: Path) -> None:
     sample = tmp_path / "sample.md"
-    text = ("See [a](docs/a.md#x) and ![img](p.png \"t\").\n```\n[no](code.md)\n```\n`[no](inline.md)` "
-            "[b]: other.md\n[c]: ref.md\n<a href=\"html.md\">h</a> [web](https://x.org) [[n]](n.md)\n")
+    text = (
+        'See [a](docs/a.md#x) and ![img](p.png "t").\n```\n[no](code.md)\n```\n`[no](inline.md)` '
+        '[b]: other.md\n[c]: ref.md\n<a href="html.md">h</a> [web](https://x.org) [[n]](n.md)\n'
+    )
     sample.write_text(text)
-    assert markdown_links(sample) == [(1, "docs/a.md#x"), (1, "p.png"), (6, "ref.md"), (7, "html.md"),
-                                      (7, "https://x.org"), (7, "n.md")]
+    assert markdown_links(sample) == [
+        (1, "docs/a.md#x"),
+        (1, "p.png"),
+        (6, "ref.md"),
+        (7, "html.md"),
+        (7, "https://x.org"),
+        (7, "n.md"),
+    ]
 
 
 def _quick_start(readme: Path) -> list[tuple[int, str]]:
@@ -124,7 +158,7 @@ def _quick_start(readme: Path) -> list[tuple[int, str]]:
     start = next(i for i, line in enumerate(lines) if re.match(r"#+\s+Quick start\s*$", line, re.I))
     level = len(lines[start]) - len(lines[start].lstrip("#"))
     commands, fenced = [], False
-    for number, line in enumerate(lines[start + 1:], start + 2):
+    for number, line in enumerate(lines[start + 1 :], start + 2):
         if not fenced and re.match(rf"#{{1,{level}}}\s", line):
             break
         if re.match(r"\s*(```|~~~)", line):
@@ -142,8 +176,11 @@ def _words(command: str) -> list[str]:
 
 
 def quick_start_problems(readme: Path, makefile: Path) -> tuple[int, list[str]]:
-    """How many Quick start commands were checked, and each problem: a `make` target missing, a `fedmerge` command
-    that does not parse (unknown command or option: its ``--help`` does not exit 0)."""
+    """How many Quick start commands were checked, and each problem.
+
+    A `make` target missing, a `fedmerge` command that does not parse (unknown command or option:
+    its ``--help`` does not exit 0).
+    """
     from fedmerge.cli import app
 
     targets = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", makefile.read_text(), re.M))
@@ -158,13 +195,20 @@ def quick_start_problems(readme: Path, makefile: Path) -> tuple[int, list[str]]:
             for target in (a for a in args if not a.startswith("-") and "=" not in a):
                 checked += 1
                 if target not in targets:
-                    problems.append(f"{readme.name}:{line}: `{command}`: no target {target!r} in the Makefile")
+                    problems.append(
+                        f"{readme.name}:{line}: `{command}`: no target {target!r} in the Makefile"
+                    )
         elif program == "fedmerge":
             checked += 1
             result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
             if result.exit_code != 0:
-                said = " ".join(" ".join(result.output.translate(_BOX).split()).split("Error ")[-1:])
-                problems.append(f"{readme.name}:{line}: `{command}` does not parse (exit {result.exit_code}): {said}")
+                said = " ".join(
+                    " ".join(result.output.translate(_BOX).split()).split("Error ")[-1:]
+                )
+                problems.append(
+                    f"{readme.name}:{line}: `{command}` does not parse (exit {result.exit_code}): "
+                    f"{said}"
+                )
     return checked, problems
 
 
@@ -180,10 +224,19 @@ def test_quick_start_commands_exist() -> None:
 def test_quick_start_checker(tmp_path: Path) -> None:
     readme, makefile = tmp_path / "README.md", tmp_path / "Makefile"
     makefile.write_text("X := 1\n.PHONY: run\nrun: install\n\techo\ninstall:\n")
-    readme.write_text("# t\n\n## Quick start\n\n```bash\n# a comment\nmake run   # go\nA=1 make install\n"
-                      "fedmerge simulate --domains books,movies\nfedmerge simulate --domain books\nmake demo\n```\n\n"
-                      "## Next\n\n```bash\nmake elsewhere\n```\n")
+    readme.write_text(
+        "# t\n\n## Quick start\n\n```bash\n# a comment\nmake run   # go\nA=1 make "
+        "install\nfedmerge simulate --domains books,movies\nfedmerge simulate --domain books\nmake "
+        "demo\n```\n\n## Next\n\n```bash\nmake elsewhere\n```\n"
+    )
     checked, problems = quick_start_problems(readme, makefile)
     assert checked == 5
-    assert len(problems) == 2 and "README.md:10: `fedmerge simulate --domain books` does not parse (exit 2)" in problems[0]
-    assert "--domain" in problems[0] and problems[1] == "README.md:11: `make demo`: no target 'demo' in the Makefile"
+    assert (
+        len(problems) == 2
+        and "README.md:10: `fedmerge simulate --domain books` does not parse (exit 2)"
+        in problems[0]
+    )
+    assert (
+        "--domain" in problems[0]
+        and problems[1] == "README.md:11: `make demo`: no target 'demo' in the Makefile"
+    )

@@ -22,8 +22,13 @@ from tests.test_importers import make_mergerec
 
 
 def test_leave_one_out_split() -> None:
-    domain = from_sequences("d", list("abcdef"), {"title": list("abcdef")}, ["u0", "u1", "u2"],
-                            [[0, 1, 2, 3, 4], [5, 4], [3]])
+    domain = from_sequences(
+        "d",
+        list("abcdef"),
+        {"title": list("abcdef")},
+        ["u0", "u1", "u2"],
+        [[0, 1, 2, 3, 4], [5, 4], [3]],
+    )
     np.testing.assert_array_equal(domain.train_sequence(0), [0, 1, 2])
     assert (domain.valid[0], domain.test[0]) == (3, 4)
     np.testing.assert_array_equal(domain.train_sequence(1), [5])
@@ -96,8 +101,15 @@ def test_unknown_domain_lists_the_known_ones(cache: Path) -> None:
 def toy_spec(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> DatasetSpec:
     """A registered domain 'toyreg' whose (tiny MergeRec) archive is on a file:// mirror."""
     data = make_mergerec(tmp_path / "Toy.tar.gz").read_bytes()
-    spec = DatasetSpec("toyreg", "me/repo/Toy.tar.gz", hashlib.sha256(data).hexdigest(), "mergerec", "toy", "none",
-                       (3, 5, 10))
+    spec = DatasetSpec(
+        "toyreg",
+        "me/repo/Toy.tar.gz",
+        hashlib.sha256(data).hexdigest(),
+        "mergerec",
+        "toy",
+        "none",
+        (3, 5, 10),
+    )
     (tmp_path / "mirror" / "me" / "repo").mkdir(parents=True)
     (tmp_path / "mirror" / spec.path).write_bytes(data)
     monkeypatch.setenv("FEDMERGE_MIRROR", (tmp_path / "mirror").as_uri() + "/")
@@ -107,7 +119,9 @@ def toy_spec(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Da
 
 def _same(a: DomainData, b: DomainData) -> bool:
     return (a.item_ids, a.user_ids, a.item_text) == (b.item_ids, b.user_ids, b.item_text) and all(
-        np.array_equal(getattr(a, key), getattr(b, key)) for key in ("train_offsets", "train_items", "valid", "test"))
+        np.array_equal(getattr(a, key), getattr(b, key))
+        for key in ("train_offsets", "train_items", "valid", "test")
+    )
 
 
 def _other_arrays(path: Path) -> None:
@@ -118,9 +132,15 @@ def _other_arrays(path: Path) -> None:
 
 CORRUPTIONS: dict[str, tuple[str, Callable[[Path], object]]] = {
     "domain.json-garbage": ("domain.json", lambda p: p.write_bytes(b"\x00\xffnot json")),
-    "domain.json-truncated": ("domain.json", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "domain.json-truncated": (
+        "domain.json",
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    ),
     "domain.json-a-list": ("domain.json", lambda p: p.write_text("[1, 2]")),
-    "arrays.npz-truncated": ("arrays.npz", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "arrays.npz-truncated": (
+        "arrays.npz",
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    ),
     "arrays.npz-garbage": ("arrays.npz", lambda p: p.write_bytes(b"\x93NUMPY garbage" * 10)),
     "arrays.npz-missing": ("arrays.npz", lambda p: p.unlink()),
     "arrays.npz-inconsistent": ("arrays.npz", _other_arrays),
@@ -128,20 +148,28 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[Path], object]]] = {
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_corrupt_registered_cache_is_reported_and_rebuilt(case: str, toy_spec: DatasetSpec, cache: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_registered_cache_is_reported_and_rebuilt(
+    case: str, toy_spec: DatasetSpec, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     first = load_domain("toyreg", quiet=True)
     files = cache_files(cache)
     processed = cache / "domains" / f"toyreg-{toy_spec.sha256[:12]}"
-    assert files == [f"domains/{processed.name}/arrays.npz", f"domains/{processed.name}/domain.json",
-                     f"raw/{toy_spec.path}"]
+    assert files == [
+        f"domains/{processed.name}/arrays.npz",
+        f"domains/{processed.name}/domain.json",
+        f"raw/{toy_spec.path}",
+    ]
     capsys.readouterr()
     name, corrupt = CORRUPTIONS[case]
     corrupt(processed / name)
 
     again = load_domain("toyreg", quiet=True)
     err = capsys.readouterr().err
-    assert err == f"warning: the cached domain file {processed / name} is corrupt; rebuilding toyreg from its archive\n"
+    assert (
+        err
+        == f"warning: the cached domain file {processed / name} is corrupt; rebuilding toyreg from "
+        "its archive\n"
+    )
     assert _same(again, first) and again.n_interactions == 10
     assert cache_files(cache) == files  # rebuilt in place, nothing left beside it
     assert _same(DomainData.load(processed), first)
@@ -150,17 +178,22 @@ def test_corrupt_registered_cache_is_reported_and_rebuilt(case: str, toy_spec: D
 
 
 @pytest.mark.parametrize("case", ["domain.json-truncated", "arrays.npz-garbage"])
-def test_corrupt_imported_domain_says_to_import_it_again(case: str, tmp_path: Path, cache: Path) -> None:
+def test_corrupt_imported_domain_says_to_import_it_again(
+    case: str, tmp_path: Path, cache: Path
+) -> None:
     import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine")
     name, corrupt = CORRUPTIONS[case]
     corrupt(cache / "imported" / "mine" / name)
     before = {f: (cache / f).read_bytes() for f in cache_files(cache)}
     with pytest.raises(FedmergeError) as err:
         load_domain("mine")
-    assert str(err.value) == (f"the imported domain 'mine' is unreadable: {cache / 'imported' / 'mine' / name} is "
-                              "corrupt; import it again with `fedmerge data import PATH --format FORMAT --name mine "
-                              "--replace`")
-    assert {f: (cache / f).read_bytes() for f in cache_files(cache)} == before  # the evidence is left alone
+    assert str(err.value) == (
+        f"the imported domain 'mine' is unreadable: {cache / 'imported' / 'mine' / name} is "
+        "corrupt; import it again with `fedmerge data import PATH --format FORMAT --name mine "
+        "--replace`"
+    )
+    # the evidence is left alone
+    assert {f: (cache / f).read_bytes() for f in cache_files(cache)} == before
 
 
 def _disk_full(*args: object, **kwargs: object) -> None:
@@ -169,18 +202,24 @@ def _disk_full(*args: object, **kwargs: object) -> None:
 
 @pytest.mark.parametrize("file", ["arrays.npz", "domain.json"])
 def test_full_disk_while_caching_a_domain_names_the_file_and_leaves_nothing(
-        file: str, toy_spec: DatasetSpec, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file: str, toy_spec: DatasetSpec, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if file == "arrays.npz":
         monkeypatch.setattr(np, "savez", _disk_full)
     else:
         real = Path.write_text
-        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: _disk_full() if self.name == file
-                            else real(self, *a, **k))
+        monkeypatch.setattr(
+            Path,
+            "write_text",
+            lambda self, *a, **k: _disk_full() if self.name == file else real(self, *a, **k),
+        )
     with pytest.raises(FedmergeError) as err:
         load_domain("toyreg", quiet=True)
     target = cache / "domains" / f"toyreg-{toy_spec.sha256[:12]}" / file
-    assert str(err.value) == (f"cannot write {target}: the disk is full (No space left on device); nothing was kept: "
-                              "free disk space or set FEDMERGE_DATA to a folder on a disk with room")
+    assert str(err.value) == (
+        f"cannot write {target}: the disk is full (No space left on device); nothing was kept: "
+        "free disk space or set FEDMERGE_DATA to a folder on a disk with room"
+    )
     assert cache_files(cache) == [f"raw/{toy_spec.path}"]
     assert list((cache / "domains").iterdir()) == []  # no temporary folder either
     monkeypatch.undo()
@@ -199,7 +238,11 @@ def test_save_over_an_existing_folder_replaces_it_whole(tmp_path: Path) -> None:
 
 
 def test_empty_domains_are_refused() -> None:
-    with pytest.raises(FedmergeError, match=r"domain 'e' holds no interactions \(0 users, 0 interactions\)"):
+    with pytest.raises(
+        FedmergeError, match=r"domain 'e' holds no interactions \(0 users, 0 interactions\)"
+    ):
         from_sequences("e", ["a"], {"title": ["a"]}, [], [])
     with pytest.raises(FedmergeError, match="x.inter: user 'u2' has no interactions"):
-        from_sequences("e", ["a"], {"title": ["a"]}, ["u1", "u2"], [[0], []], source={"path": "x.inter"})
+        from_sequences(
+            "e", ["a"], {"title": ["a"]}, ["u1", "u2"], [[0], []], source={"path": "x.inter"}
+        )

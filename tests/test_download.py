@@ -21,7 +21,9 @@ from fedmerge.errors import FedmergeError
 from tests.conftest import cache_files
 
 
-def _mirror_with(tmp_path: Path, spec: DatasetSpec, payload: bytes, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _mirror_with(
+    tmp_path: Path, spec: DatasetSpec, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """A file:// mirror holding `payload` at `spec`'s path."""
     root = tmp_path / "mirror"
     (root / spec.path).parent.mkdir(parents=True)
@@ -31,23 +33,40 @@ def _mirror_with(tmp_path: Path, spec: DatasetSpec, payload: bytes, monkeypatch:
 
 
 def _spec_for(payload: bytes) -> DatasetSpec:
-    return dataclasses.replace(REGISTRY["pantry"], name="toy", sha256=hashlib.sha256(payload).hexdigest())
+    return dataclasses.replace(
+        REGISTRY["pantry"], name="toy", sha256=hashlib.sha256(payload).hexdigest()
+    )
 
 
 def test_upstream_and_mirror_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = REGISTRY["books"]
     monkeypatch.delenv("FEDMERGE_MIRROR", raising=False)
-    assert source_url(spec) == ("https://raw.githubusercontent.com/Tiny-Snow/SeqRecBenchmark-Datasets/main/"
-                                "data/amazon2014-book_1000000/proc.zip")
+    assert source_url(spec) == (
+        "https://raw.githubusercontent.com/Tiny-Snow/SeqRecBenchmark-Datasets/main/"
+        "data/amazon2014-book_1000000/proc.zip"
+    )
     monkeypatch.setenv("FEDMERGE_MIRROR", "https://mirror.example/data")
-    assert source_url(spec) == "https://mirror.example/data/Tiny-Snow/SeqRecBenchmark-Datasets/data/amazon2014-book_1000000/proc.zip"
+    assert (
+        source_url(spec)
+        == "https://mirror.example/data/Tiny-Snow/SeqRecBenchmark-Datasets/data/amazon2014-book_1000000/proc.zip"
+    )
     monkeypatch.setenv("FEDMERGE_MIRROR", "/not/a/url")
     with pytest.raises(FedmergeError, match="not a URL"):
         source_url(spec)
 
 
 def test_registry_entries_are_complete() -> None:
-    assert list(REGISTRY) == ["beauty", "sports", "toys", "pantry", "books", "movies", "games", "steam", "electronics"]
+    assert list(REGISTRY) == [
+        "beauty",
+        "sports",
+        "toys",
+        "pantry",
+        "books",
+        "movies",
+        "games",
+        "steam",
+        "electronics",
+    ]
     for spec in REGISTRY.values():
         assert len(spec.sha256) == 64 and spec.format in ("mergerec", "seqrec-zip") and spec.licence
         assert spec.url.startswith("https://raw.githubusercontent.com/") and "/main/" in spec.url
@@ -55,7 +74,9 @@ def test_registry_entries_are_complete() -> None:
         get_spec("book")
 
 
-def test_fetch_verifies_and_caches_once(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_verifies_and_caches_once(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     payload = b"archive bytes" * 1000
     spec = _spec_for(payload)
     mirror = _mirror_with(tmp_path, spec, payload, monkeypatch)
@@ -65,7 +86,9 @@ def test_fetch_verifies_and_caches_once(cache: Path, tmp_path: Path, monkeypatch
     assert fetch(spec, quiet=True) == path
 
 
-def test_wrong_sha256_is_rejected_and_leaves_nothing(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_sha256_is_rejected_and_leaves_nothing(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = _spec_for(b"the real archive")
     _mirror_with(tmp_path, spec, b"a tampered archive", monkeypatch)
     with pytest.raises(FedmergeError, match="sha256 .* expected .*corrupt, truncated or tampered"):
@@ -73,8 +96,13 @@ def test_wrong_sha256_is_rejected_and_leaves_nothing(cache: Path, tmp_path: Path
     assert cache_files(cache) == []
 
 
-def test_truncated_download_of_a_registered_domain(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A truncated real archive from the mirror: sha256 mismatch, no cache entry, no parsed domain."""
+def test_truncated_download_of_a_registered_domain(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncated real archive from the mirror.
+
+    sha256 mismatch, no cache entry, no parsed domain.
+    """
     spec = REGISTRY["pantry"]
     _mirror_with(tmp_path, spec, b"\x1f\x8b" + b"\0" * 100, monkeypatch)
     with pytest.raises(FedmergeError, match="pantry: the archive"):
@@ -82,7 +110,9 @@ def test_truncated_download_of_a_registered_domain(cache: Path, tmp_path: Path, 
     assert cache_files(cache) == []
 
 
-def test_damaged_cache_file_is_downloaded_again(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_damaged_cache_file_is_downloaded_again(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     payload = b"good"
     spec = _spec_for(payload)
     _mirror_with(tmp_path, spec, payload, monkeypatch)
@@ -91,7 +121,9 @@ def test_damaged_cache_file_is_downloaded_again(cache: Path, tmp_path: Path, mon
     assert fetch(spec, quiet=True).read_bytes() == payload
 
 
-def test_missing_mirror_file_is_a_clear_error(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_mirror_file_is_a_clear_error(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FEDMERGE_MIRROR", (tmp_path / "empty").as_uri() + "/")
     with pytest.raises(FedmergeError, match="cannot download beauty .*FEDMERGE_MIRROR"):
         fetch(REGISTRY["beauty"], quiet=True)
@@ -102,7 +134,8 @@ def test_unwritable_cache_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     monkeypatch.setenv("FEDMERGE_DATA", str(locked))
-    if os.geteuid() == 0:  # root ignores permission bits: let the access check see what a user would
+    # root ignores permission bits: let the access check see what a user would
+    if os.geteuid() == 0:
         monkeypatch.setattr(download.os, "access", lambda path, mode: Path(path) != locked)
     with pytest.raises(FedmergeError, match="not readable and writable.*FEDMERGE_DATA"):
         download.cache_dir()
@@ -128,8 +161,9 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_temp_files_of_killed_downloads_are_removed_live_ones_kept(cache: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_temp_files_of_killed_downloads_are_removed_live_ones_kept(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     payload = b"good archive"
     spec = _spec_for(payload)
     _mirror_with(tmp_path, spec, payload, monkeypatch)
@@ -139,10 +173,13 @@ def test_temp_files_of_killed_downloads_are_removed_live_ones_kept(cache: Path, 
     try:
         dead = _dead_pid()
         stale = final.with_name(f".{final.name}.tmp-{dead}")  # kill -9 during a download left this
-        live = final.with_name(f".{final.name}.tmp-{sleeper.pid}")  # a concurrent download in progress
-        other = final.with_name(f".other.tar.gz.tmp-{dead}")  # another archive's: not this fetch's business
+        # a concurrent download in progress
+        live = final.with_name(f".{final.name}.tmp-{sleeper.pid}")
+        # another archive's: not this fetch's business
+        other = final.with_name(f".other.tar.gz.tmp-{dead}")
         odd = final.with_name(f".{final.name}.tmp-notapid")
-        recent = final.with_name(f".{final.name}.tmp-{_dead_pid()}")  # maybe another machine's: too fresh
+        # maybe another machine's: too fresh
+        recent = final.with_name(f".{final.name}.tmp-{_dead_pid()}")
         for path in (stale, live, other, odd, recent):
             path.write_bytes(b"half a download")
         hour_ago = time.time() - 3600
@@ -154,15 +191,17 @@ def test_temp_files_of_killed_downloads_are_removed_live_ones_kept(cache: Path, 
         assert [p.exists() for p in (live, other, odd, recent)] == [True] * 4
         assert live.read_bytes() == b"half a download"
         assert sorted(p.name for p in final.parent.iterdir()) == sorted(
-            [final.name, live.name, other.name, odd.name, recent.name])
+            [final.name, live.name, other.name, odd.name, recent.name]
+        )
     finally:
         sleeper.kill()
         sleeper.wait()
     assert download.remove_stale_temps(final) == [live]  # its process is gone now
 
 
-def test_full_disk_during_download_names_the_file_and_leaves_nothing(cache: Path, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_during_download_names_the_file_and_leaves_nothing(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     payload = b"x" * 5000
     spec = _spec_for(payload)
     _mirror_with(tmp_path, spec, payload, monkeypatch)
@@ -174,6 +213,8 @@ def test_full_disk_during_download_names_the_file_and_leaves_nothing(cache: Path
     monkeypatch.setattr(download, "_download", half_then_full)
     with pytest.raises(FedmergeError) as err:
         fetch(spec, quiet=True)
-    assert str(err.value).startswith(f"cannot write {download.archive_path(spec)}: the disk is full")
+    assert str(err.value).startswith(
+        f"cannot write {download.archive_path(spec)}: the disk is full"
+    )
     assert "free disk space or set FEDMERGE_DATA" in str(err.value)
     assert cache_files(cache) == []

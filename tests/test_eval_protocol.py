@@ -1,4 +1,7 @@
-"""The evaluation protocol: candidate lists (seeded, kept, never the target twice) and metrics over them."""
+"""The evaluation protocol: candidate lists and the metrics over them.
+
+The lists are seeded, kept, and never hold the target twice.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from fedmerge.pipeline import InProcess, simulate
 from tests.test_pipeline import tiny
 
 
-def test_candidate_lists_hold_each_target_once_among_distinct_negatives_and_are_kept(cache: Path) -> None:
+def test_candidate_lists_hold_each_target_once_among_distinct_negatives_and_are_kept(
+    cache: Path,
+) -> None:
     domain = synthetic_domain("synth-0")
     protocol = EvalProtocol(candidates=30, seed=3)
     lists = candidate_lists(domain, "test", protocol)
@@ -27,16 +32,24 @@ def test_candidate_lists_hold_each_target_once_among_distinct_negatives_and_are_
     assert lists.min() >= 0 and lists.max() < domain.n_items
     saved = list((cache / "candidates").glob("test-uniform-30-seed3-*.npy"))
     assert len(saved) == 1 and np.array_equal(np.load(saved[0]), lists)
-    assert np.array_equal(candidate_lists(domain, "test", protocol), lists)  # the same lists for every model and run
-    assert not np.array_equal(candidate_lists(domain, "test", EvalProtocol(candidates=30, seed=4)), lists)
+    # the same lists for every model and run
+    assert np.array_equal(candidate_lists(domain, "test", protocol), lists)
+    assert not np.array_equal(
+        candidate_lists(domain, "test", EvalProtocol(candidates=30, seed=4)), lists
+    )
 
 
 def test_popularity_negatives_follow_the_training_counts(cache: Path) -> None:
     domain = synthetic_domain("synth-0")
     counts = domain.item_counts()
     popular, rare = int(np.argmax(counts)), int(np.argmin(counts))
-    drawn = {sampler: np.bincount(candidate_lists(domain, "valid", EvalProtocol(candidates=20, sampler=sampler))
-                                  .ravel(), minlength=domain.n_items) for sampler in ("uniform", "popularity")}
+    drawn = {
+        sampler: np.bincount(
+            candidate_lists(domain, "valid", EvalProtocol(candidates=20, sampler=sampler)).ravel(),
+            minlength=domain.n_items,
+        )
+        for sampler in ("uniform", "popularity")
+    }
     assert drawn["popularity"][popular] > 2 * drawn["uniform"][popular]
     assert drawn["popularity"][rare] < drawn["uniform"][rare]
 
@@ -57,7 +70,8 @@ def test_metrics_over_candidate_lists_match_a_hand_computed_ranking(cache: Path)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected)
     assert metrics["recall@10"] == 1.0  # ten candidates: every target is in the top 10
 
-    everything = EvalProtocol(candidates=domain.n_items - 1)  # every item is a candidate: full ranking
+    # every item is a candidate: full ranking
+    everything = EvalProtocol(candidates=domain.n_items - 1)
     full = evaluate_domain(by_item_id, domain, "test")
     assert evaluate_domain(by_item_id, domain, "test", protocol=everything) == pytest.approx(full)
 
@@ -68,4 +82,7 @@ def test_every_row_and_the_report_record_the_protocol(tmp_path: Path, cache: Pat
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {r["protocol"] for r in rows} == {"20 uniform negatives, seed 0"}
     assert all(r["recall@50"] == 1.0 for r in rows)  # 21 candidates: every target is in the top 50
-    assert "each target ranked among 20 uniform negatives, seed 0" in (tmp_path / "run" / "report.md").read_text()
+    assert (
+        "each target ranked among 20 uniform negatives, seed 0"
+        in (tmp_path / "run" / "report.md").read_text()
+    )

@@ -1,4 +1,4 @@
-"""The Flower backend: same answer as the in-process pipeline, and nothing private crosses the wire."""
+"""The Flower backend: same answer as the in-process pipeline, nothing private on the wire."""
 
 from __future__ import annotations
 
@@ -28,8 +28,18 @@ from fedmerge.protocol import base_weights, party_data, party_specs
 from tests.test_pipeline import tiny
 
 ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items"}
-ALLOWED_METRICS = {"users", "n_items", "epochs", "best_epoch", "best_valid_ndcg@10", "last_loss", "train_seconds",
-                   "seconds", "merge_seconds", "text_weight"}
+ALLOWED_METRICS = {
+    "users",
+    "n_items",
+    "epochs",
+    "best_epoch",
+    "best_valid_ndcg@10",
+    "last_loss",
+    "train_seconds",
+    "seconds",
+    "merge_seconds",
+    "text_weight",
+}
 
 
 class Recording:
@@ -49,8 +59,10 @@ class Recording:
 
 
 def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggregates(
-        tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tiny("client_cpus=1", "merge.learn.valid_candidates=3")  # the parties also score candidates on valid
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the parties also score candidates on valid
+    config = tiny("client_cpus=1", "merge.learn.valid_candidates=3")
     grids: list[Recording] = []
     original = server.app.FlowerBackend.__init__
 
@@ -61,10 +73,15 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
     monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
     simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
     simulate(config, InProcess(config), tmp_path / "inprocess")
-    flower, inprocess = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("flower", "inprocess"))
+    flower, inprocess = (
+        json.loads((tmp_path / name / "metrics.json").read_text())
+        for name in ("flower", "inprocess")
+    )
     assert flower == inprocess
-    selections = [json.loads((tmp_path / name / "coefficients.json").read_text())["selection"]
-                  for name in ("flower", "inprocess")]
+    selections = [
+        json.loads((tmp_path / name / "coefficients.json").read_text())["selection"]
+        for name in ("flower", "inprocess")
+    ]
     for selection in selections:
         assert selection.pop("seconds") > 0
     assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
@@ -81,7 +98,8 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
             continue
         kind, reply = msg.metadata.message_type, bool(msg.metadata.reply_to_message_id)
         arrays = [name for name, record in msg.content.items() if isinstance(record, ArrayRecord)]
-        if reply and kind == "train":  # the party's update: exactly one ArrayRecord, the floating tensors
+        # the party's update: exactly one ArrayRecord, the floating tensors
+        if reply and kind == "train":
             assert arrays == ["update"], arrays
             assert set(msg.content["update"].keys()) == floating
             seen["train"] += 1
@@ -100,8 +118,13 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
                 assert not any(str(v) in users for v in record.values())
             elif isinstance(record, MetricRecord):
                 for key, value in record.items():
-                    assert key in ALLOWED_METRICS or key.split("@")[0] in {"recall", "ndcg", "mrr"}, key
-                    assert not isinstance(value, list), key  # aggregates only, never per-user values
+                    assert key in ALLOWED_METRICS or key.split("@")[0] in {
+                        "recall",
+                        "ndcg",
+                        "mrr",
+                    }, key
+                    # aggregates only, never per-user values
+                    assert not isinstance(value, list), key
             else:
                 pytest.fail(f"unexpected record {name!r} of type {type(record).__name__}")
     assert seen == {"train": config.n_parties, "query": config.n_parties}
@@ -114,14 +137,28 @@ def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_na
     node = SimpleNamespace(node_config={"domain": "synth-1", "shard": 1})
     assert (_spec(config, node).party, _spec(config, node).domain) == (3, "synth-1")  # type: ignore[arg-type]
     assert _spec(config, SimpleNamespace(node_config={"partition-id": 2})).domain == "synth-1"  # type: ignore[arg-type]
-    with pytest.raises(FedmergeError, match="serves domain 'books' shard 0, which the run does not have"):
+    with pytest.raises(
+        FedmergeError, match="serves domain 'books' shard 0, which the run does not have"
+    ):
         _spec(config, SimpleNamespace(node_config={"domain": "books"}))  # type: ignore[arg-type]
 
 
 def _train_reply(node: int, content: RecordDict | None = None, error: str | None = None) -> Message:
-    """What the grid hands the strategy from `node`: its content, or the error Flower wraps a raising ClientApp in."""
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    """What the grid hands the strategy from `node`.
+
+    Its content, or the error Flower wraps a raising ClientApp in.
+    """
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
@@ -129,25 +166,36 @@ def _train_reply(node: int, content: RecordDict | None = None, error: str | None
 
 @pytest.mark.parametrize("min_parties", [2, None])
 def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shapes_or_stays_silent(
-        cache: Path, monkeypatch: pytest.MonkeyPatch, min_parties: int | None) -> None:
-    config = tiny("parties_per_domain=3", *([f"min_parties={min_parties}"] if min_parties else []))  # None: all
+    cache: Path, monkeypatch: pytest.MonkeyPatch, min_parties: int | None
+) -> None:
+    # None: all
+    config = tiny("parties_per_domain=3", *([f"min_parties={min_parties}"] if min_parties else []))
     part = party_data(party_specs(config)[0], config)
     base = base_weights(config, part.features.shape[1])
     update = {k: torch.zeros_like(v) for k, v in base.items() if v.is_floating_point()}
     wrong = dict(update) | {"positions": torch.zeros(3, 3)}
 
     def content(party: int, vector: dict, domain: str, with_update: bool = True) -> RecordDict:
-        record = RecordDict({"metrics": MetricRecord({"users": 10.0, "n_items": 5.0, "train_seconds": 1.0}),
-                             "party": ConfigRecord({"party": party, "domain": domain})})
+        record = RecordDict(
+            {
+                "metrics": MetricRecord({"users": 10.0, "n_items": 5.0, "train_seconds": 1.0}),
+                "party": ConfigRecord({"party": party, "domain": domain}),
+            }
+        )
         if with_update:
             record["update"] = ArrayRecord(vector)
         return record
 
-    replies = [_train_reply(10, content(0, update, "synth-0")), _train_reply(11, error="ValueError: disk full"),
-               _train_reply(12, content(2, update, "synth-0", with_update=False)),
-               _train_reply(13, content(3, update, "synth-1")),
-               _train_reply(14, content(4, wrong, "synth-1"))]  # node 15 (synth-1/2) never replies
-    tables = {p.domain.name: p.features for p in load_parts(config.domains, config.model, quiet=True)}
+    replies = [
+        _train_reply(10, content(0, update, "synth-0")),
+        _train_reply(11, error="ValueError: disk full"),
+        _train_reply(12, content(2, update, "synth-0", with_update=False)),
+        _train_reply(13, content(3, update, "synth-1")),
+        _train_reply(14, content(4, wrong, "synth-1")),
+    ]  # node 15 (synth-1/2) never replies
+    tables = {
+        p.domain.name: p.features for p in load_parts(config.domains, config.model, quiet=True)
+    }
     host = Server(config, tables)
     accepted: dict = {}
 
@@ -160,7 +208,10 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
     strategy.start_weights = base
     host.begin(1)
     if min_parties is None:
-        with pytest.raises(FedmergeError, match="only 2 of 6 parties replied, fewer than min_parties = 6.*synth-1/2"):
+        with pytest.raises(
+            FedmergeError,
+            match="only 2 of 6 parties replied, fewer than min_parties = 6.*synth-1/2",
+        ):
             strategy.aggregate_train(1, replies)
         return
     strategy.aggregate_train(1, replies)
@@ -172,49 +223,89 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
     assert host.failed["synth-1/2"] == "no reply (timed out)"
 
 
-ENDLESS = ["model.encoder=hashing", "model.dim=32", "model.heads=2", "model.layers=1", "train.max_minutes=null",
-           "train.epochs=100000", "train.patience=100000"]
+ENDLESS = [
+    "model.encoder=hashing",
+    "model.dim=32",
+    "model.heads=2",
+    "model.layers=1",
+    "train.max_minutes=null",
+    "train.epochs=100000",
+    "train.patience=100000",
+]
 """Settings of a run that trains until it is stopped."""
 
 
 def simulate_command(backend: str, out: Path, settings: list[str]) -> list[str]:
-    """``fedmerge simulate`` on synth-0 and synth-1 into `out`, as a command line for a subprocess."""
-    return [sys.executable, "-m", "fedmerge", "simulate", "--domains", "synth-0,synth-1", "--backend", backend,
-            "--out", str(out), *[x for item in settings for x in ("--set", item)]]
+    """``fedmerge simulate`` on synth-0 and synth-1 into `out`, as a subprocess command line."""
+    return [
+        sys.executable,
+        "-m",
+        "fedmerge",
+        "simulate",
+        "--domains",
+        "synth-0,synth-1",
+        "--backend",
+        backend,
+        "--out",
+        str(out),
+        *[x for item in settings for x in ("--set", item)],
+    ]
 
 
 def _reached(moment: str, partial: Path, session: int) -> bool:
-    """Whether the run in `partial` is training, or (``start-up``) Ray has begun to start its processes."""
+    """Whether the run in `partial` is training, or (``start-up``) Ray is starting its processes."""
     if moment == "training":
-        return (partial / "events.jsonl").exists() and "train_start" in (partial / "events.jsonl").read_text()
-    return any(p.info["name"] == "gcs_server" and _session(p) == session for p in psutil.process_iter(["name"]))
+        return (partial / "events.jsonl").exists() and "train_start" in (
+            partial / "events.jsonl"
+        ).read_text()
+    return any(
+        p.info["name"] == "gcs_server" and _session(p) == session
+        for p in psutil.process_iter(["name"])
+    )
 
 
-@pytest.mark.parametrize(("backend", "signum", "moment"), [
-    ("flower", signal.SIGINT, "training"), ("flower", signal.SIGTERM, "training"),
-    ("inprocess", signal.SIGTERM, "training"),
-    ("flower", signal.SIGINT, "start-up"), ("flower", signal.SIGTERM, "start-up")],
-    ids=lambda value: value.name if isinstance(value, signal.Signals) else None)
+@pytest.mark.parametrize(
+    ("backend", "signum", "moment"),
+    [
+        ("flower", signal.SIGINT, "training"),
+        ("flower", signal.SIGTERM, "training"),
+        ("inprocess", signal.SIGTERM, "training"),
+        ("flower", signal.SIGINT, "start-up"),
+        ("flower", signal.SIGTERM, "start-up"),
+    ],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else None,
+)
 def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_leaves_no_process(
-        tmp_path: Path, cache: Path, backend: str, signum: signal.Signals, moment: str) -> None:
+    tmp_path: Path, cache: Path, backend: str, signum: signal.Signals, moment: str
+) -> None:
     out = tmp_path / "run"
     partial = tmp_path / "run.partial"
-    child = subprocess.Popen(simulate_command(backend, out, ENDLESS), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                             start_new_session=True)  # its own process group, as a terminal's foreground job
+    child = subprocess.Popen(
+        simulate_command(backend, out, ENDLESS),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        # its own process group, as a terminal's foreground job
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not _reached(moment, partial, child.pid):
-            assert child.poll() is None and time.monotonic() < deadline, f"the run did not reach its {moment}"
+            assert child.poll() is None and time.monotonic() < deadline, (
+                f"the run did not reach its {moment}"
+            )
             time.sleep(0.5 if moment == "training" else 0.05)
         if moment == "training":
             time.sleep(3)  # the parties are training
         else:
-            assert "parties" not in (partial / "events.jsonl").read_text()  # the ServerApp still waits for Ray
+            # the ServerApp still waits for Ray
+            assert "parties" not in (partial / "events.jsonl").read_text()
         if signum == signal.SIGINT:
-            os.killpg(child.pid, signum)  # what Ctrl-C in a terminal does: the whole foreground group
+            # what Ctrl-C in a terminal does: the whole foreground group
+            os.killpg(child.pid, signum)
         else:
-            os.kill(child.pid, signum)  # what `kill PID` does: fedmerge alone, which must stop Ray itself
+            # what `kill PID` does: fedmerge alone, which must stop Ray itself
+            os.kill(child.pid, signum)
         assert child.wait(timeout=60) == 128 + signum
     finally:
         for _ in range(20):  # Ray's daemons take a moment to exit after the signal
@@ -234,7 +325,10 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted_and_leaves_no_process(
 
 
 def _session(process: psutil.Process) -> int | None:
-    """The session id of a live process (None for one that is gone or a zombie awaiting its reaper)."""
+    """The session id of a live process.
+
+    None for one that is gone or a zombie awaiting its reaper.
+    """
     try:
         return None if process.status() == psutil.STATUS_ZOMBIE else os.getsid(process.pid)
     except (OSError, psutil.Error):
@@ -248,14 +342,19 @@ class _HalfGrid:
         return [f"m{i}" for i, _ in enumerate(messages)]
 
     def pull_messages(self, ids):  # type: ignore[no-untyped-def]
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"))] if "m0" in ids else []
+        return (
+            [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m0"))]
+            if "m0" in ids
+            else []
+        )
 
 
 def test_a_stopped_grid_ends_its_wait_for_replies() -> None:
     stop = threading.Event()
     grid = server.app.StoppableGrid(_HalfGrid(), stop)  # type: ignore[arg-type]
     replies = grid.send_and_receive(["a", "b"], timeout=0.3)  # type: ignore[list-item]
-    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]  # the timeout ends it, with what arrived
+    # the timeout ends it, with what arrived
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     threading.Timer(0.3, stop.set).start()
     started = time.monotonic()
     with pytest.raises(FedmergeError, match="the run was interrupted"):

@@ -1,4 +1,7 @@
-"""Importers (MergeRec tarball, SeqRecBenchmark proc.zip, RecBole atomic files) on small hand-made archives."""
+"""Importers (MergeRec tarball, SeqRecBenchmark proc.zip, RecBole atomic files).
+
+Tested on small hand-made archives.
+"""
 
 from __future__ import annotations
 
@@ -49,9 +52,16 @@ MERGEREC_MEMBERS: dict[str, object] = {
 }
 
 
-def make_mergerec(path: Path, members: dict[str, object] | None = None, drop: tuple[str, ...] = (),
-                  folder: str = "Toy") -> Path:
-    """A MergeRec-style .tar.gz: ``folder/`` holding the JSON members (minus `drop`; bytes are written as is)."""
+def make_mergerec(
+    path: Path,
+    members: dict[str, object] | None = None,
+    drop: tuple[str, ...] = (),
+    folder: str = "Toy",
+) -> Path:
+    """A MergeRec-style .tar.gz: ``folder/`` holding the JSON members.
+
+    Minus `drop`; bytes are written as is.
+    """
     members = MERGEREC_MEMBERS if members is None else members
     with tarfile.open(path, "w:gz") as archive:
         info = tarfile.TarInfo(folder)
@@ -67,16 +77,20 @@ def make_mergerec(path: Path, members: dict[str, object] | None = None, drop: tu
     return path
 
 
-SEQREC_USERS = pd.DataFrame({
-    "UserID": [1, 2, 3, 4],
-    "ItemID": [[100, 101, 102, 103], [103, 100, 101, 102], [101, 100], [103]],
-    # user 2 is out of time order, with a tie (103 and 101 both at 50: file order kept)
-    "Timestamp": [[10, 20, 30, 40], [50, 10, 50, 20], [5, 6], [7]],
-})
-SEQREC_TITLES = pd.DataFrame({
-    "ItemID": [103, 100, 102, 101, 104],
-    "Title": ["Delta", "Alpha", None, "Bravo", "Echo"],
-})
+SEQREC_USERS = pd.DataFrame(
+    {
+        "UserID": [1, 2, 3, 4],
+        "ItemID": [[100, 101, 102, 103], [103, 100, 101, 102], [101, 100], [103]],
+        # user 2 is out of time order, with a tie (103 and 101 both at 50: file order kept)
+        "Timestamp": [[10, 20, 30, 40], [50, 10, 50, 20], [5, 6], [7]],
+    }
+)
+SEQREC_TITLES = pd.DataFrame(
+    {
+        "ItemID": [103, 100, 102, 101, 104],
+        "Title": ["Delta", "Alpha", None, "Bravo", "Echo"],
+    }
+)
 
 
 def _pickled(frame: pd.DataFrame, tmp: Path) -> bytes:
@@ -86,7 +100,9 @@ def _pickled(frame: pd.DataFrame, tmp: Path) -> bytes:
     return data
 
 
-def make_seqrec(path: Path, users: pd.DataFrame = SEQREC_USERS, titles: pd.DataFrame = SEQREC_TITLES) -> Path:
+def make_seqrec(
+    path: Path, users: pd.DataFrame = SEQREC_USERS, titles: pd.DataFrame = SEQREC_TITLES
+) -> Path:
     """A SeqRecBenchmark-style proc.zip (pickles written with ``DataFrame.to_pickle``)."""
     scratch = path.with_name(path.name + ".pkl")
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -115,7 +131,9 @@ RECBOLE_ITEM = (
 )
 
 
-def make_recbole(folder: Path, inter: str = RECBOLE_INTER, item: str | None = RECBOLE_ITEM, stem: str = "x") -> Path:
+def make_recbole(
+    folder: Path, inter: str = RECBOLE_INTER, item: str | None = RECBOLE_ITEM, stem: str = "x"
+) -> Path:
     """A folder with ``stem.inter`` (and ``stem.item`` unless `item` is None)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.inter").write_text(inter)
@@ -154,8 +172,10 @@ def test_mergerec_ids_text_and_published_split(tmp_path: Path) -> None:
     assert domain.item_ids == ["B005", "A001", "C003", "A002", "Z999"]
     assert domain.user_ids == ["rev-a", "rev-b", "rev-c"]
     # category is empty for every item, so it is dropped; None and missing metadata give ""
-    assert domain.item_text == {"title": ["Lipstick", "Soap", "Brush", "", "Comb"],
-                                "brand": ["Acme", "", "", "", ""]}
+    assert domain.item_text == {
+        "title": ["Lipstick", "Soap", "Brush", "", "Comb"],
+        "brand": ["Acme", "", "", "", ""],
+    }
     np.testing.assert_array_equal(domain.train_sequence(0), [1, 2, 3])
     np.testing.assert_array_equal(domain.train_sequence(1), [4, 0])
     np.testing.assert_array_equal(domain.train_sequence(2), [2])
@@ -166,9 +186,16 @@ def test_mergerec_ids_text_and_published_split(tmp_path: Path) -> None:
     assert domain.n_interactions == 10
     assert domain.source == {"format": "mergerec", "path": str(path)}
     assert domain.summary() == {
-        "name": "toy", "users": 3, "items": 5, "interactions": 10, "train_interactions": 6,
-        "valid_users": 2, "test_users": 2, "avg_sequence_length": 3.333,
-        "text_fields": ["brand", "title"], "density": 0.666667,
+        "name": "toy",
+        "users": 3,
+        "items": 5,
+        "interactions": 10,
+        "train_interactions": 6,
+        "valid_users": 2,
+        "test_users": 2,
+        "avg_sequence_length": 3.333,
+        "text_fields": ["brand", "title"],
+        "density": 0.666667,
     }
 
 
@@ -179,7 +206,9 @@ def test_mergerec_folder_name_does_not_matter(tmp_path: Path) -> None:
 
 
 def test_mergerec_non_contiguous_ids_are_rejected(tmp_path: Path) -> None:
-    members = dict(MERGEREC_MEMBERS, **{"smap.json": {"B005": 0, "A001": 1, "C003": 2, "A002": 3, "Z999": 7}})
+    members = dict(
+        MERGEREC_MEMBERS, **{"smap.json": {"B005": 0, "A001": 1, "C003": 2, "A002": 3, "Z999": 7}}
+    )
     with pytest.raises(FedmergeError, match="item ids are not contiguous from 0"):
         read_mergerec(make_mergerec(tmp_path / "bad.tar.gz", members), "bad")
 
@@ -229,7 +258,9 @@ def test_seqrec_index_titles_and_leave_one_out(tmp_path: Path) -> None:
 
 def test_seqrec_without_timestamps_keeps_list_order(tmp_path: Path) -> None:
     users = SEQREC_USERS.drop(columns="Timestamp")
-    domain = read_seqrec_zip(make_seqrec(tmp_path / "proc.zip", users=users), "mine", allow_pickle=True)
+    domain = read_seqrec_zip(
+        make_seqrec(tmp_path / "proc.zip", users=users), "mine", allow_pickle=True
+    )
     np.testing.assert_array_equal(domain.train_sequence(1), [3, 0])
     np.testing.assert_array_equal(domain.valid, [2, 1, -1, -1])
     np.testing.assert_array_equal(domain.test, [3, 2, 0, -1])
@@ -288,7 +319,8 @@ def test_recbole_without_timestamp_keeps_file_order(tmp_path: Path) -> None:
         assert domain.item_text == {}
         assert domain.user_ids == ["b", "a"]
         np.testing.assert_array_equal(domain.train_offsets, [0, 1, 2])
-        np.testing.assert_array_equal(domain.train_items, [0, 1])  # b: p (r valid, q test); a: q (p test)
+        # b: p (r valid, q test); a: q (p test)
+        np.testing.assert_array_equal(domain.train_items, [0, 1])
         np.testing.assert_array_equal(domain.valid, [2, -1])
         np.testing.assert_array_equal(domain.test, [1, 0])
 
@@ -303,7 +335,9 @@ def test_recbole_several_inter_files_are_ambiguous(tmp_path: Path) -> None:
 def test_recbole_bad_timestamp_is_rejected(tmp_path: Path) -> None:
     inter = "user_id:token\titem_id:token\ttimestamp:float\na\tp\tyesterday\n"
     folder = make_recbole(tmp_path / "rb", inter=inter, item=None)
-    with pytest.raises(FedmergeError, match="x.inter, line 2: timestamp 'yesterday' is not a finite number"):
+    with pytest.raises(
+        FedmergeError, match="x.inter, line 2: timestamp 'yesterday' is not a finite number"
+    ):
         read_recbole(folder, "rb")
 
 
@@ -325,7 +359,12 @@ def test_recbole_round_trip_seqrec(tmp_path: Path) -> None:
     domain = read_seqrec_zip(make_seqrec(tmp_path / "proc.zip"), "mine", allow_pickle=True)
     write_recbole(domain, tmp_path / "out")
     assert (tmp_path / "out" / "mine.item").read_text().splitlines() == [
-        "item_id:token\ttitle:token_seq", "100\tAlpha", "101\tBravo", "102\t", "103\tDelta", "104\tEcho",
+        "item_id:token\ttitle:token_seq",
+        "100\tAlpha",
+        "101\tBravo",
+        "102\t",
+        "103\tDelta",
+        "104\tEcho",
     ]
     assert_same_domain(read_recbole(tmp_path / "out", "mine"), domain)
 
@@ -389,7 +428,6 @@ BAD_INPUTS: dict[str, Callable[[Path], tuple[Path, str, str]]] = {
 }
 
 
-
 # --------------------------------------------------------------------------------------------
 # Malformed archives that must not escape as raw exceptions (or be silently misread).
 # --------------------------------------------------------------------------------------------
@@ -420,7 +458,8 @@ def _mergerec_val_user_out_of_range(tmp: Path) -> tuple[Path, str, str]:
 
 def _mergerec_val_user_negative(tmp: Path) -> tuple[Path, str, str]:
     members = dict(MERGEREC_MEMBERS, **{"val.json": {"0": [4], "-1": [1]}})
-    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec", "not a user id of umap.json"  # must not give user 2 a target
+    # must not give user 2 a target
+    return make_mergerec(tmp / "Toy.tar.gz", members), "mergerec", "not a user id of umap.json"
 
 
 def _seqrec_more_timestamps_than_items(tmp: Path) -> tuple[Path, str, str]:
@@ -436,18 +475,22 @@ def _seqrec_fewer_timestamps_than_items(tmp: Path) -> tuple[Path, str, str]:
     return make_seqrec(tmp / "proc.zip", users=users), "seqrec-zip", "has 4 items but 2 timestamps"
 
 
-BAD_INPUTS.update({
-    "seqrec-corrupt-deflate": _seqrec_corrupt_deflate,
-    "seqrec-directory": _seqrec_directory,
-    "mergerec-val-user-out-of-range": _mergerec_val_user_out_of_range,
-    "mergerec-val-user-negative": _mergerec_val_user_negative,
-    "seqrec-more-timestamps-than-items": _seqrec_more_timestamps_than_items,
-    "seqrec-fewer-timestamps-than-items": _seqrec_fewer_timestamps_than_items,
-})
+BAD_INPUTS.update(
+    {
+        "seqrec-corrupt-deflate": _seqrec_corrupt_deflate,
+        "seqrec-directory": _seqrec_directory,
+        "mergerec-val-user-out-of-range": _mergerec_val_user_out_of_range,
+        "mergerec-val-user-negative": _mergerec_val_user_negative,
+        "seqrec-more-timestamps-than-items": _seqrec_more_timestamps_than_items,
+        "seqrec-fewer-timestamps-than-items": _seqrec_fewer_timestamps_than_items,
+    }
+)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_a_clear_error_and_leaves_no_files(case: str, tmp_path: Path, cache: Path) -> None:
+def test_bad_input_is_a_clear_error_and_leaves_no_files(
+    case: str, tmp_path: Path, cache: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     path, fmt, phrase = BAD_INPUTS[case](src)
@@ -463,12 +506,15 @@ def test_unpinned_seqrec_without_allow_pickle_leaves_no_files(tmp_path: Path, ca
     assert cache_files(cache) == []
 
 
-@pytest.mark.parametrize(("name", "phrase"), [
-    ("beauty", "'beauty' is a built-in domain name"),
-    ("synth-2", "'synth-2' is a built-in domain name"),
-    ("Bad Name", "domain name 'Bad Name' is not allowed"),
-    ("-dash", "domain name '-dash' is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("name", "phrase"),
+    [
+        ("beauty", "'beauty' is a built-in domain name"),
+        ("synth-2", "'synth-2' is a built-in domain name"),
+        ("Bad Name", "domain name 'Bad Name' is not allowed"),
+        ("-dash", "domain name '-dash' is not allowed"),
+    ],
+)
 def test_bad_import_name_is_rejected(name: str, phrase: str, tmp_path: Path, cache: Path) -> None:
     path = make_mergerec(tmp_path / "Toy.tar.gz")
     with pytest.raises(FedmergeError) as err:
@@ -484,21 +530,29 @@ def test_bad_import_name_is_rejected(name: str, phrase: str, tmp_path: Path, cac
 
 @pytest.mark.parametrize("fmt", ["mergerec", "seqrec-zip", "recbole"])
 def test_import_then_load_gives_the_same_domain(fmt: str, tmp_path: Path, cache: Path) -> None:
-    builders = {"mergerec": lambda: make_mergerec(tmp_path / "Toy.tar.gz"),
-                "seqrec-zip": lambda: make_seqrec(tmp_path / "proc.zip"),
-                "recbole": lambda: make_recbole(tmp_path / "rb")}
+    builders = {
+        "mergerec": lambda: make_mergerec(tmp_path / "Toy.tar.gz"),
+        "seqrec-zip": lambda: make_seqrec(tmp_path / "proc.zip"),
+        "recbole": lambda: make_recbole(tmp_path / "rb"),
+    }
     path = builders[fmt]()
     imported = import_domain(path, fmt, "my-data.v1", allow_pickle=True)
     assert imported.name == "my-data.v1"
 
-    assert cache_files(cache) == ["imported/my-data.v1/arrays.npz", "imported/my-data.v1/domain.json"]
+    assert cache_files(cache) == [
+        "imported/my-data.v1/arrays.npz",
+        "imported/my-data.v1/domain.json",
+    ]
     assert imported_names() == ["my-data.v1"]
     loaded = load_domain("my-data.v1")
     assert loaded.name == "my-data.v1"
     assert_same_domain(loaded, imported)
     assert loaded.source == imported.source
     assert loaded.summary() == imported.summary()
-    assert cache_files(cache) == ["imported/my-data.v1/arrays.npz", "imported/my-data.v1/domain.json"]
+    assert cache_files(cache) == [
+        "imported/my-data.v1/arrays.npz",
+        "imported/my-data.v1/domain.json",
+    ]
 
 
 def test_reimport_with_replace_replaces_the_previous_import(tmp_path: Path, cache: Path) -> None:
@@ -547,8 +601,9 @@ def make_evil_zip(path: Path, marker: Path) -> Path:
     return path
 
 
-def test_seqrec_file_swapped_after_the_sha256_check_is_never_unpickled(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seqrec_file_swapped_after_the_sha256_check_is_never_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The attacker replaces a pinned proc.zip by a malicious one between the check and the read."""
     path = make_seqrec(tmp_path / "proc.zip")
     good_digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -562,11 +617,13 @@ def test_seqrec_file_swapped_after_the_sha256_check_is_never_unpickled(tmp_path:
             return super().__contains__(digest)
 
     monkeypatch.setattr(seqrec, "PINNED_SHA256", SwapOnCheck({good_digest}))
-    domain = read_seqrec_zip(path, "mine")  # no --allow-pickle: only the pinned content may be unpickled
+    # no --allow-pickle: only the pinned content may be unpickled
+    domain = read_seqrec_zip(path, "mine")
 
     assert checks == [good_digest]
     assert not marker.exists()
-    assert hashlib.sha256(path.read_bytes()).hexdigest() != good_digest  # the file on disk is the evil one now
+    # the file on disk is the evil one now
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != good_digest
     assert domain.source["sha256"] == good_digest
     assert (domain.n_users, domain.n_items, domain.n_interactions) == (4, 5, 11)
 
@@ -578,17 +635,22 @@ def test_unpinned_evil_seqrec_is_not_unpickled_without_allow_pickle(tmp_path: Pa
     assert not marker.exists()
 
 
-def test_seqrec_archive_over_the_size_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seqrec_archive_over_the_size_cap_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = make_seqrec(tmp_path / "proc.zip")
     monkeypatch.setattr(safe_io, "MAX_ARCHIVE_BYTES", path.stat().st_size - 1)
-    with pytest.raises(FedmergeError, match=f"proc.zip is larger than {path.stat().st_size - 1:,} bytes"):
+    with pytest.raises(
+        FedmergeError, match=f"proc.zip is larger than {path.stat().st_size - 1:,} bytes"
+    ):
         read_seqrec_zip(path, "mine", allow_pickle=True)
     monkeypatch.setattr(safe_io, "MAX_ARCHIVE_BYTES", path.stat().st_size)
     assert read_seqrec_zip(path, "mine", allow_pickle=True).n_users == 4
 
 
-def test_seqrec_member_over_the_size_cap_is_refused_before_it_is_read(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seqrec_member_over_the_size_cap_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = make_seqrec(tmp_path / "proc.zip")
     with zipfile.ZipFile(path) as archive:
         size = archive.getinfo("proc/user2item.pkl").file_size
@@ -598,21 +660,32 @@ def test_seqrec_member_over_the_size_cap_is_refused_before_it_is_read(tmp_path: 
         raise AssertionError("a member over the cap was opened")
 
     monkeypatch.setattr(zipfile.ZipFile, "open", never)
-    with pytest.raises(FedmergeError, match=f"member user2item.pkl unpacks to {size:,} bytes, more than the "
-                                            f"{size - 1:,}"):
+    with pytest.raises(
+        FedmergeError,
+        match=f"member user2item.pkl unpacks to {size:,} bytes, more than the {size - 1:,}",
+    ):
         read_seqrec_zip(path, "mine", allow_pickle=True)
 
 
-def test_mergerec_member_over_the_size_cap_is_refused_before_it_is_read(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    members = dict(MERGEREC_MEMBERS, **{"meta_data.json": b" " * 5000 + json.dumps(MERGEREC_MEMBERS["meta_data.json"]).encode()})
+def test_mergerec_member_over_the_size_cap_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    members = dict(
+        MERGEREC_MEMBERS,
+        **{"meta_data.json": b" " * 5000 + json.dumps(MERGEREC_MEMBERS["meta_data.json"]).encode()},
+    )
     path = make_mergerec(tmp_path / "Toy.tar.gz", members)
     monkeypatch.setattr(safe_io, "MAX_MEMBER_BYTES", 4096)
     extracted = []
     real_extract = tarfile.TarFile.extractfile
-    monkeypatch.setattr(tarfile.TarFile, "extractfile",
-                        lambda self, member: extracted.append(member.name) or real_extract(self, member))
-    with pytest.raises(FedmergeError, match=r"member meta_data.json unpacks to 5,\d{3} bytes, more than the 4,096"):
+    monkeypatch.setattr(
+        tarfile.TarFile,
+        "extractfile",
+        lambda self, member: extracted.append(member.name) or real_extract(self, member),
+    )
+    with pytest.raises(
+        FedmergeError, match=r"member meta_data.json unpacks to 5,\d{3} bytes, more than the 4,096"
+    ):
         read_mergerec(path, "toy")
     assert "Toy/meta_data.json" not in extracted
 
@@ -621,11 +694,15 @@ def _mergerec_with(**members: object) -> Callable[[Path], Path]:
     return lambda tmp: make_mergerec(tmp / "Toy.tar.gz", dict(MERGEREC_MEMBERS, **members))
 
 
-def _recbole_with(inter: str = RECBOLE_INTER, item: str | None = RECBOLE_ITEM) -> Callable[[Path], Path]:
+def _recbole_with(
+    inter: str = RECBOLE_INTER, item: str | None = RECBOLE_ITEM
+) -> Callable[[Path], Path]:
     return lambda tmp: make_recbole(tmp / "rb", inter=inter, item=item)
 
 
-def _seqrec_with(users: pd.DataFrame = SEQREC_USERS, titles: pd.DataFrame = SEQREC_TITLES) -> Callable[[Path], Path]:
+def _seqrec_with(
+    users: pd.DataFrame = SEQREC_USERS, titles: pd.DataFrame = SEQREC_TITLES
+) -> Callable[[Path], Path]:
     return lambda tmp: make_seqrec(tmp / "proc.zip", users=users, titles=titles)
 
 
@@ -645,72 +722,159 @@ def _recbole_latin1(tmp: Path) -> Path:
 _HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
 UNREADABLE: dict[str, tuple[Callable[[Path], Path], str, str]] = {
     # RecBole: a tab or a line break inside a title must not shift columns or invent items
-    "recbole-tab-in-title": (_recbole_with(item=RECBOLE_ITEM.replace("Blue Hat", "Blue\tHat")), "recbole",
-                             "x.item, line 3: 5 tab-separated fields where the header has 4"),
-    "recbole-newline-in-title": (_recbole_with(item=RECBOLE_ITEM.replace("Blue Hat", "Blue\nHat")), "recbole",
-                                 "x.item, line 3: 2 tab-separated fields where the header has 4"),
-    "recbole-short-inter-row": (_recbole_with(inter=_HEADER + "u1\ti1\t5\nu1\ti2\n"), "recbole",
-                                "x.inter, line 3: 2 tab-separated fields where the header has 3"),
-    "recbole-nan-timestamp": (_recbole_with(inter=_HEADER + "u1\ti1\t5\nu1\ti2\tnan\n"), "recbole",
-                              "x.inter, line 3: timestamp 'nan' is not a finite number"),
-    "recbole-inf-timestamp": (_recbole_with(inter=_HEADER + "u1\ti1\t-inf\n"), "recbole",
-                              "x.inter, line 2: timestamp '-inf' is not a finite number"),
-    "recbole-empty-timestamp": (_recbole_with(inter=_HEADER + "u1\ti1\t\n"), "recbole",
-                                "x.inter, line 2: timestamp '' is not a finite number"),
-    "recbole-header-only": (_recbole_with(inter=_HEADER), "recbole",
-                            "x.inter holds no interactions (0 users, 0 interactions)"),
+    "recbole-tab-in-title": (
+        _recbole_with(item=RECBOLE_ITEM.replace("Blue Hat", "Blue\tHat")),
+        "recbole",
+        "x.item, line 3: 5 tab-separated fields where the header has 4",
+    ),
+    "recbole-newline-in-title": (
+        _recbole_with(item=RECBOLE_ITEM.replace("Blue Hat", "Blue\nHat")),
+        "recbole",
+        "x.item, line 3: 2 tab-separated fields where the header has 4",
+    ),
+    "recbole-short-inter-row": (
+        _recbole_with(inter=_HEADER + "u1\ti1\t5\nu1\ti2\n"),
+        "recbole",
+        "x.inter, line 3: 2 tab-separated fields where the header has 3",
+    ),
+    "recbole-nan-timestamp": (
+        _recbole_with(inter=_HEADER + "u1\ti1\t5\nu1\ti2\tnan\n"),
+        "recbole",
+        "x.inter, line 3: timestamp 'nan' is not a finite number",
+    ),
+    "recbole-inf-timestamp": (
+        _recbole_with(inter=_HEADER + "u1\ti1\t-inf\n"),
+        "recbole",
+        "x.inter, line 2: timestamp '-inf' is not a finite number",
+    ),
+    "recbole-empty-timestamp": (
+        _recbole_with(inter=_HEADER + "u1\ti1\t\n"),
+        "recbole",
+        "x.inter, line 2: timestamp '' is not a finite number",
+    ),
+    "recbole-header-only": (
+        _recbole_with(inter=_HEADER),
+        "recbole",
+        "x.inter holds no interactions (0 users, 0 interactions)",
+    ),
     "recbole-not-utf8": (_recbole_latin1, "recbole", "x.item, line 2: the text is not UTF-8"),
-    "recbole-empty-item-id": (_recbole_with(item=RECBOLE_ITEM + "\tNo Id\tX\tY\n"), "recbole",
-                              "x.item, line 6: empty item_id"),
+    "recbole-empty-item-id": (
+        _recbole_with(item=RECBOLE_ITEM + "\tNo Id\tX\tY\n"),
+        "recbole",
+        "x.item, line 6: empty item_id",
+    ),
     # MergeRec
-    "mergerec-float-item": (_mergerec_with(**{"train.json": {"2": [2], "0": [1.5, 2, 3], "1": [4, 0]}}), "mergerec",
-                            "train.json gives user 0 ('rev-a') [1.5, 2, 3], not a list of integer item ids"),
-    "mergerec-string-smap-id": (_mergerec_with(**{"smap.json": {"B005": 0, "A001": "1", "C003": 2, "A002": 3,
-                                                                "Z999": 4}}), "mergerec",
-                                "item 'A001' maps to '1', which is not an integer id"),
-    "mergerec-two-test-targets": (_mergerec_with(**{"test.json": {"1": [3], "0": [0, 2]}}), "mergerec",
-                                  "test.json gives user 0 ('rev-a') 2 targets"),
-    "mergerec-non-canonical-user": (_mergerec_with(**{"val.json": {"0": [4], "01": [1]}}), "mergerec",
-                                    "val.json has user '01', which is not a user id of umap.json"),
-    "mergerec-unicode-digit-user": (_mergerec_with(**{"val.json": {"0": [4], "\u0661": [1]}}), "mergerec",
-                                    "which is not a user id of umap.json"),
-    "mergerec-huge-item": (_mergerec_with(**{"test.json": {"1": [3], "0": [2**70]}}), "mergerec",
-                           f"test.json gives user 0 item {2**70}, which refers to an item outside 0..4"),
-    "mergerec-empty-metadata": (_mergerec_with(**{"meta_data.json": {}}), "mergerec",
-                                "meta_data.json describes none of the 5 items of smap.json"),
-    "mergerec-metadata-not-objects": (_mergerec_with(**{"meta_data.json": {"B005": "Lipstick"}}), "mergerec",
-                                      "meta_data.json's entry for item 'B005' is not an object"),
-    "mergerec-train-is-a-list": (_mergerec_with(**{"train.json": [[1, 2]]}), "mergerec",
-                                 "train.json holds a JSON list, not an object"),
-    "mergerec-no-users": (_mergerec_with(**{"umap.json": {}, "train.json": {}, "val.json": {}, "test.json": {}}),
-                          "mergerec", "holds no interactions (0 users, 0 interactions)"),
+    "mergerec-float-item": (
+        _mergerec_with(**{"train.json": {"2": [2], "0": [1.5, 2, 3], "1": [4, 0]}}),
+        "mergerec",
+        "train.json gives user 0 ('rev-a') [1.5, 2, 3], not a list of integer item ids",
+    ),
+    "mergerec-string-smap-id": (
+        _mergerec_with(**{"smap.json": {"B005": 0, "A001": "1", "C003": 2, "A002": 3, "Z999": 4}}),
+        "mergerec",
+        "item 'A001' maps to '1', which is not an integer id",
+    ),
+    "mergerec-two-test-targets": (
+        _mergerec_with(**{"test.json": {"1": [3], "0": [0, 2]}}),
+        "mergerec",
+        "test.json gives user 0 ('rev-a') 2 targets",
+    ),
+    "mergerec-non-canonical-user": (
+        _mergerec_with(**{"val.json": {"0": [4], "01": [1]}}),
+        "mergerec",
+        "val.json has user '01', which is not a user id of umap.json",
+    ),
+    "mergerec-unicode-digit-user": (
+        _mergerec_with(**{"val.json": {"0": [4], "\u0661": [1]}}),
+        "mergerec",
+        "which is not a user id of umap.json",
+    ),
+    "mergerec-huge-item": (
+        _mergerec_with(**{"test.json": {"1": [3], "0": [2**70]}}),
+        "mergerec",
+        f"test.json gives user 0 item {2**70}, which refers to an item outside 0..4",
+    ),
+    "mergerec-empty-metadata": (
+        _mergerec_with(**{"meta_data.json": {}}),
+        "mergerec",
+        "meta_data.json describes none of the 5 items of smap.json",
+    ),
+    "mergerec-metadata-not-objects": (
+        _mergerec_with(**{"meta_data.json": {"B005": "Lipstick"}}),
+        "mergerec",
+        "meta_data.json's entry for item 'B005' is not an object",
+    ),
+    "mergerec-train-is-a-list": (
+        _mergerec_with(**{"train.json": [[1, 2]]}),
+        "mergerec",
+        "train.json holds a JSON list, not an object",
+    ),
+    "mergerec-no-users": (
+        _mergerec_with(**{"umap.json": {}, "train.json": {}, "val.json": {}, "test.json": {}}),
+        "mergerec",
+        "holds no interactions (0 users, 0 interactions)",
+    ),
     # SeqRecBenchmark
-    "seqrec-float-item": (_seqrec_with(users=_users_with(ItemID=[[100, 101.5, 102, 103], [103, 100, 101, 102],
-                                                                 [101, 100], [103]])), "seqrec-zip",
-                          "user row 0's ItemID holds the id 101.5, which is not an integer"),
-    "seqrec-string-user": (_seqrec_with(users=_users_with(UserID=["1", "2", "3", "4"])), "seqrec-zip",
-                           "UserID column holds the id '1', which is not an integer"),
-    "seqrec-repeated-user": (_seqrec_with(users=_users_with(UserID=[1, 2, 1, 4])), "seqrec-zip",
-                             "user 1 has 2 rows in user2item.pkl"),
-    "seqrec-repeated-item": (_seqrec_with(titles=pd.DataFrame({"ItemID": [103, 100, 102, 101, 100],
-                                                               "Title": list("abcde")})), "seqrec-zip",
-                             "item 100 has 2 rows in item2title.pkl"),
-    "seqrec-no-titles": (_seqrec_with(titles=SEQREC_TITLES.iloc[:0]), "seqrec-zip",
-                         "item2title.pkl holds no items"),
-    "seqrec-nan-timestamp": (_seqrec_with(users=_users_with(Timestamp=[[10, 20, float("nan"), 40], [50, 10, 50, 20],
-                                                                       [5, 6], [7]])), "seqrec-zip",
-                             "user row 0 has a timestamp that is not a finite number"),
-    "seqrec-user-without-items": (_seqrec_with(users=_users_with(ItemID=[[100, 101, 102, 103], [103, 100, 101, 102],
-                                                                         [101, 100], []],
-                                                                 Timestamp=[[1, 2, 3, 4], [1, 2, 3, 4], [1, 2], []])),
-                                  "seqrec-zip", "user '4' has no interactions"),
-    "seqrec-no-users": (_seqrec_with(users=SEQREC_USERS.iloc[:0]), "seqrec-zip",
-                        "holds no interactions (0 users, 0 interactions)"),
+    "seqrec-float-item": (
+        _seqrec_with(
+            users=_users_with(
+                ItemID=[[100, 101.5, 102, 103], [103, 100, 101, 102], [101, 100], [103]]
+            )
+        ),
+        "seqrec-zip",
+        "user row 0's ItemID holds the id 101.5, which is not an integer",
+    ),
+    "seqrec-string-user": (
+        _seqrec_with(users=_users_with(UserID=["1", "2", "3", "4"])),
+        "seqrec-zip",
+        "UserID column holds the id '1', which is not an integer",
+    ),
+    "seqrec-repeated-user": (
+        _seqrec_with(users=_users_with(UserID=[1, 2, 1, 4])),
+        "seqrec-zip",
+        "user 1 has 2 rows in user2item.pkl",
+    ),
+    "seqrec-repeated-item": (
+        _seqrec_with(
+            titles=pd.DataFrame({"ItemID": [103, 100, 102, 101, 100], "Title": list("abcde")})
+        ),
+        "seqrec-zip",
+        "item 100 has 2 rows in item2title.pkl",
+    ),
+    "seqrec-no-titles": (
+        _seqrec_with(titles=SEQREC_TITLES.iloc[:0]),
+        "seqrec-zip",
+        "item2title.pkl holds no items",
+    ),
+    "seqrec-nan-timestamp": (
+        _seqrec_with(
+            users=_users_with(Timestamp=[[10, 20, float("nan"), 40], [50, 10, 50, 20], [5, 6], [7]])
+        ),
+        "seqrec-zip",
+        "user row 0 has a timestamp that is not a finite number",
+    ),
+    "seqrec-user-without-items": (
+        _seqrec_with(
+            users=_users_with(
+                ItemID=[[100, 101, 102, 103], [103, 100, 101, 102], [101, 100], []],
+                Timestamp=[[1, 2, 3, 4], [1, 2, 3, 4], [1, 2], []],
+            )
+        ),
+        "seqrec-zip",
+        "user '4' has no interactions",
+    ),
+    "seqrec-no-users": (
+        _seqrec_with(users=SEQREC_USERS.iloc[:0]),
+        "seqrec-zip",
+        "holds no interactions (0 users, 0 interactions)",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(UNREADABLE))
-def test_input_that_cannot_be_read_faithfully_is_refused(case: str, tmp_path: Path, cache: Path) -> None:
+def test_input_that_cannot_be_read_faithfully_is_refused(
+    case: str, tmp_path: Path, cache: Path
+) -> None:
     build, fmt, phrase = UNREADABLE[case]
     src = tmp_path / "src"
     src.mkdir()
@@ -725,7 +889,8 @@ def test_input_that_cannot_be_read_faithfully_is_refused(case: str, tmp_path: Pa
 def test_recbole_exact_duplicate_rows_are_dropped_and_counted(tmp_path: Path) -> None:
     """A row logged twice must not turn a test target into a history item."""
     lines = RECBOLE_INTER.splitlines(keepends=True)
-    doubled = lines[0] + "".join(lines[1:]) + lines[1] + lines[2] + lines[1]  # u2-i3 twice more, u1-i1 once
+    # u2-i3 twice more, u1-i1 once
+    doubled = lines[0] + "".join(lines[1:]) + lines[1] + lines[2] + lines[1]
     clean = read_recbole(make_recbole(tmp_path / "a"), "rb")
     got = read_recbole(make_recbole(tmp_path / "b", inter=doubled), "rb")
     assert_same_domain(got, clean)
@@ -739,20 +904,37 @@ def test_recbole_exact_duplicate_rows_are_dropped_and_counted(tmp_path: Path) ->
 
 
 def test_recbole_crlf_lines_are_read(tmp_path: Path) -> None:
-    crlf = read_recbole(make_recbole(tmp_path / "a", inter=RECBOLE_INTER.replace("\n", "\r\n"),
-                                     item=RECBOLE_ITEM.replace("\n", "\r\n")), "rb")
+    crlf = read_recbole(
+        make_recbole(
+            tmp_path / "a",
+            inter=RECBOLE_INTER.replace("\n", "\r\n"),
+            item=RECBOLE_ITEM.replace("\n", "\r\n"),
+        ),
+        "rb",
+    )
     assert_same_domain(crlf, read_recbole(make_recbole(tmp_path / "b"), "rb"))
 
 
 def test_recbole_export_of_a_title_with_tab_and_newline_round_trips(tmp_path: Path) -> None:
-    """Export collapses whitespace inside text (tab-separated lines cannot carry it); all else survives."""
-    domain = from_sequences("t", ["a", "b", "c"], {"title": ["Red\tShoe\nsize 9", "Hat", "  "],
-                                                   "brand": ["Ac\r\nme", "", "B"]},
-                            ["u1", "u2"], [[0, 1, 2, 0], [2, 1]])
+    """Export collapses whitespace inside text (tab-separated lines cannot carry it).
+
+    All else survives.
+    """
+    domain = from_sequences(
+        "t",
+        ["a", "b", "c"],
+        {"title": ["Red\tShoe\nsize 9", "Hat", "  "], "brand": ["Ac\r\nme", "", "B"]},
+        ["u1", "u2"],
+        [[0, 1, 2, 0], [2, 1]],
+    )
     write_recbole(domain, tmp_path / "out")
     lines = (tmp_path / "out" / "t.item").read_text().split("\n")
-    assert lines[:4] == ["item_id:token\ttitle:token_seq\tbrand:token", "a\tRed Shoe size 9\tAc me", "b\tHat\t",
-                         "c\t\tB"]
+    assert lines[:4] == [
+        "item_id:token\ttitle:token_seq\tbrand:token",
+        "a\tRed Shoe size 9\tAc me",
+        "b\tHat\t",
+        "c\t\tB",
+    ]
     back = read_recbole(tmp_path / "out", "t")
     assert back.item_text == {"title": ["Red Shoe size 9", "Hat", ""], "brand": ["Ac me", "", "B"]}
     assert (back.n_items, back.n_users, back.n_interactions) == (3, 2, 6)
@@ -775,41 +957,64 @@ def test_import_under_a_taken_name_is_refused_without_replace(tmp_path: Path, ca
     before = _snapshot(cache)
     with pytest.raises(FedmergeError) as err:
         import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine")
-    assert str(err.value) == f"mine is already imported (from {rb / 'x.inter'}); pass --replace to replace it"
+    assert (
+        str(err.value)
+        == f"mine is already imported (from {rb / 'x.inter'}); pass --replace to replace it"
+    )
     assert _snapshot(cache) == before
 
 
-def test_failing_reimport_with_replace_keeps_the_old_import_byte_for_byte(tmp_path: Path, cache: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_reimport_with_replace_keeps_the_old_import_byte_for_byte(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import_domain(make_recbole(tmp_path / "rb"), "recbole", "mine")
     before = _snapshot(cache)
     assert sorted(before) == ["imported/mine/arrays.npz", "imported/mine/domain.json"]
     with pytest.raises(FedmergeError, match="truncated or corrupt"):
-        import_domain(truncated(make_mergerec(tmp_path / "Toy.tar.gz")), "mergerec", "mine", replace=True)
+        import_domain(
+            truncated(make_mergerec(tmp_path / "Toy.tar.gz")), "mergerec", "mine", replace=True
+        )
     assert _snapshot(cache) == before
 
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)  # the new import parses, then its write fails
-    with pytest.raises(FedmergeError, match=r"cannot write .*imported/mine/arrays.npz: the disk is full"):
+    with pytest.raises(
+        FedmergeError, match=r"cannot write .*imported/mine/arrays.npz: the disk is full"
+    ):
         import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine", replace=True)
     assert _snapshot(cache) == before
     assert load_domain("mine").user_ids == ["u3", "u2", "u1"]
 
 
-def test_cli_import_refuses_a_taken_name_and_replaces_with_replace(tmp_path: Path, cache: Path) -> None:
+def test_cli_import_refuses_a_taken_name_and_replaces_with_replace(
+    tmp_path: Path, cache: Path
+) -> None:
     from typer.testing import CliRunner
 
     from fedmerge.cli import app
 
     runner = CliRunner()
-    args = ["data", "import", str(make_mergerec(tmp_path / "Toy.tar.gz")), "--format", "mergerec", "--name", "mine"]
+    args = [
+        "data",
+        "import",
+        str(make_mergerec(tmp_path / "Toy.tar.gz")),
+        "--format",
+        "mergerec",
+        "--name",
+        "mine",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     refused = runner.invoke(app, args)
-    assert isinstance(refused.exception, FedmergeError) and "pass --replace" in str(refused.exception)
+    assert isinstance(refused.exception, FedmergeError) and "pass --replace" in str(
+        refused.exception
+    )
     replaced = runner.invoke(app, [*args, "--replace"])
-    assert replaced.exit_code == 0 and "imported mine: 3 users, 5 items, 10 interactions" in replaced.output
+    assert (
+        replaced.exit_code == 0
+        and "imported mine: 3 users, 5 items, 10 interactions" in replaced.output
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,7 +1023,10 @@ def test_cli_import_refuses_a_taken_name_and_replaces_with_replace(tmp_path: Pat
 
 
 def _import_within(seconds: float, *args: object, **kwargs: object) -> BaseException | None:
-    """Run import_domain in a thread; fail the test (instead of hanging) if it does not return in time."""
+    """Run import_domain in a thread.
+
+    Fail the test (instead of hanging) if it does not return in time.
+    """
     outcome: list[BaseException | None] = []
 
     def target() -> None:
@@ -841,11 +1049,15 @@ def test_fifo_as_archive_is_refused_without_hanging(fmt: str, tmp_path: Path, ca
     os.mkfifo(fifo)
     err = _import_within(10, fifo, fmt, "mine", allow_pickle=True)
     assert isinstance(err, FedmergeError)
-    assert str(err).startswith(f"{fifo} is not a regular file but a FIFO (named pipe); give the path of a")
+    assert str(err).startswith(
+        f"{fifo} is not a regular file but a FIFO (named pipe); give the path of a"
+    )
     assert cache_files(cache) == []
 
 
-def test_fifo_inside_a_recbole_folder_is_refused_without_hanging(tmp_path: Path, cache: Path) -> None:
+def test_fifo_inside_a_recbole_folder_is_refused_without_hanging(
+    tmp_path: Path, cache: Path
+) -> None:
     folder = make_recbole(tmp_path / "rb", item=None)
     os.mkfifo(folder / "x.item")
     err = _import_within(10, folder, "recbole", "mine")
@@ -855,12 +1067,16 @@ def test_fifo_inside_a_recbole_folder_is_refused_without_hanging(tmp_path: Path,
 
 
 def test_device_as_archive_is_refused(cache: Path) -> None:
-    with pytest.raises(FedmergeError, match="/dev/null is not a regular file but a character device"):
+    with pytest.raises(
+        FedmergeError, match="/dev/null is not a regular file but a character device"
+    ):
         import_domain(Path("/dev/null"), "mergerec", "mine")
     assert cache_files(cache) == []
 
 
-def test_leftover_temporary_folder_of_a_killed_import_is_not_a_domain(tmp_path: Path, cache: Path) -> None:
+def test_leftover_temporary_folder_of_a_killed_import_is_not_a_domain(
+    tmp_path: Path, cache: Path
+) -> None:
     import_domain(make_mergerec(tmp_path / "Toy.tar.gz"), "mergerec", "mine")
     leftover = cache / "imported" / ".other.tmp-x1y2"  # an import killed after writing its files
     leftover.mkdir()

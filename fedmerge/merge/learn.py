@@ -15,7 +15,7 @@ vectors (``"history"``, the default), or every item's current vector (``"current
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,7 +28,13 @@ from fedmerge.data.sequences import last_items
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.losses import LOSSES, NEEDS_TEACHER
 from fedmerge.merge.methods import Prepared
-from fedmerge.merge.pseudo import PseudoConfig, PseudoUsers, one_item_users, select_items, walk_users
+from fedmerge.merge.pseudo import (
+    PseudoConfig,
+    PseudoUsers,
+    one_item_users,
+    select_items,
+    walk_users,
+)
 from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
@@ -43,56 +49,94 @@ Mode = Literal["none", "task-wise", "layer-wise", "tensor-wise"]
 class LearnConfig(ConfigModel):
     """Learning the merge coefficients on pseudo-users (MergeRec's published defaults)."""
 
-    mode: Mode = Field("task-wise", description="coefficients learned: none, one per domain (task-wise), per domain "
-                       "and layer group (layer-wise), or per domain and tensor (tensor-wise)")
+    mode: Mode = Field(
+        "task-wise",
+        description="coefficients learned: none, one per domain (task-wise), per domain "
+        "and layer group (layer-wise), or per domain and tensor (tensor-wise)",
+    )
     loss: Literal[tuple(LOSSES)] = Field(  # type: ignore[valid-type]  # the registry's names
-        "mergerec", description="mergerec (CE + KL to the teacher), adamerging (entropy), kd (KL only) or ce")
+        "mergerec",
+        description="mergerec (CE + KL to the teacher), adamerging (entropy), kd (KL only) or ce",
+    )
     temperature: float = Field(0.05, gt=0.0, le=10.0, description="T of the KL term's softmaxes")
-    kd_weight: float = Field(2.5, ge=0.0, le=1000.0, description="beta * T^2, the weight of the KL term")
+    kd_weight: float = Field(
+        2.5, ge=0.0, le=1000.0, description="beta * T^2, the weight of the KL term"
+    )
     lr: LearningRate = Field(1e-3, description="Adam learning rate of the coefficients")
     batch_size: int = Field(16, ge=1, description="pseudo-users per step")
     steps: int = Field(500, ge=0, description="optimisation steps (0: the training-free merge)")
-    valid_candidates: int = Field(0, ge=0, description="coefficient snapshots at evenly spaced steps, the initial "
-                                  "merge first, that the parties score on their valid split; the best mean valid "
-                                  "ndcg@10 over the domains is kept (0: the last step)")
+    valid_candidates: int = Field(
+        0,
+        ge=0,
+        description="coefficient snapshots at evenly spaced steps, the initial "
+        "merge first, that the parties score on their valid split; the best mean valid "
+        "ndcg@10 over the domains is kept (0: the last step)",
+    )
     valid_scales: list[float] = Field(
-        default_factory=list, description="factors of the learned coefficients (the initial ones when nothing is "
-        "learned) that the parties score on their valid split, with the initial merge and any valid_candidates "
-        "snapshots; the best mean valid ndcg@10 is kept, so the pseudo-users choose the coefficients' shape and the "
-        "parties their size (empty: off)")
+        default_factory=list,
+        description="factors of the learned coefficients (the initial ones when nothing is "
+        "learned) that the parties score on their valid split, with the initial merge and any "
+        "valid_candidates snapshots; the best mean valid ndcg@10 is kept, so the pseudo-users "
+        "choose the coefficients' shape and the parties their size (empty: off)",
+    )
     item_vectors: ItemVectors = Field(
-        "history", description="which vectors follow the coefficients during learning: 'fixed' (MergeRec: every "
-        "candidate is scored with the initial merge's vectors, the histories are read with the current ones), "
-        "'history' (the pseudo-users' history items also score as candidates with their current vectors), "
-        "'current' (every item's vector, recomputed at every step)")
-    teacher_top_k: int = Field(200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)")
-    fit_scale: bool = Field(True, description="kd / mergerec: learn one score scale per domain for the KL term, "
-                                              "so that it compares rankings, not the merged model's sharpness")
+        "history",
+        description="which vectors follow the coefficients during learning: 'fixed' (MergeRec: "
+        "every candidate is scored with the initial merge's vectors, the histories are read with "
+        "the current ones), 'history' (the pseudo-users' history items also score as candidates "
+        "with their current vectors), 'current' (every item's vector, recomputed at every step)",
+    )
+    teacher_top_k: int = Field(
+        200, ge=0, description="teacher scores kept per pseudo-user (0 = dense)"
+    )
+    fit_scale: bool = Field(
+        True,
+        description="kd / mergerec: learn one score scale per domain for the KL term, "
+        "so that it compares rankings, not the merged model's sharpness",
+    )
     scale_lr: LearningRate = Field(0.05, description="Adam lr of the log score scales (fit_scale)")
-    balance: bool = Field(False, description="every domain weighs the same in each step, "
-                                             "whatever its catalogue size (false: uniform over all pseudo-users, "
-                                             "as in MergeRec)")
+    balance: bool = Field(
+        False,
+        description="every domain weighs the same in each step, "
+        "whatever its catalogue size (false: uniform over all pseudo-users, "
+        "as in MergeRec)",
+    )
     seed: int = Field(0, description="seed of the batch order")
     pseudo: PseudoConfig = PseudoConfig()
 
     @model_validator(mode="after")
     def _one_selection(self) -> LearnConfig:
         if self.valid_candidates == 1:
-            raise FedmergeError("learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2")
+            raise FedmergeError(
+                "learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2"
+            )
         if any(not 0.0 < c < 100.0 for c in self.valid_scales):
-            raise FedmergeError(f"learn.valid_scales must be factors in (0, 100); got {self.valid_scales}")
+            raise FedmergeError(
+                f"learn.valid_scales must be factors in (0, 100); got {self.valid_scales}"
+            )
         return self
 
     def candidate_steps(self) -> list[int]:
-        """The steps whose coefficients the parties score on valid (step 0: the initial merge); empty when off."""
+        """The steps whose coefficients the parties score on valid (step 0: the initial merge).
+
+        Empty when off.
+        """
         if not self.valid_candidates:
             return [0] if self.valid_scales else []
-        return sorted({round(i * self.steps / (self.valid_candidates - 1)) for i in range(self.valid_candidates)})
+        return sorted(
+            {
+                round(i * self.steps / (self.valid_candidates - 1))
+                for i in range(self.valid_candidates)
+            }
+        )
 
 
 @dataclass
 class ServerDomain:
-    """What the server holds for one domain: public item table, pseudo-users and their teacher scores."""
+    """What the server holds for one domain.
+
+    Its public item table, pseudo-users and their teacher scores.
+    """
 
     name: str
     features: torch.Tensor
@@ -102,7 +146,10 @@ class ServerDomain:
 
 @dataclass
 class Candidate:
-    """A merge the parties may score on valid: the coefficients of `step` times `scale`, and its weights."""
+    """A merge the parties may score on valid: the coefficients of `step` times `scale`.
+
+    It also holds the merge's weights.
+    """
 
     step: int
     scale: float
@@ -112,7 +159,7 @@ class Candidate:
 
 @dataclass
 class LearnResult:
-    """The learned coefficients (K, groups), the initial and the learned merged weights, and the per-step log.
+    """The learned coefficients (K, groups), the initial and learned merged weights, the step log.
 
     ``candidates`` holds the snapshots at :meth:`LearnConfig.candidate_steps` and the final
     coefficients times each of ``valid_scales``, for the parties to choose from on their valid
@@ -128,9 +175,14 @@ class LearnResult:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def parameter_groups(model: Recommender, keys: list[str], mode: Mode) -> tuple[dict[str, int], list[str]]:
-    """Group index of every key, and the group names: one group, the family's layer groups (in the order
-    they first appear, :meth:`Recommender.parameter_group`), or one per key."""
+def parameter_groups(
+    model: Recommender, keys: list[str], mode: Mode
+) -> tuple[dict[str, int], list[str]]:
+    """Group index of every key, and the group names.
+
+    One group, the family's layer groups (in the order they first appear,
+    :meth:`Recommender.parameter_group`), or one per key.
+    """
     if mode == "tensor-wise":
         return {k: i for i, k in enumerate(keys)}, list(keys)
     if mode != "layer-wise":
@@ -140,7 +192,10 @@ def parameter_groups(model: Recommender, keys: list[str], mode: Mode) -> tuple[d
 
 
 class _Student(nn.Module):
-    """The family's student scores with the current parameters (:meth:`Recommender.student_scores`)."""
+    """The family's student scores with the current parameters.
+
+    See :meth:`Recommender.student_scores`.
+    """
 
     def __init__(self, model: Recommender, follow: ItemVectors) -> None:
         super().__init__()
@@ -152,8 +207,14 @@ class _Student(nn.Module):
 
 
 @deterministic()
-def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, domains: list[ServerDomain],
-                       config: LearnConfig, quiet: bool = False) -> LearnResult:
+def learn_coefficients(
+    model: Recommender,
+    base: StateDict,
+    prepared: Prepared,
+    domains: list[ServerDomain],
+    config: LearnConfig,
+    quiet: bool = False,
+) -> LearnResult:
     """Learn w on the domains' pseudo-users; return the last step's coefficients and merged weights.
 
     ``model`` is any instance of the merged models' architecture; its weights are overwritten
@@ -169,9 +230,12 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     weights = nn.Parameter(initial[:, None].repeat(1, len(group_names)))
     initial_merge = _to(combine(base, prepared.vectors, prepared.weights), torch.device("cpu"))
     result = LearnResult(weights.detach().clone(), initial_merge, initial_merge, group_names)
-    if config.mode == "none" or config.steps == 0:  # nothing learned: the scales apply to the initial coefficients
+    # nothing learned: the scales apply to the initial coefficients
+    if config.mode == "none" or config.steps == 0:
         if config.valid_scales:
-            _add_scaled(result, base, prepared, group_of, 0, result.weights, [1.0, *config.valid_scales])
+            _add_scaled(
+                result, base, prepared, group_of, 0, result.weights, [1.0, *config.valid_scales]
+            )
         result.weights = result.weights.cpu()
         return result
     student = _Student(model, config.item_vectors).eval()
@@ -180,7 +244,7 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     anchors = [model.merge_anchor(table) for table in tables]
     loss_fn = LOSSES[config.loss]
     log_scales = nn.Parameter(torch.zeros(len(domains), device=device))
-    groups = [{"params": [weights]}]
+    groups: list[dict[str, Any]] = [{"params": [weights]}]
     if config.fit_scale and config.loss in NEEDS_TEACHER:
         groups.append({"params": [log_scales], "lr": config.scale_lr})
     optimizer = torch.optim.Adam(groups, lr=config.lr)
@@ -189,7 +253,10 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
     chance = _chances(pool) if config.balance else None
 
     def merged_params() -> StateDict:
-        return {f"model.{k}": v for k, v in build_merged(base, prepared.vectors, weights, group_of).items()}
+        return {
+            f"model.{k}": v
+            for k, v in build_merged(base, prepared.vectors, weights, group_of).items()
+        }
 
     def batch_loss(params: StateDict, picks: np.ndarray) -> torch.Tensor:
         total = torch.zeros((), device=device)
@@ -202,8 +269,14 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
             target = teacher.dense(rows).to(device) if teacher is not None else None
             if config.pseudo.target == "next":
                 scores, target = _without_last(histories, scores, target)
-            loss = loss_fn(scores, target, users.items[rows].to(device), config.temperature, config.kd_weight,
-                           log_scales[k].exp())
+            loss = loss_fn(
+                scores,
+                target,
+                users.items[rows].to(device),
+                config.temperature,
+                config.kd_weight,
+                log_scales[k].exp(),
+            )
             total = total + loss * len(rows)
         return total / len(picks)
 
@@ -211,48 +284,91 @@ def learn_coefficients(model: Recommender, base: StateDict, prepared: Prepared, 
 
     def snapshot(step: int) -> None:
         if step in snapshot_at:
-            result.candidates.append(_candidate(base, prepared, group_of, step, weights.detach().clone()))
+            result.candidates.append(
+                _candidate(base, prepared, group_of, step, weights.detach().clone())
+            )
 
     snapshot(0)
-    with progress_bar(TextColumn("[bold]learning merge coefficients"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), quiet=quiet) as progress:
+    with progress_bar(
+        TextColumn("[bold]learning merge coefficients"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        quiet=quiet,
+    ) as progress:
         task = progress.add_task("learn", total=config.steps, loss=float("nan"))
         for step in range(1, config.steps + 1):
-            picks = pool[rng.choice(len(pool), size=min(config.batch_size, len(pool)), replace=False, p=chance)]
+            picks = pool[
+                rng.choice(
+                    len(pool), size=min(config.batch_size, len(pool)), replace=False, p=chance
+                )
+            ]
             loss = batch_loss(merged_params(), picks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            entry = {"step": step, "loss": loss.item(), "weights": weights.detach().tolist(),
-                     "scales": log_scales.detach().exp().tolist()}
+            entry = {
+                "step": step,
+                "loss": loss.item(),
+                "weights": weights.detach().tolist(),
+                "scales": log_scales.detach().exp().tolist(),
+            }
             result.log.append(entry)
             snapshot(step)
             progress.update(task, advance=1, loss=entry["loss"])
     final = weights.detach().clone()
     with torch.no_grad():
-        result.merged = _to(build_merged(base, prepared.vectors, final, group_of), torch.device("cpu"))
+        result.merged = _to(
+            build_merged(base, prepared.vectors, final, group_of), torch.device("cpu")
+        )
     _add_scaled(result, base, prepared, group_of, config.steps, final, config.valid_scales)
     result.weights = final.cpu()
     return result
 
 
-def _add_scaled(result: LearnResult, base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int,
-                weights: torch.Tensor, scales: list[float]) -> None:
-    """Append the candidates `weights` (those of `step`) times each of `scales`, skipping any (step, scale)
-    already there (a ``valid_candidates`` snapshot of the last step, or a repeated factor): each is one more
-    valid evaluation of every party."""
+def _add_scaled(
+    result: LearnResult,
+    base: StateDict,
+    prepared: Prepared,
+    group_of: dict[str, int],
+    step: int,
+    weights: torch.Tensor,
+    scales: list[float],
+) -> None:
+    """Append the candidates `weights` (those of `step`) times each of `scales`.
+
+    Any (step, scale) already there is skipped (a ``valid_candidates`` snapshot of the last step, or
+    a repeated factor): each candidate is one more valid evaluation of every party.
+    """
     have = {(c.step, c.scale) for c in result.candidates}
-    result.candidates += [_candidate(base, prepared, group_of, step, weights, scale) for scale in dict.fromkeys(scales)
-                          if (step, scale) not in have]
+    result.candidates += [
+        _candidate(base, prepared, group_of, step, weights, scale)
+        for scale in dict.fromkeys(scales)
+        if (step, scale) not in have
+    ]
 
 
-def _candidate(base: StateDict, prepared: Prepared, group_of: dict[str, int], step: int, weights: torch.Tensor,
-               scale: float = 1.0) -> Candidate:
-    """The candidate merge with the coefficients `weights` (those of `step`) times `scale` (its weights on the CPU)."""
+def _candidate(
+    base: StateDict,
+    prepared: Prepared,
+    group_of: dict[str, int],
+    step: int,
+    weights: torch.Tensor,
+    scale: float = 1.0,
+) -> Candidate:
+    """The candidate merge with the coefficients `weights` (those of `step`) times `scale`.
+
+    Its weights are on the CPU.
+    """
     scaled = weights * scale
     with torch.no_grad():
-        return Candidate(step, scale, scaled.cpu(), _to(build_merged(base, prepared.vectors, scaled, group_of),
-                                                        torch.device("cpu")))
+        return Candidate(
+            step,
+            scale,
+            scaled.cpu(),
+            _to(build_merged(base, prepared.vectors, scaled, group_of), torch.device("cpu")),
+        )
 
 
 def _to(state: StateDict, device: torch.device) -> StateDict:
@@ -260,18 +376,25 @@ def _to(state: StateDict, device: torch.device) -> StateDict:
     return {k: v.to(device) for k, v in state.items()}
 
 
-def build_merged(base: StateDict, vectors: list[StateDict], weights: torch.Tensor, group_of: dict[str, int]) -> StateDict:
+def build_merged(
+    base: StateDict, vectors: list[StateDict], weights: torch.Tensor, group_of: dict[str, int]
+) -> StateDict:
     """theta_0 + sum_k weights[k, group(key)] * vectors[k][key] (differentiable in `weights`)."""
     merged = dict(base)
     for key in vectors[0]:
-        merged[key] = base[key] + sum(weights[k, group_of[key]] * v[key] for k, v in enumerate(vectors))
+        merged[key] = base[key] + sum(
+            weights[k, group_of[key]] * v[key] for k, v in enumerate(vectors)
+        )
     return merged
 
 
-def _without_last(histories: torch.Tensor, scores: torch.Tensor,
-                  teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Student and teacher scores with each history's last item pushed out of every softmax (a score
-    1e4 below the rest: finite, so a KL term over it stays defined)."""
+def _without_last(
+    histories: torch.Tensor, scores: torch.Tensor, teacher: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student and teacher scores with each history's last item pushed out of every softmax.
+
+    Its score is set 1e4 below the rest: finite, so a KL term over it stays defined.
+    """
     last = last_items(histories)[:, None]
 
     def drop(s: torch.Tensor) -> torch.Tensor:
@@ -282,7 +405,11 @@ def _without_last(histories: torch.Tensor, scores: torch.Tensor,
 
 def _pool(groups: list[PseudoUsers | None]) -> np.ndarray:
     """(n, 2) rows of (domain index, pseudo-user index) over every domain's group (None: none)."""
-    rows = [np.stack([np.full(len(g.items), k), np.arange(len(g.items))], 1) for k, g in enumerate(groups) if g is not None]
+    rows = [
+        np.stack([np.full(len(g.items), k), np.arange(len(g.items))], 1)
+        for k, g in enumerate(groups)
+        if g is not None
+    ]
     return np.concatenate(rows) if rows else np.empty((0, 2), dtype=np.int64)
 
 
@@ -292,16 +419,30 @@ def _chances(pool: np.ndarray) -> np.ndarray:
     return 1.0 / (len(domains) * counts[index])
 
 
-def server_domain(name: str, features: torch.Tensor, teacher_model: Recommender, config: LearnConfig) -> ServerDomain:
-    """Pseudo-users of one domain (from its public item table) with the fine-tuned model's teacher scores."""
+def server_domain(
+    name: str, features: torch.Tensor, teacher_model: Recommender, config: LearnConfig
+) -> ServerDomain:
+    """Pseudo-users of one domain (from its public item table) with the teacher's scores.
+
+    The teacher is the domain's fine-tuned model.
+    """
     pseudo = config.pseudo
     starts = select_items(features, pseudo)
     if pseudo.walk_length > 1 or pseudo.target == "next":
         near = neighbours(teacher_model, features, pseudo.walk_top, config.temperature)
-        users = walk_users(starts, near, pseudo.walk_length, pseudo.seed, pseudo.mixed_lengths,
-                           next_item=pseudo.target == "next")
+        users = walk_users(
+            starts,
+            near,
+            pseudo.walk_length,
+            pseudo.seed,
+            pseudo.mixed_lengths,
+            next_item=pseudo.target == "next",
+        )
     else:
         users = one_item_users(starts)
-    teacher = (teacher_scores(teacher_model, features, users, config.teacher_top_k, config.temperature)
-               if config.loss in NEEDS_TEACHER else None)
+    teacher = (
+        teacher_scores(teacher_model, features, users, config.teacher_top_k, config.temperature)
+        if config.loss in NEEDS_TEACHER
+        else None
+    )
     return ServerDomain(name, features, users, teacher)

@@ -30,28 +30,44 @@ Selection = Literal["all", "random", "kmeans"]
 class PseudoConfig(ConfigModel):
     """How the server builds pseudo-users for each domain."""
 
-    selection: Selection = Field("all", description="which items start pseudo-users: all (MergeRec), random or "
-                                 "kmeans (count per domain)")
-    count: int = Field(1000, ge=1, description="random / kmeans: pseudo-users per domain (capped at the catalogue)")
-    walk_length: int = Field(1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)")
-    walk_top: int = Field(10, ge=1, description="walks step to one of the current item's top teacher neighbours")
-    mixed_lengths: bool = Field(False, description="cut each walk after a random 1..walk_length items")
+    selection: Selection = Field(
+        "all",
+        description="which items start pseudo-users: all (MergeRec), random or "
+        "kmeans (count per domain)",
+    )
+    count: int = Field(
+        1000, ge=1, description="random / kmeans: pseudo-users per domain (capped at the catalogue)"
+    )
+    walk_length: int = Field(
+        1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)"
+    )
+    walk_top: int = Field(
+        10, ge=1, description="walks step to one of the current item's top teacher neighbours"
+    )
+    mixed_lengths: bool = Field(
+        False, description="cut each walk after a random 1..walk_length items"
+    )
     target: Literal["last", "next"] = Field(
-        "last", description="each pseudo-user's own item: the history's last item (MergeRec) or the walk's next "
-        "step after the history, which the loss then scores without the history's last item")
+        "last",
+        description="each pseudo-user's own item: the history's last item (MergeRec) or the walk's "
+        "next step after the history, which the loss then scores without the history's last item",
+    )
     seed: int = Field(0, description="seed of the selection and the walks")
 
 
 @dataclass
 class PseudoUsers:
-    """One domain's pseudo-users: right-padded histories (P, L), pad -1, and each one's own item (P,)."""
+    """Pseudo-users of a domain: right-padded histories (P, L), pad -1, and each one's item (P,)."""
 
     histories: torch.Tensor
     items: torch.Tensor
 
 
 def select_items(features: torch.Tensor, config: PseudoConfig) -> torch.Tensor:
-    """The items that start pseudo-users: all of them, a random subset, or those nearest k-means centroids."""
+    """The items that start pseudo-users.
+
+    All of them, a random subset, or those nearest k-means centroids.
+    """
     n = len(features)
     if config.selection == "all" or config.count >= n:
         return torch.arange(n)
@@ -61,14 +77,20 @@ def select_items(features: torch.Tensor, config: PseudoConfig) -> torch.Tensor:
     return _kmeans_items(features.float(), config.count, generator)
 
 
-def _kmeans_items(features: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 20) -> torch.Tensor:
-    """Items nearest to the centroids of a seeded k-means (Lloyd) on the features, one per centroid, distinct."""
+def _kmeans_items(
+    features: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 20
+) -> torch.Tensor:
+    """Items nearest to the centroids of a seeded k-means (Lloyd) on the features.
+
+    One item per centroid, all distinct.
+    """
     centroids = features[torch.randperm(len(features), generator=generator)[:k]].clone()
     for _ in range(iterations):
         assign = torch.cdist(features, centroids).argmin(1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, features)
         counts = torch.bincount(assign, minlength=k)[:, None]
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # an empty cluster keeps its centroid
+        # an empty cluster keeps its centroid
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     distances = torch.cdist(centroids, features)
     chosen: list[int] = []
     taken = torch.zeros(len(features), dtype=torch.bool)
@@ -85,9 +107,17 @@ def one_item_users(items: torch.Tensor) -> PseudoUsers:
     return PseudoUsers(items[:, None].clone(), items.clone())
 
 
-def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed: int,
-               mixed: bool = False, next_item: bool = False) -> PseudoUsers:
-    """Histories of `length` items: from each start, step to a random one of the current item's `neighbours`.
+def walk_users(
+    starts: torch.Tensor,
+    neighbours: torch.Tensor,
+    length: int,
+    seed: int,
+    mixed: bool = False,
+    next_item: bool = False,
+) -> PseudoUsers:
+    """Histories of `length` items.
+
+    From each start, step to a random one of the current item's `neighbours`.
 
     ``neighbours`` is (n_items, top) item indices (the teacher's best-scored items for ``[i]``,
     the item itself excluded). ``mixed`` keeps a seeded random 1..`length` first items of each
@@ -101,7 +131,12 @@ def walk_users(starts: torch.Tensor, neighbours: torch.Tensor, length: int, seed
         pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
         walks.append(neighbours[walks[-1], pick])
     histories = torch.stack(walks, 1)
-    kept = (torch.randint(1, length + 1, (len(starts),), generator=generator) if mixed
-            else torch.full((len(starts),), length))
+    kept = (
+        torch.randint(1, length + 1, (len(starts),), generator=generator)
+        if mixed
+        else torch.full((len(starts),), length)
+    )
     own = histories[torch.arange(len(starts)), kept - 1 + ahead].clone()
-    return PseudoUsers(histories[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own)
+    return PseudoUsers(
+        histories[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own
+    )

@@ -25,8 +25,12 @@ from fedmerge.merge.vectors import StateDict
 RowMode = Literal["usage", "method"]
 
 
-def usage_rows(prepared: Prepared, vectors: list[StateDict], usage: dict[str, torch.Tensor]) -> Prepared:
-    """`prepared` with each key of `usage` rewritten so that the initial merge's row r is sum_k share_k(r) tau_k[r].
+def usage_rows(
+    prepared: Prepared, vectors: list[StateDict], usage: dict[str, torch.Tensor]
+) -> Prepared:
+    """`prepared` with each key of `usage` rewritten so the initial merge's rows are read-weighted.
+
+    Row r of the initial merge becomes sum_k share_k(r) tau_k[r].
 
     ``vectors`` are the raw task vectors tau_k; ``usage[key]`` is (K, rows): how many of domain
     k's items read each row of ``key``. With f_k(r) = usage[k, r] / sum_r' usage[k, r'] (the
@@ -42,6 +46,10 @@ def usage_rows(prepared: Prepared, vectors: list[StateDict], usage: dict[str, to
         read = (total > 0).view(-1, *[1] * (vectors[0][key].dim() - 1))
         shares = fractions / total.clamp(min=torch.finfo(total.dtype).tiny)
         for k, w in enumerate(prepared.weights):
-            share = shares[k].view_as(read) * vectors[k][key] / w if w else torch.zeros_like(vectors[k][key])
+            share = (
+                shares[k].view_as(read) * vectors[k][key] / w
+                if w
+                else torch.zeros_like(vectors[k][key])
+            )
             out[k][key] = torch.where(read, share, prepared.vectors[k][key])
     return Prepared(out, list(prepared.weights))

@@ -21,7 +21,7 @@ from fedmerge.models import Recommender
 
 @dataclass
 class Teacher:
-    """Top-k teacher scores (P, k) with their item indices (int32), a floor per row, and the catalogue size."""
+    """Top-k teacher scores (P, k), their item indices (int32), a floor per row, catalogue size."""
 
     values: torch.Tensor
     indices: torch.Tensor
@@ -35,12 +35,21 @@ class Teacher:
 
     @property
     def nbytes(self) -> int:
+        """The memory the stored scores take, in bytes."""
         return sum(t.element_size() * t.numel() for t in (self.values, self.indices, self.floor))
 
 
-def teacher_scores(model: Recommender, features: torch.Tensor, users: PseudoUsers, top_k: int,
-                   temperature: float, batch_size: int = 1024) -> Teacher:
-    """Score every item for every pseudo-user with `model` (eval mode, no gradients, on its device; kept on the CPU).
+def teacher_scores(
+    model: Recommender,
+    features: torch.Tensor,
+    users: PseudoUsers,
+    top_k: int,
+    temperature: float,
+    batch_size: int = 1024,
+) -> Teacher:
+    """Score every item for every pseudo-user with `model`.
+
+    Eval mode, no gradients, on the model's device; the scores are kept on the CPU.
 
     ``top_k`` <= 0 or >= the catalogue keeps the dense table (floor unused).
     """
@@ -56,21 +65,32 @@ def teacher_scores(model: Recommender, features: torch.Tensor, users: PseudoUser
             top = scores.topk(keep, dim=1)
             values.append(top.values)
             indices.append(top.indices.int())
-            floors.append(_tail_floor(scores, top.indices, temperature) if keep < n_items
-                          else torch.zeros(len(scores)))
+            floors.append(
+                _tail_floor(scores, top.indices, temperature)
+                if keep < n_items
+                else torch.zeros(len(scores))
+            )
     return Teacher(torch.cat(values), torch.cat(indices), torch.cat(floors), n_items)
 
 
 def _tail_floor(scores: torch.Tensor, top: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per row, the score that, given to every non-top item, keeps the tail's softmax mass at `temperature`."""
+    """Per row, the score given to every non-top item that keeps the tail's softmax mass.
+
+    The mass is that of the full row at `temperature`.
+    """
     tail = scores.scatter(1, top, float("-inf")) / temperature
     return temperature * (torch.logsumexp(tail, dim=1) - math.log(scores.shape[1] - top.shape[1]))
 
 
-def neighbours(model: Recommender, features: torch.Tensor, top: int, temperature: float) -> torch.Tensor:
-    """(n_items, top) each item's best-scored other items by `model` for the one-item history ``[i]``."""
+def neighbours(
+    model: Recommender, features: torch.Tensor, top: int, temperature: float
+) -> torch.Tensor:
+    """(n_items, top) each item's best-scored other items by `model` for the history ``[i]``."""
     n = len(features)
     items = torch.arange(n)
-    found = teacher_scores(model, features, PseudoUsers(items[:, None], items), min(n, top + 1), temperature).indices.long()
-    last_if_self = (found == items[:, None]).float().argsort(dim=1, stable=True)  # the item itself moves to the end
+    found = teacher_scores(
+        model, features, PseudoUsers(items[:, None], items), min(n, top + 1), temperature
+    ).indices.long()
+    # the item itself moves to the end
+    last_if_self = (found == items[:, None]).float().argsort(dim=1, stable=True)
     return found.gather(1, last_if_self)[:, : min(top, n - 1)]

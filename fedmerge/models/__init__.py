@@ -19,5 +19,18 @@ from fedmerge.models.family import (
 )
 from fedmerge.models.parts import Part, load_parts
 
-__all__ = ["FAMILIES", "FamilyConfig", "ModelConfig", "Part", "Recommender", "StateDict", "build_model",
-           "default_model", "family", "load_parts", "register", "textenc", "textseq"]
+__all__ = [
+    "FAMILIES",
+    "FamilyConfig",
+    "ModelConfig",
+    "Part",
+    "Recommender",
+    "StateDict",
+    "build_model",
+    "default_model",
+    "family",
+    "load_parts",
+    "register",
+    "textenc",
+    "textseq",
+]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import Field, SerializeAsAny, ValidatorFunctionWrapHandler, WrapValidator
@@ -36,9 +36,15 @@ from fedmerge.errors import FedmergeError
 
 StateDict = dict[str, torch.Tensor]
 HistoryScorer = Callable[[torch.Tensor], torch.Tensor]
-"""``score(histories) -> (B, n_items)``: scores of every item for right-padded histories (B, L), pad -1."""
+"""``score(histories) -> (B, n_items)``: every item's scores for right-padded histories (B, L).
+
+Histories are padded with -1.
+"""
 ItemVectors = Literal["fixed", "history", "current"]
-"""Which item representations follow the merge coefficients while they are learned (``learn.item_vectors``)."""
+"""Which item representations follow the merge coefficients while they are learned.
+
+The setting is ``learn.item_vectors``.
+"""
 
 
 class FamilyConfig(ConfigModel):
@@ -48,10 +54,15 @@ class FamilyConfig(ConfigModel):
     max_len: int = Field(50, ge=1, description="most recent items a user's history holds")
 
 
-class Recommender(nn.Module):
+C = TypeVar("C", bound=FamilyConfig)
+"""A family's own config class (the ``Config`` of a :class:`Recommender` subclass)."""
+
+
+class Recommender(nn.Module, Generic[C]):
     """A recommender family (see the module docstring). Subclasses set ``kind`` and ``Config``.
 
-    ``table`` everywhere is the domain's item table built by :meth:`catalogue`.
+    ``table`` everywhere is the domain's item table built by :meth:`catalogue`. The type
+    parameter is the family's config class: ``class Mine(Recommender[MineConfig])``.
     """
 
     kind: ClassVar[str]
@@ -59,43 +70,60 @@ class Recommender(nn.Module):
     pretrain_frozen: ClassVar[list[str]] = []
     """Parameters ``fedmerge pretrain`` keeps at theta_0 unless the config names others."""
 
-    def __init__(self, config: FamilyConfig, width: int) -> None:
+    def __init__(self, config: C, width: int) -> None:
         super().__init__()
         self.config = config
         self.width = width
 
     @classmethod
-    def catalogue(cls, domain: DomainData, config: FamilyConfig, quiet: bool = True) -> torch.Tensor:
+    def catalogue(cls, domain: DomainData, config: C, quiet: bool = True) -> torch.Tensor:
         """The public (n_items, width) item table of `domain` that this family reads."""
         raise NotImplementedError
 
     def exchanged(self) -> StateDict:
-        """The state a party and the server exchange (all weights by default; a family may send a part)."""
+        """The state a party and the server exchange.
+
+        All weights by default; a family may send a part.
+        """
         return dict(self.state_dict())
 
     def load_exchanged(self, state: StateDict) -> None:
         """Set the exchanged state (the rest of the model keeps its values)."""
         self.load_state_dict(state, strict=set(state) == set(self.state_dict()))
 
-    def loss(self, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The training loss of right-padded (B, L) `inputs` and their next items `targets` (pad -1)."""
+    def loss(
+        self, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """The training loss of right-padded (B, L) `inputs` (pad -1) and next items `targets`."""
         raise NotImplementedError
 
     def scorer(self, table: torch.Tensor) -> HistoryScorer:
-        """Scores of all items for histories, with the current weights (whatever is shared is computed once)."""
+        """Scores of all items for histories, with the current weights.
+
+        Whatever is shared is computed once.
+        """
         raise NotImplementedError
 
     def parameter_group(self, name: str) -> str:
-        """The layer group of exchanged tensor `name` for layer-wise merge coefficients (default: one group)."""
+        """The layer group of exchanged tensor `name` for layer-wise merge coefficients.
+
+        Default: one group.
+        """
         return "others"
 
     def merge_anchor(self, table: torch.Tensor) -> Any:
-        """What the learned merge computes once with the initial merge's weights (the fixed candidate representations)."""
+        """What the learned merge computes once with the initial merge's weights.
+
+        These are the fixed candidate representations.
+        """
         return None
 
-    def student_scores(self, table: torch.Tensor, anchor: Any, histories: torch.Tensor,
-                       follow: ItemVectors) -> torch.Tensor:
-        """Scores of all items for pseudo-users' `histories` while merge coefficients are learned (differentiable).
+    def student_scores(
+        self, table: torch.Tensor, anchor: Any, histories: torch.Tensor, follow: ItemVectors
+    ) -> torch.Tensor:
+        """Differentiable scores of all items for pseudo-users' `histories`.
+
+        Used while merge coefficients are learned.
 
         `anchor` is :meth:`merge_anchor` of the initial merge; `follow` says which item
         representations are recomputed with the current weights. Default: the plain scores.
@@ -103,15 +131,26 @@ class Recommender(nn.Module):
         return self.scorer(table)(histories)
 
     def row_usage(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Item-memory tables (tensor name -> how many items of `table` read each row); none by default."""
+        """Item-memory tables (tensor name -> how many items of `table` read each row).
+
+        None by default.
+        """
         return {}
 
     def calibration(self) -> list[float]:
-        """The values of a post-training setting tried on validation (empty: the family has none)."""
+        """The values of a post-training setting tried on validation.
+
+        Empty when the family has none.
+        """
         return []
 
-    def calibration_scores(self, table: torch.Tensor) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
-        """For histories, the scores with each value of :meth:`calibration` in turn (shared work done once)."""
+    def calibration_scores(
+        self, table: torch.Tensor
+    ) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+        """For histories, the scores with each value of :meth:`calibration` in turn.
+
+        Shared work is done once.
+        """
         raise NotImplementedError
 
     def calibrate(self, value: float) -> None:
@@ -122,15 +161,17 @@ class Recommender(nn.Module):
         return {}
 
 
-FAMILIES: dict[str, type[Recommender]] = {}
+R = TypeVar("R", bound=Recommender[Any])
+FAMILIES: dict[str, type[Recommender[Any]]] = {}
 DEFAULT_KIND = "textseq"
 PLUGINS = "FEDMERGE_PLUGINS"
-"""Environment variable: modules (comma-separated) imported when a model kind is not registered yet; each
-registers its families. Every process that meets the kind imports them (Ray workers inherit the variable;
-a deployed SuperNode's operator sets it), so a family of one's own runs on every backend."""
+"""Environment variable: modules (comma-separated) imported when a model kind is not registered yet;
+each registers its families. Every process that meets the kind imports them (Ray workers inherit the
+variable; a deployed SuperNode's operator sets it), so a family of one's own runs on every backend.
+"""
 
 
-def register(cls: type[Recommender]) -> type[Recommender]:
+def register(cls: type[R]) -> type[R]:
     """Register a family under its ``kind`` (a class decorator); a name is taken once."""
     if cls.kind in FAMILIES and FAMILIES[cls.kind] is not cls:
         raise ValueError(f"model family {cls.kind!r} is already registered")
@@ -145,17 +186,22 @@ def _known(kind: str) -> bool:
             try:
                 importlib.import_module(name)
             except ImportError as err:
-                raise FedmergeError(f"{PLUGINS} names module {name!r}, which cannot be imported ({err}); "
-                                    "fix the name or install the module") from err
+                raise FedmergeError(
+                    f"{PLUGINS} names module {name!r}, which cannot be imported ({err}); "
+                    "fix the name or install the module"
+                ) from err
     return kind in FAMILIES
 
 
 def _unknown(kind: str) -> str:
-    return (f"model kind {kind!r} is not a registered model family; use one of: {', '.join(FAMILIES)} (a family of "
-            f"your own registers with fedmerge.models.register in a module named in {PLUGINS})")
+    return (
+        f"model kind {kind!r} is not a registered model family; use one of: {', '.join(FAMILIES)} "
+        "(a family of your own registers with fedmerge.models.register in a module named in "
+        f"{PLUGINS})"
+    )
 
 
-def family(kind: str) -> type[Recommender]:
+def family(kind: str) -> type[Recommender[Any]]:
     """The registered family `kind`, or an error that lists the registered ones."""
     if not _known(kind):
         raise FedmergeError(_unknown(kind))
@@ -163,7 +209,10 @@ def family(kind: str) -> type[Recommender]:
 
 
 def _by_kind(value: Any, handler: ValidatorFunctionWrapHandler) -> FamilyConfig:
-    """Validate a model config as its family's config class (chosen by ``kind``; default :data:`DEFAULT_KIND`)."""
+    """Validate a model config as its family's config class.
+
+    The family is chosen by ``kind``; default :data:`DEFAULT_KIND`.
+    """
     if isinstance(value, FamilyConfig):
         return value
     if isinstance(value, dict):
@@ -179,14 +228,20 @@ ModelConfig = Annotated[SerializeAsAny[FamilyConfig], WrapValidator(_by_kind)]
 
 
 MOVED_FROM_TRAIN = ("negatives", "text_weights")
-"""Keys that a stored config of an earlier fedmerge keeps under ``train`` and that now belong to the model."""
+"""Keys an earlier fedmerge's stored config keeps under ``train``; they now belong to the model."""
 
 
 def upgrade_stored(config: dict[str, Any]) -> dict[str, Any]:
-    """A config tree (with ``model`` and ``train`` tables) stored before each family had its own config, in
-    today's layout: :data:`MOVED_FROM_TRAIN` moves to ``model``, other families' keys are dropped. A tree in
-    today's layout comes back equal; `config` is not changed."""
-    tree = {**config, "model": dict(config.get("model") or {}), "train": dict(config.get("train") or {})}
+    """A config tree stored before each family had its own config, in today's layout.
+
+    The tree has ``model`` and ``train`` tables: :data:`MOVED_FROM_TRAIN` moves to ``model``, other
+    families' keys are dropped. A tree in today's layout comes back equal; `config` is not changed.
+    """
+    tree = {
+        **config,
+        "model": dict(config.get("model") or {}),
+        "train": dict(config.get("train") or {}),
+    }
     for key in MOVED_FROM_TRAIN:
         if key in tree["train"]:
             tree["model"].setdefault(key, tree["train"].pop(key))
@@ -199,10 +254,10 @@ def upgrade_stored(config: dict[str, Any]) -> dict[str, Any]:
 
 def default_model() -> FamilyConfig:
     """The default model config (the :data:`DEFAULT_KIND` family's defaults)."""
-    return FAMILIES[DEFAULT_KIND].Config()
+    return FAMILIES[DEFAULT_KIND].Config.model_validate({})
 
 
-def build_model(config: FamilyConfig, width: int, seed: int) -> Recommender:
+def build_model(config: FamilyConfig, width: int, seed: int) -> Recommender[Any]:
     """The seeded base model theta_0 of `config`: the same for every domain with the same seed."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -213,5 +268,11 @@ def build_model(config: FamilyConfig, width: int, seed: int) -> Recommender:
 
 
 def nonfinite(state: StateDict) -> str | None:
-    """The name of the first floating tensor of `state` that holds NaN or an infinity (None: all finite)."""
-    return next((key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    """The name of the first floating tensor of `state` that holds NaN or an infinity.
+
+    None when all are finite.
+    """
+    return next(
+        (key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+        None,
+    )

@@ -1,4 +1,7 @@
-"""A domain with the item table its model family reads: what training, evaluation and the parties work on."""
+"""A domain with the item table its model family reads.
+
+What training, evaluation and the parties work on.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ class Part:
 
 
 def load_parts(names: list[str], config: FamilyConfig, quiet: bool = False) -> list[Part]:
-    """Each domain with the item table the family of `config` reads (:meth:`Recommender.catalogue`)."""
-    return [Part(domain, family(config.kind).catalogue(domain, config, quiet))
-            for domain in (load_domain(name, quiet=quiet) for name in names)]
+    """Each domain with the item table the family of `config` reads.
+
+    See :meth:`Recommender.catalogue`.
+    """
+    return [
+        Part(domain, family(config.kind).catalogue(domain, config, quiet))
+        for domain in (load_domain(name, quiet=quiet) for name in names)
+    ]

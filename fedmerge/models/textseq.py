@@ -34,31 +34,50 @@ from fedmerge.text import feature_table, get_encoder
 
 
 class TextSeqConfig(FamilyConfig):
-    """The ``textseq`` family: frozen text features, a text adaptor with text codes, a causal transformer."""
+    """The ``textseq`` family: frozen text features, text adaptor and codes, causal transformer."""
 
     kind: Literal["textseq"] = Field("textseq", description="the model family")
-    encoder: Literal["minilm", "hashing"] = Field("minilm", description="the frozen encoder of the item features")
+    encoder: Literal["minilm", "hashing"] = Field(
+        "minilm", description="the frozen encoder of the item features"
+    )
     dim: int = Field(128, ge=8, description="item / user vector size")
     layers: int = Field(2, ge=0, description="transformer layers")
     heads: int = Field(2, ge=1, description="attention heads; dim must be a multiple of it")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate in the transformer and adaptor")
-    experts: int = Field(4, ge=1, description="experts of the text adaptor (mixture of whitening projections)")
-    temperature: float = Field(0.05, gt=0.0, le=10.0, description="softmax temperature on cosine scores")
-    code_tables: int = Field(8, ge=0, description="hashed text-code embedding tables added to item vectors")
-    code_bits: int = Field(12, ge=1, le=20, description="bits of each text code (2**bits rows per table)")
+    dropout: float = Field(
+        0.2, ge=0.0, lt=1.0, description="dropout rate in the transformer and adaptor"
+    )
+    experts: int = Field(
+        4, ge=1, description="experts of the text adaptor (mixture of whitening projections)"
+    )
+    temperature: float = Field(
+        0.05, gt=0.0, le=10.0, description="softmax temperature on cosine scores"
+    )
+    code_tables: int = Field(
+        8, ge=0, description="hashed text-code embedding tables added to item vectors"
+    )
+    code_bits: int = Field(
+        12, ge=1, le=20, description="bits of each text code (2**bits rows per table)"
+    )
     negatives: int | None = Field(
-        None, ge=1, description="sampled softmax over this many uniform negatives per batch when the catalogue is "
-        "larger (None: full softmax over all items)")
+        None,
+        ge=1,
+        description="sampled softmax over this many uniform negatives per batch when the catalogue "
+        "is larger (None: full softmax over all items)",
+    )
     text_weights: list[Annotated[float, Field(ge=0.0, le=100.0)]] = Field(
-        [0.0, 0.1, 0.2, 0.3, 0.5], description="raw text-similarity weights tried on validation after training "
-        "(the calibration)")
+        [0.0, 0.1, 0.2, 0.3, 0.5],
+        description="raw text-similarity weights tried on validation after training "
+        "(the calibration)",
+    )
 
     @model_validator(mode="after")
     def _buildable(self) -> TextSeqConfig:
         """Attention splits dim across heads."""
         if self.dim % self.heads:
-            raise ValueError(f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each attention "
-                             "head gets dim / heads dimensions); change model.dim or model.heads")
+            raise ValueError(
+                f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each "
+                "attention head gets dim / heads dimensions); change model.dim or model.heads"
+            )
         return self
 
 
@@ -68,7 +87,9 @@ class MoEAdaptor(nn.Module):
     def __init__(self, text_dim: int, dim: int, experts: int) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.zeros(experts, text_dim))
-        projections = torch.stack([nn.init.orthogonal_(torch.empty(text_dim, dim)) for _ in range(experts)])
+        projections = torch.stack(
+            [nn.init.orthogonal_(torch.empty(text_dim, dim)) for _ in range(experts)]
+        )
         self.projections = nn.Parameter(projections * (text_dim / dim) ** 0.5)
         self.gate = nn.Parameter(torch.zeros(text_dim, experts))
 
@@ -77,7 +98,9 @@ class MoEAdaptor(nn.Module):
         n_experts, text_dim, dim = self.projections.shape
         # (x - b_k) W_k = x W_k - b_k W_k: one matrix product for all experts
         stacked = self.projections.permute(1, 0, 2).reshape(text_dim, n_experts * dim)
-        experts = (features @ stacked).view(-1, n_experts, dim) - torch.einsum("kt,ktd->kd", self.centers, self.projections)
+        experts = (features @ stacked).view(-1, n_experts, dim) - torch.einsum(
+            "kt,ktd->kd", self.centers, self.projections
+        )
         weights = torch.softmax(features @ self.gate, dim=-1)
         return (weights[:, :, None] * experts).sum(1)
 
@@ -91,6 +114,10 @@ class TextCodes(nn.Module):
     combination of codes is nearly unique per item: it gives the model item-level capacity
     without ID embeddings. Rows start at zero (the untrained model is unchanged).
     """
+
+    planes: torch.Tensor  # buffers, registered in __init__
+    powers: torch.Tensor
+    offsets: torch.Tensor
 
     def __init__(self, text_dim: int, dim: int, tables: int, bits: int) -> None:
         super().__init__()
@@ -111,7 +138,7 @@ class TextCodes(nn.Module):
 
 
 @register
-class TextSeqRec(TwoTower):
+class TextSeqRec(TwoTower[TextSeqConfig]):
     """The default recommender (see the module docstring)."""
 
     kind = "textseq"
@@ -122,16 +149,27 @@ class TextSeqRec(TwoTower):
     on every federation domain; the adaptor alone keeps theta_0's text-similarity quality."""
     block_pattern = re.compile(r"blocks\.layers\.(\d+)\.")
     config: TextSeqConfig
+    text_weight: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, config: TextSeqConfig, text_dim: int) -> None:
         super().__init__(config, text_dim)
         self.text_dim = text_dim
         self.adaptor = MoEAdaptor(text_dim, config.dim, config.experts)
-        self.codes = TextCodes(text_dim, config.dim, config.code_tables, config.code_bits) if config.code_tables else None
+        self.codes = (
+            TextCodes(text_dim, config.dim, config.code_tables, config.code_bits)
+            if config.code_tables
+            else None
+        )
         self.positions = nn.Parameter(torch.zeros(config.max_len, config.dim))
         self.dropout = nn.Dropout(config.dropout)
-        layer = nn.TransformerEncoderLayer(config.dim, config.heads, dim_feedforward=2 * config.dim,
-                                           dropout=config.dropout, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            config.dim,
+            config.heads,
+            dim_feedforward=2 * config.dim,
+            dropout=config.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.register_buffer("text_weight", torch.zeros(()))
         for block in self.blocks.layers:
@@ -141,26 +179,39 @@ class TextSeqRec(TwoTower):
             nn.init.zeros_(block.linear2.bias)
 
     @classmethod
-    def catalogue(cls, domain: DomainData, config: TextSeqConfig, quiet: bool = True) -> torch.Tensor:  # type: ignore[override]
-        """The frozen encoder's (n_items, text_dim) feature table of the items' text (cached per domain)."""
+    def catalogue(
+        cls, domain: DomainData, config: TextSeqConfig, quiet: bool = True
+    ) -> torch.Tensor:
+        """The frozen encoder's (n_items, text_dim) feature table of the items' text.
+
+        It is cached per domain.
+        """
         return torch.from_numpy(feature_table(domain, get_encoder(config.encoder), quiet=quiet))
 
     def item_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """(N, text_dim) item features -> (N, dim) unit item vectors."""
         vectors = self.adaptor(features)
-        return F.normalize(vectors + self.codes(features) if self.codes is not None else vectors, dim=-1)
+        return F.normalize(
+            vectors + self.codes(features) if self.codes is not None else vectors, dim=-1
+        )
 
     @torch.no_grad()
     def row_usage(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """How many of a catalogue's items read each row of the item-memory tables (:mod:`fedmerge.merge.rows`)."""
+        """How many of a catalogue's items read each row of the item-memory tables.
+
+        See :mod:`fedmerge.merge.rows`.
+        """
         if self.codes is None:
             return {}
         rows = self.codes.rows.weight
-        return {"codes.rows.weight": torch.bincount(self.codes.codes(features.to(rows.device)).flatten(),
-                                                    minlength=len(rows)).cpu()}
+        return {
+            "codes.rows.weight": torch.bincount(
+                self.codes.codes(features.to(rows.device)).flatten(), minlength=len(rows)
+            ).cpu()
+        }
 
     def sequence_states(self, item_vectors: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
-        """Hidden state after each position of right-padded histories (B, L), pad = -1 -> (B, L, dim).
+        """Hidden state (B, L, dim) after each position of right-padded histories (B, L), pad = -1.
 
         Causal attention: position t sees positions <= t only, so padding on the right is never
         seen by a real position.
@@ -175,9 +226,16 @@ class TextSeqRec(TwoTower):
         states = self.sequence_states(item_vectors, histories)
         return F.normalize(states[torch.arange(len(histories)), last_positions(histories)], dim=-1)
 
-    def scores(self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor,
-               candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, N) cosine scores of right-padded histories (B, L) against all N items, before the temperature.
+    def scores(
+        self,
+        features: torch.Tensor,
+        items: torch.Tensor,
+        histories: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, N) cosine scores of right-padded histories (B, L) against all N items.
+
+        The scores are before the temperature.
 
         ``items`` is ``item_vectors(features)``, computed once by the caller; the histories are read
         with it, and the items are scored with ``candidates`` (default: ``items``).
@@ -186,18 +244,24 @@ class TextSeqRec(TwoTower):
         scored = items if candidates is None else candidates
         return self.user_vectors(items, histories) @ scored.T + self.text_scores(features, last)
 
-    def score_terms(self, features: torch.Tensor, items: torch.Tensor,
-                    histories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two terms of :meth:`scores` over all items, apart: the learned cosine scores and the
-        raw text cosine to each history's last item (the text prior before ``text_weight``)."""
+    def score_terms(
+        self, features: torch.Tensor, items: torch.Tensor, histories: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of :meth:`scores` over all items, apart.
+
+        The learned cosine scores and the raw text cosine to each history's last item (the text
+        prior before ``text_weight``).
+        """
         last = last_items(histories)
         unit = F.normalize(features, dim=-1)
         return self.user_vectors(items, histories) @ items.T, unit[last] @ unit.T
 
-    def text_scores(self, features: torch.Tensor, last: torch.Tensor,
-                    candidates: torch.Tensor | None = None) -> torch.Tensor | float:
-        """The fused text prior: ``text_weight`` x raw text cosine between each `last` item and every
-        item (or every item of ``candidates``).
+    def text_scores(
+        self, features: torch.Tensor, last: torch.Tensor, candidates: torch.Tensor | None = None
+    ) -> torch.Tensor | float:
+        """The fused text prior: ``text_weight`` x raw text cosine of each `last` item to all items.
+
+        With ``candidates``: to every item of ``candidates``.
 
         ``text_weight`` is not trained: it is 0 until chosen on validation after training
         (the family's calibration, :func:`fedmerge.train.loop.calibrate`).
@@ -205,14 +269,18 @@ class TextSeqRec(TwoTower):
         if not self.text_weight:
             return 0.0
         unit = F.normalize(features, dim=-1)
-        return self.text_weight * (unit[last] @ (unit if candidates is None else unit[candidates]).T)
+        return self.text_weight * (
+            unit[last] @ (unit if candidates is None else unit[candidates]).T
+        )
 
     def calibration(self) -> list[float]:
         """The text weights tried on validation after training (``model.text_weights``)."""
         return list(dict.fromkeys(self.config.text_weights))
 
-    def calibration_scores(self, features: torch.Tensor) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
-        """Scores with each text weight in turn, sharing the model's pass and the text prior between them."""
+    def calibration_scores(
+        self, features: torch.Tensor
+    ) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+        """Scores with each text weight in turn, sharing the model's pass and the text prior."""
         items = self.item_vectors(features)
 
         def variants(histories: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -223,41 +291,58 @@ class TextSeqRec(TwoTower):
         return variants
 
     def calibrate(self, value: float) -> None:
+        """Set the text weight to `value`."""
         self.text_weight.fill_(value)
 
     def facts(self) -> dict[str, float]:
+        """The text weight the model is evaluated with."""
         return {"text_weight": round(float(self.text_weight), 6)}
 
-    def loss(self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Softmax cross-entropy at every position of every sequence (SASRec-style).
 
-        ``inputs`` (B, L) are items 0..L-1 of each training sequence, ``targets`` (B, L) the
-        items that follow them; both right-padded with -1. The softmax runs over all items, or,
-        when ``negatives`` is smaller than the catalogue, over each target and ``negatives``
-        items drawn uniformly (shared by the batch) with the log-Q correction ``log(N / negatives)``,
-        so the loss still estimates the full softmax; item vectors are then computed only for
-        the items the batch touches.
+        ``inputs`` (B, L) are items 0..L-1 of each training sequence, ``targets`` (B, L) the items
+        that follow them; both right-padded with -1. The softmax runs over all items, or, when
+        ``negatives`` is smaller than the catalogue, over each target and ``negatives`` items drawn
+        uniformly (shared by the batch) with the log-Q correction ``log(N / negatives)``, so the
+        loss still estimates the full softmax; item vectors are then computed only for the items the
+        batch touches.
         """
         valid, negatives = targets >= 0, self.config.negatives
         if negatives is None or negatives >= len(features):
             items = self.item_vectors(features)
             users = F.normalize(self.sequence_states(items, inputs)[valid], dim=-1)
-            logits = (users @ items.T + self.text_scores(features, inputs[valid])) / self.config.temperature
+            logits = (
+                users @ items.T + self.text_scores(features, inputs[valid])
+            ) / self.config.temperature
             return F.cross_entropy(logits, targets[valid])
         sampled = torch.randint(len(features), (negatives,), device=inputs.device)
-        needed, local = torch.unique(torch.cat([inputs.flatten(), targets.flatten(), sampled]).clamp(min=0),
-                                     return_inverse=True)
-        local_inputs = torch.where(inputs >= 0, local[:inputs.numel()].view_as(inputs), -1)
+        needed, local = torch.unique(
+            torch.cat([inputs.flatten(), targets.flatten(), sampled]).clamp(min=0),
+            return_inverse=True,
+        )
+        local_inputs = torch.where(inputs >= 0, local[: inputs.numel()].view_as(inputs), -1)
         items = self.item_vectors(features[needed])
         users = F.normalize(self.sequence_states(items, local_inputs)[valid], dim=-1)
         last, target = inputs[valid], targets[valid]
-        positive = (users * items[local[inputs.numel():2 * inputs.numel()].view_as(targets)[valid]]).sum(-1)
-        negative = users @ items[local[2 * inputs.numel():]].T
+        positive = (
+            users * items[local[inputs.numel() : 2 * inputs.numel()].view_as(targets)[valid]]
+        ).sum(-1)
+        negative = users @ items[local[2 * inputs.numel() :]].T
         text = self.text_scores(features, last, sampled)
         if torch.is_tensor(text):
             unit = F.normalize(features, dim=-1)
             positive = positive + self.text_weight * (unit[last] * unit[target]).sum(-1)
         negative = (negative + text) / self.config.temperature + math.log(len(features) / negatives)
-        logits = torch.cat([positive[:, None] / self.config.temperature,
-                            negative.masked_fill(sampled[None, :] == target[:, None], float("-inf"))], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        logits = torch.cat(
+            [
+                positive[:, None] / self.config.temperature,
+                negative.masked_fill(sampled[None, :] == target[:, None], float("-inf")),
+            ],
+            dim=1,
+        )
+        return F.cross_entropy(
+            logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        )

@@ -42,7 +42,10 @@ def partial_dir(out: Path) -> Path:
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
-    """The run record (``run.json``) of `folder`; None when there is none or it is not a JSON object."""
+    """The run record (``run.json``) of `folder`.
+
+    None when there is none or it is not a JSON object.
+    """
     try:
         record = json.loads((folder / RECORD).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -92,20 +95,29 @@ def check_out(out: Path, command: str) -> None:
         ``train``, ``merge``, ``evaluate`` or ``simulate``.
     """
     if out.exists() and not out.is_dir():
-        raise FedmergeError(f"--out {out} is a file; give a folder (it is created, or replaced once the run finished)")
+        raise FedmergeError(
+            f"--out {out} is a file; give a folder (it is created, or replaced once the run "
+            "finished)"
+        )
     if not out.is_dir() or not any(out.iterdir()):
         return
     owner = command_of(out)
     if owner is None:
-        raise FedmergeError(f"--out {out} is not empty and was not written by fedmerge; give a new or empty folder "
-                            f"(a finished run replaces --out as a whole)")
+        raise FedmergeError(
+            f"--out {out} is not empty and was not written by fedmerge; give a new or empty folder "
+            f"(a finished run replaces --out as a whole)"
+        )
     if owner != command:
-        raise FedmergeError(f"--out {out} holds a `fedmerge {owner}` run, which `fedmerge {command}` would replace; "
-                            "give another --out")
+        raise FedmergeError(
+            f"--out {out} holds a `fedmerge {owner}` run, which `fedmerge {command}` would "
+            "replace; give another --out"
+        )
 
 
 class Output:
-    """A run being written into ``OUT.partial``: its record, heartbeat, and the swap into ``OUT`` on success.
+    """A run being written into ``OUT.partial``.
+
+    Its record, heartbeat, and the swap into ``OUT`` on success.
 
     Parameters
     ----------
@@ -121,38 +133,57 @@ class Output:
         ``OUT.partial`` is cleared.
     """
 
-    def __init__(self, out: Path, command: str, inputs: dict[str, Any], resume: bool = False) -> None:
+    def __init__(
+        self, out: Path, command: str, inputs: dict[str, Any], resume: bool = False
+    ) -> None:
         self.out, self.dir = Path(out), partial_dir(Path(out))
         check_out(self.out, command)
         self._clear_or_resume(command, inputs, resume)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.record: dict[str, Any] = {"command": command, "status": "running", "pid": os.getpid(),
-                                       "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                       "heartbeat": time.time(), "inputs": inputs}
+        self.record: dict[str, Any] = {
+            "command": command,
+            "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "heartbeat": time.time(),
+            "inputs": inputs,
+        }
         self._lock, self._stop = threading.Lock(), threading.Event()
         self.write_record()
-        self._beat = threading.Thread(target=self._heartbeat, name="fedmerge-heartbeat", daemon=True)
+        self._beat = threading.Thread(
+            target=self._heartbeat, name="fedmerge-heartbeat", daemon=True
+        )
         self._beat.start()
 
     def _clear_or_resume(self, command: str, inputs: dict[str, Any], resume: bool) -> None:
         if not self.dir.exists():
             return
         if not self.dir.is_dir():
-            raise FedmergeError(f"{self.dir} is a file; remove it, fedmerge writes the run there until it finished")
+            raise FedmergeError(
+                f"{self.dir} is a file; remove it, fedmerge writes the run there until it finished"
+            )
         record = read_record(self.dir)
         if record is not None and liveness(record) == "live":
-            raise FedmergeError(f"another fedmerge {record.get('command', '')} (PID {record.get('pid')} on "
-                                f"{record.get('host')}) is writing {self.dir}; wait for it, stop it, or give another --out")
+            raise FedmergeError(
+                f"another fedmerge {record.get('command', '')} (PID {record.get('pid')} on "
+                f"{record.get('host')}) is writing {self.dir}; wait for it, stop it, or give "
+                "another --out"
+            )
         if record is None and any(self.dir.iterdir()):
-            raise FedmergeError(f"{self.dir} holds files but no run record ({RECORD}); remove it by hand "
-                                "(fedmerge does not delete what it cannot recognise)")
+            raise FedmergeError(
+                f"{self.dir} holds files but no run record ({RECORD}); remove it by hand "
+                "(fedmerge does not delete what it cannot recognise)"
+            )
         if resume and record is not None and record.get("command") == command:
             before = record.get("inputs", {})
             if before == inputs:
                 return
-            raise FedmergeError(f"{self.dir} holds an unfinished {command} run with other inputs "
-                                f"({difference(inputs, before)}); give the same inputs to resume it, or remove "
-                                f"{self.dir} to start afresh")
+            raise FedmergeError(
+                f"{self.dir} holds an unfinished {command} run with other inputs "
+                f"({difference(inputs, before)}); give the same inputs to resume it, or remove "
+                f"{self.dir} to start afresh"
+            )
         shutil.rmtree(self.dir)
 
     def _heartbeat(self) -> None:
@@ -173,7 +204,10 @@ class Output:
             self.write_record()
 
     def end(self, status: str, keep: bool = True, **facts: Any) -> None:
-        """Record a final status other than ``complete``; ``OUT`` is untouched, ``OUT.partial`` kept if `keep`."""
+        """Record a final status other than ``complete``.
+
+        ``OUT`` is untouched, ``OUT.partial`` kept if `keep`.
+        """
         self._stop.set()
         with self._lock:
             self.record |= {"status": status, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), **facts}
@@ -184,7 +218,9 @@ class Output:
 
     @contextmanager
     def writing(self, keep: Callable[[], bool] = lambda: False) -> Iterator[Path]:
-        """Yield the folder to write; on success it replaces ``OUT``, on an error or Ctrl-C the record says so.
+        """Yield the folder to write.
+
+        On success it replaces ``OUT``; on an error or Ctrl-C the record says so.
 
         `keep` tells, after a failure, whether ``OUT.partial`` holds something worth keeping
         (a trainer state to resume); otherwise it is removed, and no empty folder is left.
@@ -203,7 +239,11 @@ class Output:
         """Record ``complete`` and replace ``OUT`` with the finished folder."""
         self._stop.set()
         with self._lock:
-            self.record |= {"status": "complete", "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), **facts}
+            self.record |= {
+                "status": "complete",
+                "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **facts,
+            }
             self.write_record()
             swap_folder(self.dir, self.out)
 
@@ -212,7 +252,9 @@ def difference(now: dict[str, Any], before: dict[str, Any]) -> str:
     """The first (dotted) keys whose values differ, as ``key: A now, B before``."""
     now, before = _flat(now), _flat(before)
     keys = [k for k in dict.fromkeys([*now, *before]) if now.get(k) != before.get(k)]
-    return "; ".join(f"{k}: {_short(now.get(k))} now, {_short(before.get(k))} before" for k in keys[:3])
+    return "; ".join(
+        f"{k}: {_short(now.get(k))} now, {_short(before.get(k))} before" for k in keys[:3]
+    )
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""A federated run's directory: status, resolved config, event log, results, report, plot, merged model.
+"""A federated run's directory.
+
+Status, resolved config, event log, results, report, plot, merged model.
 
 The run is written into ``OUT.partial``; ``run.json`` says ``running`` from the start (with
 the PID, host and a heartbeat) and ``complete``, ``failed`` or ``interrupted`` at the end. The
@@ -29,7 +31,9 @@ from fedmerge.train.checkpoint import save_weights
 
 
 class RunDir:
-    """Keeps ``run.json`` and the event log of a run in ``OUT.partial`` and writes the results at the end.
+    """Keeps ``run.json`` and the event log of a run in ``OUT.partial``, writes the results.
+
+    The results are written at the end.
 
     A completed run replaces ``OUT`` (:class:`fedmerge.runs.outdir.Output`); a failed or
     interrupted one stays in ``OUT.partial`` with its log, and ``OUT`` keeps the previous run.
@@ -52,8 +56,10 @@ class RunDir:
         return self.output.record
 
     def log(self, event: str, **fields: Any) -> None:
-        """Append one event (with the seconds since the start) to ``events.jsonl``, unrounded, and show it
-        on the console rounded (:class:`RunScreen`)."""
+        """Append one event to ``events.jsonl``, unrounded, and show it rounded on the console.
+
+        The event gets the seconds since the start; the console is the :class:`RunScreen`.
+        """
         record = {"t": round(time.time() - self.started, 2), "event": event, **fields}
         with open(self.events, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -61,7 +67,10 @@ class RunDir:
             self.screen.show(record)
 
     def finish(self, status: str, **facts: Any) -> None:
-        """Record the final status (``complete``: ``OUT.partial`` replaces ``OUT``; ``failed``, ``interrupted``)."""
+        """Record the final status.
+
+        ``complete``: ``OUT.partial`` replaces ``OUT``; or ``failed``, ``interrupted``.
+        """
         facts["seconds"] = round(time.time() - self.started, 2)
         if self.screen is not None:
             self.screen.close()
@@ -71,10 +80,18 @@ class RunDir:
         else:
             self.output.end(status, **facts)
 
-    def write_results(self, rows: list[Row], merged: StateDict, coefficients: dict[str, Any], report: str) -> None:
-        """The results files (before ``finish("complete")``; refused once the run has ended otherwise)."""
+    def write_results(
+        self, rows: list[Row], merged: StateDict, coefficients: dict[str, Any], report: str
+    ) -> None:
+        """The results files.
+
+        Written before ``finish("complete")``; refused once the run has ended otherwise.
+        """
         if self.status["status"] != "running":
-            raise FedmergeError(f"the run in {self.out} ended as {self.status['status']!r}; its results are not written")
+            raise FedmergeError(
+                f"the run in {self.out} ended as {self.status['status']!r}; its results are not "
+                "written"
+            )
         save_weights(merged, self.out / "merged.safetensors")
         write_json(self.out / "coefficients.json", coefficients)
         (self.out / "report.md").write_text(report)
@@ -82,11 +99,15 @@ class RunDir:
         write_metrics(rows, self.out)
 
 
-RESULT_FILES = "report.md, metrics.csv, metrics.png, merged.safetensors, coefficients.json, events.jsonl"
+RESULT_FILES = (
+    "report.md, metrics.csv, metrics.png, merged.safetensors, coefficients.json, events.jsonl"
+)
 
 
 class RunScreen:
-    """What a person reads of a run: one line per event, numbers rounded; the results table at the end.
+    """What a person reads of a run: one line per event, numbers rounded.
+
+    The results table comes at the end.
 
     Each line starts with the seconds since the start; metrics and losses show 4 decimals, seconds
     one (``events.jsonl`` keeps every value unrounded). On a terminal a status line shows the phase
@@ -103,7 +124,10 @@ class RunScreen:
         attach(console, self.line, self.status)
 
     def show(self, record: dict[str, Any]) -> None:
-        """Show one event of the run (a known event as a sentence, any other as its rounded fields)."""
+        """Show one event of the run.
+
+        A known event as a sentence, any other as its rounded fields.
+        """
         render = getattr(self, f"_on_{record['event']}", None)
         text = render(record) if render is not None else self._generic(record)
         if text:
@@ -112,14 +136,26 @@ class RunScreen:
     def line(self, text: str, t: float | None = None, style: str = "") -> None:
         """One line: the seconds since the start, then `text`."""
         t = time.time() - self.started if t is None else t
-        self.console.print(Text.assemble((f"{t:>7.1f} s", "dim"), "  ", (text, style)), highlight=False, soft_wrap=True)
+        self.console.print(
+            Text.assemble((f"{t:>7.1f} s", "dim"), "  ", (text, style)),
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def results(self, rows: list[Row], out: Path) -> None:
-        """The models x domains table of test recall@10 and ndcg@10 (as in ``report.md``) and the run directory."""
-        self.console.print(Text(f"\nResults: test recall@10 and ndcg@10 per domain; {protocol_text(rows)}.\n"), soft_wrap=True,
-                           highlight=False)
+        """The models x domains table of test recall@10 and ndcg@10, and the run directory.
+
+        The table is the one in ``report.md``.
+        """
+        self.console.print(
+            Text(f"\nResults: test recall@10 and ndcg@10 per domain; {protocol_text(rows)}.\n"),
+            soft_wrap=True,
+            highlight=False,
+        )
         self.console.print(Text(markdown_table(rows)), soft_wrap=True, highlight=False)
-        self.console.print(Text(f"\nrun directory: {out} ({RESULT_FILES})"), soft_wrap=True, highlight=False)
+        self.console.print(
+            Text(f"\nrun directory: {out} ({RESULT_FILES})"), soft_wrap=True, highlight=False
+        )
 
     def close(self) -> None:
         """The run ended: no status line, progress bars go back to stderr."""
@@ -140,8 +176,13 @@ class RunScreen:
         return f"start-up: Flower's simulation runtime (Ray), {r['nodes']} nodes"
 
     def _on_data_start(self, r: dict[str, Any]) -> str:
-        self._wait("start-up: the parties load their data", len(r["domains"]) * int(r.get("shards", 1)))
-        return f"start-up: the parties load their data ({', '.join(r['domains'])}: download, item features)"
+        self._wait(
+            "start-up: the parties load their data", len(r["domains"]) * int(r.get("shards", 1))
+        )
+        return (
+            f"start-up: the parties load their data ({', '.join(r['domains'])}: download, item "
+            "features)"
+        )
 
     def _on_party_ready(self, r: dict[str, Any]) -> str:
         self._arrived()
@@ -164,15 +205,20 @@ class RunScreen:
         if "epochs" not in r:
             return f"  {r['party']} trained: {best}, {r['seconds']:.1f} s"
         loss = "" if r.get("last_loss") is None else f", last loss {r['last_loss']:.4f}"
-        return (f"  {r['party']} trained: {int(r['epochs'])} epochs (best {int(r['best_epoch'])}){loss}, {best}, "
-                f"{r['seconds']:.1f} s")
+        return (
+            f"  {r['party']} trained: {int(r['epochs'])} epochs (best "
+            f"{int(r['best_epoch'])}){loss}, {best}, {r['seconds']:.1f} s"
+        )
 
     def _on_party_failed(self, r: dict[str, Any]) -> str:
         return f"  {r['party']} left out: {r['error']}"
 
     def _on_train_done(self, r: dict[str, Any]) -> str:
         self.status.stop()
-        return f"round {r['round']}: local training done, {r['replied']} of {self.expected or r['replied']} parties replied"
+        return (
+            f"round {r['round']}: local training done, {r['replied']} of "
+            f"{self.expected or r['replied']} parties replied"
+        )
 
     def _on_merge_start(self, r: dict[str, Any]) -> str:
         self.status.stop()
@@ -184,24 +230,35 @@ class RunScreen:
         selection = r.get("selection")
         if selection:
             pick = list(zip(selection["steps"], selection["scales"], strict=True)).index(
-                (selection["chosen_step"], selection["chosen_scale"]))
+                (selection["chosen_step"], selection["chosen_scale"])
+            )
             scale = "" if selection["chosen_scale"] == 1.0 else f" x {selection['chosen_scale']:g}"
-            text += (f", kept step {selection['chosen_step']}{scale} (mean valid ndcg@10 "
-                     f"{selection['scores'][pick]:.4f}, the best of {len(selection['steps'])} candidates)")
+            text += (
+                f", kept step {selection['chosen_step']}{scale} (mean valid ndcg@10 "
+                f"{selection['scores'][pick]:.4f}, the best of {len(selection['steps'])} "
+                "candidates)"
+            )
         weights = r.get("weights") or []
         if len(weights) == len(self.domains):
-            text += "; coefficients " + ", ".join(f"{d} {_plain(w[0] if len(w) == 1 else w)}"
-                                                  for d, w in zip(self.domains, weights, strict=True))
+            text += "; coefficients " + ", ".join(
+                f"{d} {_plain(w[0] if len(w) == 1 else w)}"
+                for d, w in zip(self.domains, weights, strict=True)
+            )
         return text
 
     def _on_evaluate_start(self, r: dict[str, Any]) -> str:
         self._wait(f"round {r['round']}: evaluation", int(r["parties"]))
-        return (f"round {r['round']}: every party evaluates {len(r['models'])} models on its private "
-                f"{' and '.join(r['splits'])} split")
+        return (
+            f"round {r['round']}: every party evaluates {len(r['models'])} models on its private "
+            f"{' and '.join(r['splits'])} split"
+        )
 
     def _on_party_evaluated(self, r: dict[str, Any]) -> str:
         if r.get("valid_selection"):
-            return f"  {r['party']} scored {r['models']} candidate merges on its valid users, {r['seconds']:.1f} s"
+            return (
+                f"  {r['party']} scored {r['models']} candidate merges on its valid users, "
+                f"{r['seconds']:.1f} s"
+            )
         self._arrived()
         return f"  {r['party']} evaluated {r['models']} models, {r['seconds']:.1f} s"
 
@@ -212,7 +269,9 @@ class RunScreen:
         return f"round {r['round']} done: {seconds}{left}"
 
     def _generic(self, r: dict[str, Any]) -> str:
-        details = ", ".join(f"{key} {_plain(value)}" for key, value in r.items() if key not in ("t", "event"))
+        details = ", ".join(
+            f"{key} {_plain(value)}" for key, value in r.items() if key not in ("t", "event")
+        )
         return f"{str(r['event']).replace('_', ' ')}: {details}"
 
 
@@ -233,26 +292,55 @@ def last_round(rows: list[Row], split: str) -> list[Row]:
     return [r for r in rows if r["split"] == split and int(r.get("round", 1)) == last]
 
 
-def markdown_table(rows: list[Row], split: str = "test", metrics: tuple[str, ...] = ("recall@10", "ndcg@10")) -> str:
+def markdown_table(
+    rows: list[Row], split: str = "test", metrics: tuple[str, ...] = ("recall@10", "ndcg@10")
+) -> str:
     """Models x domains table of `metrics` on `split` (one row per model, the last round's rows)."""
     chosen = last_round(rows, split)
     domains = list(dict.fromkeys(str(r["domain"]) for r in chosen))
     columns = [f"{d} {m}" for d in domains for m in metrics]
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model in dict.fromkeys(str(r["model"]) for r in chosen):
-        cells = {f"{r['domain']} {m}": float(r[m]) for r in chosen if r["model"] == model for m in metrics}
-        lines.append(f"| {model} | " + " | ".join(f"{cells[c]:.4f}" if c in cells else "–" for c in columns) + " |")
+        cells = {
+            f"{r['domain']} {m}": float(r[m])
+            for r in chosen
+            if r["model"] == model
+            for m in metrics
+        }
+        lines.append(
+            f"| {model} | "
+            + " | ".join(f"{cells[c]:.4f}" if c in cells else "–" for c in columns)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def report_text(title: str, rows: list[Row], facts: dict[str, Any]) -> str:
-    """The Markdown report: the table (with the facts each model was evaluated with, such as a
-    family's calibrated value, where the rows have them), the protocol and the run's facts."""
-    known = {"model", "domain", "split", "users", "round", "exclude_seen", "protocol", *metric_names()}
+    """The Markdown report: the table, the protocol and the run's facts.
+
+    The table holds the facts each model was evaluated with, such as a family's calibrated value,
+    where the rows have them.
+    """
+    known = {
+        "model",
+        "domain",
+        "split",
+        "users",
+        "round",
+        "exclude_seen",
+        "protocol",
+        *metric_names(),
+    }
     metrics = ("recall@10", "ndcg@10", *dict.fromkeys(k for r in rows for k in r if k not in known))
-    lines = [f"# {title}", "", markdown_table(rows, metrics=metrics), "",
-             f"Protocol: test split; {protocol_text(rows)}. Each party evaluates every model on its own private split; a domain "
-             "split across parties is the user-weighted mean.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        markdown_table(rows, metrics=metrics),
+        "",
+        f"Protocol: test split; {protocol_text(rows)}. Each party evaluates every model on its own "
+        "private split; a domain split across parties is the user-weighted mean.",
+        "",
+    ]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     return "\n".join(lines) + "\n"
 
@@ -271,7 +359,12 @@ def plot_rows(rows: list[Row], path: Path, split: str = "test", metric: str = "r
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
         values = {str(r["domain"]): float(r[metric]) for r in chosen if r["model"] == model}
-        ax.bar([d + i * width for d in range(len(domains))], [values.get(d, 0.0) for d in domains], width, label=model)
+        ax.bar(
+            [d + i * width for d in range(len(domains))],
+            [values.get(d, 0.0) for d in domains],
+            width,
+            label=model,
+        )
     ax.set_xticks([d + 0.4 - width / 2 for d in range(len(domains))], domains)
     ax.set_ylabel(f"{split} {metric}")
     ax.legend(fontsize=7)

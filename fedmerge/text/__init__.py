@@ -3,4 +3,12 @@
 from fedmerge.text.encoders import ENCODERS, HashingEncoder, MiniLMEncoder, TextEncoder, get_encoder
 from fedmerge.text.features import feature_table, item_texts
 
-__all__ = ["ENCODERS", "HashingEncoder", "MiniLMEncoder", "TextEncoder", "feature_table", "get_encoder", "item_texts"]
+__all__ = [
+    "ENCODERS",
+    "HashingEncoder",
+    "MiniLMEncoder",
+    "TextEncoder",
+    "feature_table",
+    "get_encoder",
+    "item_texts",
+]

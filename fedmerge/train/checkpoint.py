@@ -30,46 +30,70 @@ def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -
     """
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     if (bad := nonfinite(state)) is not None:
-        raise FedmergeError(f"refusing to write {path}: tensor {bad!r} holds NaN or infinite values; the training or "
-                            "merge that computed it diverged, so lower its learning rate or coefficients")
+        raise FedmergeError(
+            f"refusing to write {path}: tensor {bad!r} holds NaN or infinite values; the training "
+            "or merge that computed it diverged, so lower its learning rate or coefficients"
+        )
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file `path`; anything else (a FIFO, a folder, a truncated or
-    foreign file, NaN or infinite weights) is refused with an error that names the file."""
+    """The tensors of the safetensors file `path`.
+
+    Anything else (a FIFO, a folder, a truncated or foreign file, NaN or infinite weights) is
+    refused with an error that names the file.
+    """
     path = Path(path)
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
     except OSError as err:
-        raise FedmergeError(f"cannot read weights {path} ({err.strerror}); give a .safetensors file or a "
-                            "fedmerge checkpoint folder") from err
+        raise FedmergeError(
+            f"cannot read weights {path} ({err.strerror}); give a .safetensors file or a "
+            "fedmerge checkpoint folder"
+        ) from err
     if not regular:
-        raise FedmergeError(f"{path} is not a regular file; give a .safetensors file or a fedmerge checkpoint folder")
+        raise FedmergeError(
+            f"{path} is not a regular file; give a .safetensors file or a fedmerge checkpoint "
+            "folder"
+        )
     try:
         weights = load_file(str(path))
     except (OSError, SafetensorError) as err:
-        raise FedmergeError(f"cannot read weights {path} ({err}); it is truncated or not safetensors: give a "
-                            "model.safetensors written by fedmerge") from err
+        raise FedmergeError(
+            f"cannot read weights {path} ({err}); it is truncated or not safetensors: give a "
+            "model.safetensors written by fedmerge"
+        ) from err
     if (bad := nonfinite(weights)) is not None:
-        raise FedmergeError(f"{path} holds NaN or infinite weights (tensor {bad!r}); it cannot be used")
+        raise FedmergeError(
+            f"{path} holds NaN or infinite weights (tensor {bad!r}); it cannot be used"
+        )
     return weights
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into `model`; a missing, extra or mis-shaped tensor is named in the error."""
+    """Load safetensors weights into `model`.
+
+    A missing, extra or mis-shaped tensor is named in the error.
+    """
     weights = read_state(path)
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in weights:
-            raise FedmergeError(f"{path} lacks tensor {key!r}: it is a checkpoint of another model kind or config")
+            raise FedmergeError(
+                f"{path} lacks tensor {key!r}: it is a checkpoint of another model kind or config"
+            )
         if weights[key].shape != tensor.shape:
-            raise FedmergeError(f"{path}: tensor {key!r} has shape {tuple(weights[key].shape)}, the model expects "
-                                f"{tuple(tensor.shape)}; use the config the checkpoint was trained with")
+            raise FedmergeError(
+                f"{path}: tensor {key!r} has shape {tuple(weights[key].shape)}, the model expects "
+                f"{tuple(tensor.shape)}; use the config the checkpoint was trained with"
+            )
     extra = sorted(set(weights) - set(expected))
     if extra:
-        raise FedmergeError(f"{path} has tensor {extra[0]!r} that this model lacks: it is a checkpoint of another model")
+        raise FedmergeError(
+            f"{path} has tensor {extra[0]!r} that this model lacks: it is a checkpoint of another "
+            "model"
+        )
     model.load_state_dict(weights)
 
 
@@ -89,11 +113,16 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
 
 
 def load_checkpoint(path: Path) -> tuple[Recommender, ExperimentConfig, dict[str, Any]]:
-    """A trained model from a checkpoint folder (or its ``model.safetensors``), its config and facts."""
+    """A trained model from a checkpoint folder, its config and facts.
+
+    `path` is the folder or its ``model.safetensors``.
+    """
     weights, config_path = checkpoint_files(path)
     if not weights.exists() or not config_path.exists():
-        raise FedmergeError(f"{path} is not a fedmerge checkpoint (needs config.json beside model.safetensors or "
-                            "merged.safetensors); give the --out folder of `fedmerge train` or `fedmerge merge`")
+        raise FedmergeError(
+            f"{path} is not a fedmerge checkpoint (needs config.json beside model.safetensors or "
+            "merged.safetensors); give the --out folder of `fedmerge train` or `fedmerge merge`"
+        )
     meta = read_meta(config_path)
     model = build_model(meta["config"].model, meta["text_dim"], meta["config"].train.seed)
     load_weights(model, weights)
@@ -101,13 +130,18 @@ def load_checkpoint(path: Path) -> tuple[Recommender, ExperimentConfig, dict[str
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint's ``config.json``, its ``config`` validated; a damaged file is named in the error."""
+    """A checkpoint's ``config.json``, its ``config`` validated.
+
+    A damaged file is named in the error.
+    """
     fix = "it is damaged or not written by fedmerge: train the checkpoint again or restore the file"
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise FedmergeError(f"{path} is not a regular file; {fix}")
         meta = json.loads(path.read_text())
-        meta["config"] = validate(ExperimentConfig, upgrade_stored(meta["config"]), prefix="config.")
+        meta["config"] = validate(
+            ExperimentConfig, upgrade_stored(meta["config"]), prefix="config."
+        )
         meta["text_dim"] = int(meta["text_dim"])
         if meta["text_dim"] < 1:
             raise ValueError("text_dim must be positive")

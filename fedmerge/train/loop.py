@@ -44,31 +44,58 @@ class FitResult:
 
 def validation_score(model: Recommender, parts: list[Part], config: TrainConfig) -> float:
     """Mean validation ndcg@10 over the parts (``train.evaluation``'s protocol)."""
-    return float(np.mean([evaluate_domain(model_scorer(model, p.features), p.domain, "valid", config.eval_batch_size,
-                                          protocol=config.evaluation)["ndcg@10"] for p in parts]))
+    return float(
+        np.mean(
+            [
+                evaluate_domain(
+                    model_scorer(model, p.features),
+                    p.domain,
+                    "valid",
+                    config.eval_batch_size,
+                    protocol=config.evaluation,
+                )["ndcg@10"]
+                for p in parts
+            ]
+        )
+    )
 
 
 def reads_every_user(part: Part, users: int | None) -> bool:
-    """Whether validation with ``train.valid_users`` = `users` reads `part` whole (:func:`validation_parts`)."""
+    """Whether validation with ``train.valid_users`` = `users` reads `part` whole.
+
+    See :func:`validation_parts`.
+    """
     return users is None or part.domain.n_users <= users
 
 
 def validation_parts(parts: list[Part], users: int | None, seed: int) -> list[Part]:
-    """The parts that validation reads: each domain cut to `users` seeded users (``train.valid_users``), or as is."""
+    """The parts that validation reads.
+
+    Each domain cut to `users` seeded users (``train.valid_users``), or as is.
+    """
     if users is None:
         return parts
     rng = np.random.default_rng(seed)
-    return [p if reads_every_user(p, users) else
-            Part(user_subset(p.domain, np.sort(rng.choice(p.domain.n_users, users, replace=False))), p.features)
-            for p in parts]
+    return [
+        p
+        if reads_every_user(p, users)
+        else Part(
+            user_subset(p.domain, np.sort(rng.choice(p.domain.n_users, users, replace=False))),
+            p.features,
+        )
+        for p in parts
+    ]
 
 
 def trainable_parameters(model: Recommender, frozen: list[str]) -> list[torch.nn.Parameter]:
-    """The parameters that training updates: all but those named by ``train.frozen`` (names or name prefixes).
+    """The parameters that training updates: all but those named by ``train.frozen``.
+
+    ``train.frozen`` holds names or name prefixes.
 
     A frozen parameter stops receiving gradients. A prefix that names no parameter is an error
     that lists the model's top-level parts.
     """
+
     def named(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")
 
@@ -76,31 +103,46 @@ def trainable_parameters(model: Recommender, frozen: list[str]) -> list[torch.nn
     for prefix in frozen:
         if not any(named(name, prefix) for name in params):
             parts = sorted({name.split(".")[0] for name in params})
-            raise FedmergeError(f"train.frozen names {prefix!r}, which is no parameter of this model; "
-                                f"use names or prefixes such as {', '.join(parts)}")
+            raise FedmergeError(
+                f"train.frozen names {prefix!r}, which is no parameter of this model; "
+                f"use names or prefixes such as {', '.join(parts)}"
+            )
     for name, param in params.items():
         param.requires_grad_(not any(named(name, prefix) for prefix in frozen))
     trainable = [param for param in params.values() if param.requires_grad]
     if not trainable:
-        raise FedmergeError(f"train.frozen = {frozen} freezes every parameter, so there is nothing to train")
+        raise FedmergeError(
+            f"train.frozen = {frozen} freezes every parameter, so there is nothing to train"
+        )
     return trainable
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device `name` (``train.device``), or an error naming the key when it is unusable here."""
+    """The torch device `name` (``train.device``), or an error naming the key if it is unusable."""
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise FedmergeError(f"train.device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from err
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        raise FedmergeError(
+            f"train.device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from err
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if not available.get(device.type, False):
-        raise FedmergeError(f"train.device is {name!r} but this torch sees no such device; set train.device=cpu")
+        raise FedmergeError(
+            f"train.device is {name!r} but this torch sees no such device; set train.device=cpu"
+        )
     return device
 
 
 @contextmanager
 def swapped(model: Recommender, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
-    """Inside the block the model's parameters hold `weights` (e.g. their moving average); None: unchanged."""
+    """Inside the block the model's parameters hold `weights` (e.g. their moving average).
+
+    None: unchanged.
+    """
     if weights is None:
         yield
         return
@@ -117,8 +159,13 @@ def swapped(model: Recommender, weights: dict[str, torch.Tensor] | None) -> Iter
                 params[name].copy_(value)
 
 
-def update_average(average: dict[str, torch.Tensor] | None, model: Recommender, decay: float) -> None:
-    """One step of the weights' exponential moving average (``train.ema``), in place; None: nothing."""
+def update_average(
+    average: dict[str, torch.Tensor] | None, model: Recommender, decay: float
+) -> None:
+    """One step of the weights' exponential moving average (``train.ema``), in place.
+
+    None: nothing.
+    """
     if average is None:
         return
     with torch.no_grad():
@@ -135,7 +182,10 @@ def deterministic() -> Iterator[None]:
     weights and metrics whatever the thread count. Ops without a deterministic kernel (some CUDA
     ones) warn instead of failing.
     """
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
@@ -144,8 +194,14 @@ def deterministic() -> Iterator[None]:
 
 
 @deterministic()
-def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: Path | None = None,
-        quiet: bool = False, holdout: list[Part] | None = None) -> FitResult:
+def fit(
+    model: Recommender,
+    parts: list[Part],
+    config: TrainConfig,
+    state_dir: Path | None = None,
+    quiet: bool = False,
+    holdout: list[Part] | None = None,
+) -> FitResult:
     """Train `model` in place on `parts`; return the weights of the best validation epoch.
 
     Parameters
@@ -174,11 +230,18 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
     sequences = [training_sequences(p.domain, model.config.max_len) for p in parts]
     parts = validation_parts(holdout or parts, config.valid_users, config.seed)
     if not any(sequences):
-        raise FedmergeError("no user has two or more training items, so there is nothing to train on")
-    optimizer = torch.optim.AdamW(trainable_parameters(model, config.frozen), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    average = None if config.ema is None else {n: p.detach().clone() for n, p in model.named_parameters()}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+        raise FedmergeError(
+            "no user has two or more training items, so there is nothing to train on"
+        )
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model, config.frozen), lr=config.lr, weight_decay=config.weight_decay
+    )
+    average = (
+        None if config.ema is None else {n: p.detach().clone() for n, p in model.named_parameters()}
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+    )
     if state_dir is not None and has_state(state_dir):
         state = load_state(state_dir)
         model.load_state_dict(state["model"])
@@ -186,8 +249,16 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
         scheduler.load_state_dict(state["scheduler"])
         rng.bit_generator.state = state["rng"]
         torch.random.set_rng_state(state["torch_rng"])
-        result, stale, start_epoch = FitResult(**state["result"]), state["stale"], state["epoch"] + 1
-        average = {k: v.to(device) for k, v in state["average"].items()} if state["average"] is not None else None
+        result, stale, start_epoch = (
+            FitResult(**state["result"]),
+            state["stale"],
+            state["epoch"] + 1,
+        )
+        average = (
+            {k: v.to(device) for k, v in state["average"].items()}
+            if state["average"] is not None
+            else None
+        )
         best_trained = state["best_trained"]
     else:
         # The starting model is a candidate (epoch 0), but patience counts against the best trained
@@ -197,15 +268,25 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
         result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
         best_trained, stale, start_epoch = float("-inf"), 0, 1
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
-    with progress_bar(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
-                      TimeElapsedColumn(), quiet=quiet) as progress:
-        task = progress.add_task("train", total=n_batches, epoch=start_epoch, loss=float("nan"), valid=result.best_score)
+    with progress_bar(
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  valid ndcg@10 {task.fields[valid]:.4f}"),
+        TimeElapsedColumn(),
+        quiet=quiet,
+    ) as progress:
+        task = progress.add_task(
+            "train", total=n_batches, epoch=start_epoch, loss=float("nan"), valid=result.best_score
+        )
         for epoch in range(start_epoch, config.epochs + 1):
             began, losses, n_seqs = time.perf_counter(), [], 0
             model.train()
-            streams = [(k, batch) for k, s in enumerate(sequences) for batch in length_batches(s, config.batch_size,
-                                                                                                   model.config.max_len, rng)]
+            streams = [
+                (k, batch)
+                for k, s in enumerate(sequences)
+                for batch in length_batches(s, config.batch_size, model.config.max_len, rng)
+            ]
             progress.update(task, completed=0, epoch=epoch)
             for index in rng.permutation(len(streams)):
                 k, (inputs, targets) = streams[index]
@@ -213,8 +294,10 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
                     targets = last_targets_only(targets)
                 loss = model.loss(features[k], inputs.to(device), targets.to(device))
                 if not torch.isfinite(loss):
-                    raise FedmergeError(f"the training loss became {loss.item()} at epoch {epoch}; "
-                                        "lower train.lr or check the item features for NaN")
+                    raise FedmergeError(
+                        f"the training loss became {loss.item()} at epoch {epoch}; "
+                        "lower train.lr or check the item features for NaN"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -228,17 +311,38 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
             with swapped(model, average):
                 score = validation_score(model, parts, config)
                 if score > result.best_score:
-                    result.best_state, result.best_epoch, result.best_score = copy.deepcopy(model.state_dict()), epoch, score
-            result.history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid_ndcg@10": score,
-                                   "seconds": seconds, "sequences_per_second": n_seqs / seconds})
+                    result.best_state, result.best_epoch, result.best_score = (
+                        copy.deepcopy(model.state_dict()),
+                        epoch,
+                        score,
+                    )
+            result.history.append(
+                {
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "valid_ndcg@10": score,
+                    "seconds": seconds,
+                    "sequences_per_second": n_seqs / seconds,
+                }
+            )
             progress.update(task, valid=score)
             best_trained, stale = (score, 0) if score > best_trained else (best_trained, stale + 1)
             if state_dir is not None:
-                save_state(state_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
-                                       "torch_rng": torch.random.get_rng_state(), "result": vars(result),
-                                       "stale": stale, "best_trained": best_trained, "epoch": epoch,
-                                       "average": average})
+                save_state(
+                    state_dir,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng.bit_generator.state,
+                        "torch_rng": torch.random.get_rng_state(),
+                        "result": vars(result),
+                        "stale": stale,
+                        "best_trained": best_trained,
+                        "epoch": epoch,
+                        "average": average,
+                    },
+                )
             if stale >= config.patience:
                 result.stopped = f"early stop: no better valid ndcg@10 for {stale} epochs"
                 break
@@ -248,35 +352,56 @@ def fit(model: Recommender, parts: list[Part], config: TrainConfig, state_dir: P
     result.stopped = result.stopped or f"{config.epochs} epochs done"
     model.requires_grad_(True)
     epochs = [h for h in result.history if "sequences_per_second" in h]
-    result.sequences_per_second = float(np.mean([h["sequences_per_second"] for h in epochs])) if epochs else 0.0
+    result.sequences_per_second = (
+        float(np.mean([h["sequences_per_second"] for h in epochs])) if epochs else 0.0
+    )
     return result
 
 
-def calibration_metrics(model: Recommender, parts: list[Part],
-                        config: TrainConfig) -> dict[float, list[dict[str, float | int]]]:
-    """Valid metrics of every value of the model's calibration (:meth:`Recommender.calibration`) on each
-    part that validation reads (``train.valid_users`` of each), all values in one pass over the users;
-    empty when the family has no calibration. The model is not changed."""
+def calibration_metrics(
+    model: Recommender, parts: list[Part], config: TrainConfig
+) -> dict[float, list[dict[str, float | int]]]:
+    """Valid metrics of every value of the model's calibration on each part validation reads.
+
+    The calibration is :meth:`Recommender.calibration`; each part is cut to ``train.valid_users``;
+    all values are scored in one pass over the users. Empty when the family has no calibration. The
+    model is not changed.
+    """
     values = model.calibration()
     if not values:
         return {}
-    per_part = [evaluate_variants(calibration_variants(model, p.features), len(values), p.domain, "valid",
-                                  config.eval_batch_size, protocol=config.evaluation)
-                for p in validation_parts(parts, config.valid_users, config.seed)]
+    per_part = [
+        evaluate_variants(
+            calibration_variants(model, p.features),
+            len(values),
+            p.domain,
+            "valid",
+            config.eval_batch_size,
+            protocol=config.evaluation,
+        )
+        for p in validation_parts(parts, config.valid_users, config.seed)
+    ]
     return {v: [metrics[i] for metrics in per_part] for i, v in enumerate(values)}
 
 
-def choose_calibration(model: Recommender, tried: dict[float, list[dict[str, float | int]]]) -> dict[float, float]:
-    """Calibrate `model` with the value of `tried` (:func:`calibration_metrics`) with the best mean valid
-    ndcg@10, the earliest of equals; returns every value's mean."""
+def choose_calibration(
+    model: Recommender, tried: dict[float, list[dict[str, float | int]]]
+) -> dict[float, float]:
+    """Calibrate `model` with the value of `tried` with the best mean valid ndcg@10.
+
+    `tried` is from :func:`calibration_metrics`; the earliest of equals wins. Returns every value's
+    mean.
+    """
     scores = {v: float(np.mean([m["ndcg@10"] for m in metrics])) for v, metrics in tried.items()}
     if scores:
-        model.calibrate(max(scores, key=scores.get))  # type: ignore[arg-type]
+        model.calibrate(max(scores, key=scores.__getitem__))
     return scores
 
 
 def calibrate(model: Recommender, parts: list[Part], config: TrainConfig) -> dict[float, float]:
-    """Set the model's post-training setting (its calibration) to the value with the best mean valid ndcg@10.
+    """Set the model's calibration to the value with the best mean valid ndcg@10.
+
+    The calibration is the model's post-training setting.
 
     A family may have a setting that is chosen on validation after training rather than
     trained (the weight of a fixed prior, say). All values are scored in one pass

@@ -32,35 +32,60 @@ from fedmerge.train.state import has_state, remove_state
 
 
 def pretrain_config(preset: str | Path | None, overrides: list[str]) -> ExperimentConfig:
-    """The config of ``fedmerge pretrain``: the preset and `overrides`, with ``train.frozen`` defaulting
-    to the family's ``pretrain_frozen`` (:class:`fedmerge.models.Recommender`).
+    """The config of ``fedmerge pretrain``.
+
+    The preset and `overrides`, with ``train.frozen`` defaulting to the family's ``pretrain_frozen``
+    (:class:`fedmerge.models.Recommender`).
 
     ``--set train.frozen=...`` (``[]``: none) or a preset whose ``train.frozen`` is not empty is
     kept as given; a preset's empty list reads as unset and gets the default.
     """
     config = load_config(preset, overrides, ExperimentConfig)
-    named = config.train.frozen or any(o.partition("=")[0].strip() == "train.frozen" for o in overrides)
+    named = config.train.frozen or any(
+        o.partition("=")[0].strip() == "train.frozen" for o in overrides
+    )
     frozen = family(config.model.kind).pretrain_frozen
     if not frozen or named:
         return config
     return load_config(preset, [*overrides, f"train.frozen={json.dumps(frozen)}"], ExperimentConfig)
 
 
-def evaluate_rows(model: Recommender, parts: list[Part], label: str, config: TrainConfig | None = None) -> list[Row]:
-    """Valid and test rows of `model` on every part (item vectors computed once per part), ranked as
-    ``config.evaluation`` says (default: full ranking), which each row records."""
+def evaluate_rows(
+    model: Recommender, parts: list[Part], label: str, config: TrainConfig | None = None
+) -> list[Row]:
+    """Valid and test rows of `model` on every part, ranked as ``config.evaluation`` says.
+
+    Item vectors are computed once per part; the ranking (default: full ranking) is recorded in each
+    row.
+    """
     config = config or TrainConfig()
     rows = []
     for part in parts:
         scorer = model_scorer(model, part.features)
-        rows += [metric_row(label, part.domain.name, split, evaluate_domain(
-                    scorer, part.domain, split, config.eval_batch_size, protocol=config.evaluation),
-                    config.evaluation.name()) for split in ("valid", "test")]
+        rows += [
+            metric_row(
+                label,
+                part.domain.name,
+                split,
+                evaluate_domain(
+                    scorer, part.domain, split, config.eval_batch_size, protocol=config.evaluation
+                ),
+                config.evaluation.name(),
+            )
+            for split in ("valid", "test")
+        ]
     return rows
 
 
-def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path | None = None,
-              quiet: bool = False, label: str | None = None, holdout: list[str] | None = None) -> list[Row]:
+def train_run(
+    names: list[str],
+    config: ExperimentConfig,
+    out: Path,
+    init: Path | None = None,
+    quiet: bool = False,
+    label: str | None = None,
+    holdout: list[str] | None = None,
+) -> list[Row]:
     """Train on `names` (one domain, or several jointly) and write the checkpoint folder `out`.
 
     Metric rows are labelled `label` (default: the model kind, or ``joint`` for several domains).
@@ -81,9 +106,13 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
     if start is not None:
         load_weights(model, start)
     model.to(resolve_device(config.train.device))  # the base is evaluated where the model trains
-    inputs = {"domains": names, "holdout": holdout or [], "config": config.model_dump(mode="json"),
-              "init": None if start is None else sha256_of(start),
-              "data": {p.domain.name: fingerprint(p.domain) for p in parts + held}}
+    inputs = {
+        "domains": names,
+        "holdout": holdout or [],
+        "config": config.model_dump(mode="json"),
+        "init": None if start is None else sha256_of(start),
+        "data": {p.domain.name: fingerprint(p.domain) for p in parts + held},
+    }
     output = Output(out, "train", inputs, resume=True)
     with output.writing(keep=lambda: has_state(output.dir)):
         rows = _train(model, parts, held, config, output.dir, label, quiet, init)
@@ -93,13 +122,28 @@ def train_run(names: list[str], config: ExperimentConfig, out: Path, init: Path 
 
 def fingerprint(domain: DomainData) -> dict[str, object]:
     """What identifies a domain's data: its counts and the sha256 of the archive it came from."""
-    return {"users": domain.n_users, "items": domain.n_items, "interactions": domain.n_interactions,
-            "sha256": domain.source.get("sha256")}
+    return {
+        "users": domain.n_users,
+        "items": domain.n_items,
+        "interactions": domain.n_interactions,
+        "sha256": domain.source.get("sha256"),
+    }
 
 
-def _train(model: Recommender, parts: list[Part], held: list[Part], config: ExperimentConfig, folder: Path,
-           label: str | None, quiet: bool, init: Path | None) -> list[Row]:
-    """Train `model` (theta_0 or ``--init``) in `folder`: base, state after each epoch, model, facts, metrics."""
+def _train(
+    model: Recommender,
+    parts: list[Part],
+    held: list[Part],
+    config: ExperimentConfig,
+    folder: Path,
+    label: str | None,
+    quiet: bool,
+    init: Path | None,
+) -> list[Row]:
+    """Train `model` (theta_0 or ``--init``) in `folder`.
+
+    Writes the base, the state after each epoch, the model, facts and metrics.
+    """
     save_weights(model, folder / "base.safetensors")
     rows = evaluate_rows(model, parts + held, "base", config.train)
     write_json(folder / "config.json", _facts(config, parts, init, held))
@@ -110,20 +154,30 @@ def _train(model: Recommender, parts: list[Part], held: list[Part], config: Expe
     label = label or ("joint" if len(parts) > 1 else config.model.kind)
     rows += evaluate_rows(model, parts + held, label, config.train)
     facts = _facts(config, parts, init, held) | {
-        "best_epoch": result.best_epoch, "best_valid_ndcg@10": result.best_score, "stopped": result.stopped,
-        "train_seconds": round(result.train_seconds, 2), "sequences_per_second": round(result.sequences_per_second, 1),
-        "history": result.history, **model.facts(),
-        "valid_ndcg@10_by_calibration": {str(w): v for w, v in calibrated.items()}}
+        "best_epoch": result.best_epoch,
+        "best_valid_ndcg@10": result.best_score,
+        "stopped": result.stopped,
+        "train_seconds": round(result.train_seconds, 2),
+        "sequences_per_second": round(result.sequences_per_second, 1),
+        "history": result.history,
+        **model.facts(),
+        "valid_ndcg@10_by_calibration": {str(w): v for w, v in calibrated.items()},
+    }
     write_json(folder / "config.json", facts)
     write_metrics(rows, folder)
     if not quiet:
-        Console(stderr=True, markup=False).print(f"best epoch {result.best_epoch} ({result.stopped}); "
-                                   f"{result.train_seconds:.0f} s of training", highlight=False)
+        Console(stderr=True, markup=False).print(
+            f"best epoch {result.best_epoch} ({result.stopped}); "
+            f"{result.train_seconds:.0f} s of training",
+            highlight=False,
+        )
     return rows
 
 
 def same_config(path: Path, config: ExperimentConfig, holdout: list[str] | None = None) -> bool:
-    """Whether the run described by `path` (a config.json) used `config` (and validated on `holdout`).
+    """Whether the run described by `path` (a config.json) used `config`.
+
+    And, with `holdout`, validated on it.
 
     The stored config is validated first, so a key added to the config since (with a default
     that keeps the old behaviour) does not make an old run look different.
@@ -132,13 +186,21 @@ def same_config(path: Path, config: ExperimentConfig, holdout: list[str] | None 
         return False
     try:
         facts = json.loads(path.read_text())
-        return (ExperimentConfig.model_validate(upgrade_stored(facts.get("config", {}))) == config
-                and facts.get("holdout", []) == (holdout or []))
+        return ExperimentConfig.model_validate(
+            upgrade_stored(facts.get("config", {}))
+        ) == config and facts.get("holdout", []) == (holdout or [])
     except ValidationError:
         return False
 
 
-def _facts(config: ExperimentConfig, parts: list[Part], init: Path | None, held: list[Part]) -> dict:
-    return {"config": config.model_dump(), "kind": config.model.kind, "text_dim": int(parts[0].features.shape[1]),
-            "domains": [p.domain.name for p in parts], "holdout": [p.domain.name for p in held],
-            "init": str(init) if init else None}
+def _facts(
+    config: ExperimentConfig, parts: list[Part], init: Path | None, held: list[Part]
+) -> dict:
+    return {
+        "config": config.model_dump(),
+        "kind": config.model.kind,
+        "text_dim": int(parts[0].features.shape[1]),
+        "domains": [p.domain.name for p in parts],
+        "holdout": [p.domain.name for p in held],
+        "init": str(init) if init else None,
+    }

@@ -44,14 +44,19 @@ def save_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    """The state :func:`save_state` wrote into `folder`; a damaged or foreign state is a clear error."""
+    """The state :func:`save_state` wrote into `folder`.
+
+    A damaged or foreign state is a clear error.
+    """
     try:
         structure = json.loads((folder / STRUCTURE).read_text())
         tensors = load_file(str(folder / TENSORS))
         return _decode(structure, tensors)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        raise FedmergeError(f"cannot resume from the trainer state in {folder} ({type(err).__name__}: {err}); "
-                            f"remove {folder} to start afresh") from err
+        raise FedmergeError(
+            f"cannot resume from the trainer state in {folder} ({type(err).__name__}: {err}); "
+            f"remove {folder} to start afresh"
+        ) from err
 
 
 def remove_state(folder: Path) -> None:

@@ -39,7 +39,19 @@ def read_archive(path: Path, fmt: str, name: str, allow_pickle: bool = False) ->
         return IMPORTERS[fmt](Path(path), name)
     except FedmergeError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
-            zlib.error, csv.Error) as err:
-        raise FedmergeError(f"{path} could not be imported as {fmt} ({type(err).__name__}: {err}); "
-                            "check --format and that the file is complete") from err
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        RecursionError,
+        zlib.error,
+        csv.Error,
+    ) as err:
+        raise FedmergeError(
+            f"{path} could not be imported as {fmt} ({type(err).__name__}: {err}); "
+            "check --format and that the file is complete"
+        ) from err

@@ -1,4 +1,6 @@
-"""RecBole atomic files: ``NAME.inter`` (+ optional ``NAME.item``), tab-separated, ``field:type`` headers.
+r"""RecBole atomic files: ``NAME.inter`` (+ optional ``NAME.item``), with ``field:type`` headers.
+
+The files are tab-separated.
 
 Import: each user's interactions are ordered by ``timestamp`` (stable; file order without a
 timestamp column), then split leave-one-out. Item text comes from the ``.item`` file: a field
@@ -41,8 +43,10 @@ def _find(path: Path, suffix: str) -> Path | None:
         return candidate if candidate.exists() else None
     found = sorted(path.glob(f"*{suffix}"))
     if len(found) > 1:
-        raise FedmergeError(f"{path} holds several {suffix} files ({', '.join(f.name for f in found)}); "
-                            "give the path of the one to import")
+        raise FedmergeError(
+            f"{path} holds several {suffix} files ({', '.join(f.name for f in found)}); "
+            "give the path of the one to import"
+        )
     return found[0] if found else None
 
 
@@ -52,10 +56,14 @@ def _field_names(header: list[str], path: Path) -> list[str]:
     for column in header:
         name, sep, kind = column.partition(":")
         if not sep or kind not in ("token", "token_seq", "float", "float_seq"):
-            raise FedmergeError(f"{path}: header field {column!r} is not 'name:type' with type token, token_seq, "
-                                "float or float_seq; this is not a RecBole atomic file")
+            raise FedmergeError(
+                f"{path}: header field {column!r} is not 'name:type' with type token, token_seq, "
+                "float or float_seq; this is not a RecBole atomic file"
+            )
         if name in names:
-            raise FedmergeError(f"{path}: header field {name!r} appears twice; give each field one column")
+            raise FedmergeError(
+                f"{path}: header field {name!r} appears twice; give each field one column"
+            )
         names.append(name)
     return names
 
@@ -69,8 +77,10 @@ def _read_atomic(path: Path) -> pd.DataFrame:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise FedmergeError(f"{path}, line {line}: the text is not UTF-8; save the file as UTF-8") from err
+        at = data[: err.start].count(b"\n") + 1
+        raise FedmergeError(
+            f"{path}, line {at}: the text is not UTF-8; save the file as UTF-8"
+        ) from err
     lines = text.split("\n")
     names = _field_names(lines[0].removesuffix("\r").split("\t"), path)
     rows, numbers = [], []
@@ -79,8 +89,11 @@ def _read_atomic(path: Path) -> pd.DataFrame:
             continue
         fields = line.split("\t")
         if len(fields) != len(names):
-            raise FedmergeError(f"{path}, line {number}: {len(fields)} tab-separated fields where the header has "
-                                f"{len(names)}; a value holds a tab or a line break, or a field is missing: fix that line")
+            raise FedmergeError(
+                f"{path}, line {number}: {len(fields)} tab-separated fields where the header has "
+                f"{len(names)}; a value holds a tab or a line break, or a field is missing: fix "
+                "that line"
+            )
         rows.append(fields)
         numbers.append(number)
     return pd.DataFrame(rows, columns=names, index=pd.Index(numbers, dtype=np.int64), dtype=str)
@@ -91,18 +104,22 @@ def _check_ids(frame: pd.DataFrame, columns: tuple[str, ...], path: Path | None)
     for column in columns:
         empty = (frame[column] == "").to_numpy()
         if empty.any():
-            raise FedmergeError(f"{path}, line {frame.index[int(empty.argmax())]}: empty {column}; "
-                                f"every row needs a value in {' and '.join(columns)}")
+            raise FedmergeError(
+                f"{path}, line {frame.index[int(empty.argmax())]}: empty {column}; "
+                f"every row needs a value in {' and '.join(columns)}"
+            )
 
 
 def _time_order(inter: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, int]:
-    """Rows in (stable) time order without exact duplicate rows, and how many duplicates were dropped."""
+    """Rows in (stable) time order, exact duplicates dropped, and how many were dropped."""
     stamps = pd.to_numeric(inter["timestamp"], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(stamps)
     if bad.any():
         row = int(bad.argmax())
-        raise FedmergeError(f"{path}, line {inter.index[row]}: timestamp {inter['timestamp'].iloc[row]!r} is not a "
-                            "finite number; give every row a numeric timestamp")
+        raise FedmergeError(
+            f"{path}, line {inter.index[row]}: timestamp {inter['timestamp'].iloc[row]!r} is not a "
+            "finite number; give every row a numeric timestamp"
+        )
     duplicated = inter.duplicated().to_numpy()
     inter = inter.assign(_t=stamps)[~duplicated]
     return inter.sort_values("_t", kind="stable"), int(duplicated.sum())
@@ -118,10 +135,15 @@ def _text_column(columns: list[str], field: str) -> str | None:
 
 
 def read_recbole(path: Path, name: str) -> DomainData:
-    """Import RecBole atomic files (a folder with one ``.inter``, or the ``.inter`` file) as domain `name`."""
+    """Import RecBole atomic files as domain `name`.
+
+    `path` is a folder with one ``.inter`` file, or the ``.inter`` file itself.
+    """
     inter_path = _find(path, ".inter")
     if inter_path is None:
-        raise FedmergeError(f"{path} holds no .inter file; a RecBole dataset is NAME.inter (+ NAME.item)")
+        raise FedmergeError(
+            f"{path} holds no .inter file; a RecBole dataset is NAME.inter (+ NAME.item)"
+        )
     inter = _read_atomic(inter_path)
     if not {"user_id", "item_id"} <= set(inter.columns):
         raise FedmergeError(f"{inter_path} lacks a user_id:token or item_id:token column")
@@ -132,7 +154,11 @@ def read_recbole(path: Path, name: str) -> DomainData:
         if dropped:
             source["duplicate_rows_dropped"] = str(dropped)
     item_path = _find(path, ".item")
-    items = _read_atomic(item_path) if item_path is not None else pd.DataFrame({"item_id": []}, dtype=str)
+    items = (
+        _read_atomic(item_path)
+        if item_path is not None
+        else pd.DataFrame({"item_id": []}, dtype=str)
+    )
     if "item_id" not in items.columns:
         raise FedmergeError(f"{item_path} lacks an item_id:token column")
     _check_ids(items, ("item_id",), item_path)
@@ -145,7 +171,9 @@ def read_recbole(path: Path, name: str) -> DomainData:
         if column is not None:
             text[field] = lookup[column].reindex(item_ids, fill_value="").tolist()
     user_ids = list(dict.fromkeys(inter["user_id"]))
-    grouped = inter.assign(_i=inter["item_id"].map(index)).groupby("user_id", sort=False)["_i"].agg(list)
+    grouped = (
+        inter.assign(_i=inter["item_id"].map(index)).groupby("user_id", sort=False)["_i"].agg(list)
+    )
     sequences = [grouped[user] for user in user_ids]
     return from_sequences(name, item_ids, text, user_ids, sequences, source=source)
 
@@ -163,14 +191,25 @@ def write_recbole(domain: DomainData, directory: Path) -> list[Path]:
     for kind, ids in (("user", domain.user_ids), ("item", domain.item_ids)):
         bad = next((i for i in ids if i != _clean(i) or not i), None)
         if bad is not None:
-            raise FedmergeError(f"{kind} id {bad!r} of {domain.name} is empty or holds whitespace other than single "
-                                "spaces, which RecBole's tab-separated files cannot carry")
-    rows = [(domain.user_ids[user], domain.item_ids[item], float(t))
-            for user, seq in enumerate(full_sequences(domain)) for t, item in enumerate(seq)]
+            raise FedmergeError(
+                f"{kind} id {bad!r} of {domain.name} is empty or holds whitespace other than "
+                "single spaces, which RecBole's tab-separated files cannot carry"
+            )
+    rows = [
+        (domain.user_ids[user], domain.item_ids[item], float(t))
+        for user, seq in enumerate(full_sequences(domain))
+        for t, item in enumerate(seq)
+    ]
     inter = pd.DataFrame(rows, columns=["user_id:token", "item_id:token", "timestamp:float"])
-    fields = {"title": "title:token_seq", "brand": "brand:token", "category": "categories:token_seq"}
-    items = pd.DataFrame({"item_id:token": domain.item_ids}
-                         | {fields[key]: [_clean(v) for v in values] for key, values in domain.item_text.items()})
+    fields = {
+        "title": "title:token_seq",
+        "brand": "brand:token",
+        "category": "categories:token_seq",
+    }
+    items = pd.DataFrame(
+        {"item_id:token": domain.item_ids}
+        | {fields[key]: [_clean(v) for v in values] for key, values in domain.item_text.items()}
+    )
     for frame, target in ((inter, inter_path), (items, item_path)):
         with atomic_path(target) as tmp:
             frame.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, escapechar=None)

@@ -29,34 +29,63 @@ from fedmerge.data.registry import PINNED_SHA256
 from fedmerge.errors import FedmergeError
 
 
-def _unpickle_frame(archive: zipfile.ZipFile, member: str, columns: tuple[str, ...], path: Path) -> pd.DataFrame:
+def _unpickle_frame(
+    archive: zipfile.ZipFile, member: str, columns: tuple[str, ...], path: Path
+) -> pd.DataFrame:
     """Read one pickled DataFrame from the zip (size-capped) and check its columns."""
     infos = {info.filename.rsplit("/", 1)[-1]: info for info in archive.infolist()}
     if member not in infos:
-        raise FedmergeError(f"{path} is not a SeqRecBenchmark proc.zip: it lacks {member} "
-                            "(expected user2item.pkl and item2title.pkl)")
+        raise FedmergeError(
+            f"{path} is not a SeqRecBenchmark proc.zip: it lacks {member} "
+            "(expected user2item.pkl and item2title.pkl)"
+        )
     info = infos[member]
     safe_io.check_member_size(path, member, info.file_size)
     with archive.open(info) as handle:
         data = safe_io.read_member(handle, path, member, info.file_size)
     try:
         frame = pd.read_pickle(io.BytesIO(data))
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
-        raise FedmergeError(f"{path}: {member} is not a readable pickled DataFrame ({err}); the archive is corrupt") from err
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+    ) as err:
+        raise FedmergeError(
+            f"{path}: {member} is not a readable pickled DataFrame ({err}); the archive is corrupt"
+        ) from err
     if not isinstance(frame, pd.DataFrame) or not set(columns) <= set(frame.columns):
-        raise FedmergeError(f"{path}: {member} is not a DataFrame with columns {', '.join(columns)}")
+        raise FedmergeError(
+            f"{path}: {member} is not a DataFrame with columns {', '.join(columns)}"
+        )
     return frame
 
 
 def _int_ids(values: object, path: Path, where: str) -> list[int]:
-    """`values` (a list or array of ids) as Python ints; anything but integers is an error naming `where`."""
+    """`values` (a list or array of ids) as Python ints.
+
+    Anything but integers is an error naming `where`.
+    """
     if not isinstance(values, (list, tuple, np.ndarray, pd.Series)):
-        raise FedmergeError(f"{path}: {where} is {type(values).__name__}, not a list of integer ids; "
-                            "the archive is not a SeqRecBenchmark proc.zip")
-    bad = next((v for v in values if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))), None)
+        raise FedmergeError(
+            f"{path}: {where} is {type(values).__name__}, not a list of integer ids; "
+            "the archive is not a SeqRecBenchmark proc.zip"
+        )
+    bad = next(
+        (
+            v
+            for v in values
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+        ),
+        None,
+    )
     if bad is not None:
-        raise FedmergeError(f"{path}: {where} holds the id {bad!r}, which is not an integer; "
-                            "SeqRecBenchmark ids are integers: fix that value")
+        raise FedmergeError(
+            f"{path}: {where} holds the id {bad!r}, which is not an integer; "
+            "SeqRecBenchmark ids are integers: fix that value"
+        )
     return [int(v) for v in values]
 
 
@@ -69,10 +98,14 @@ def _order(stamps: object, n_items: int, path: Path, row: int) -> np.ndarray | r
     except (TypeError, ValueError):
         times = np.array(np.nan)
     if times.ndim == 1 and len(times) != n_items:
-        raise FedmergeError(f"{path}: user row {row} has {n_items} items but {len(times)} timestamps")
+        raise FedmergeError(
+            f"{path}: user row {row} has {n_items} items but {len(times)} timestamps"
+        )
     if times.ndim != 1 or not np.isfinite(times).all():
-        raise FedmergeError(f"{path}: user row {row} has a timestamp that is not a finite number; "
-                            "give every interaction a numeric timestamp")
+        raise FedmergeError(
+            f"{path}: user row {row} has a timestamp that is not a finite number; "
+            "give every interaction a numeric timestamp"
+        )
     return np.argsort(times, kind="stable")
 
 
@@ -81,15 +114,20 @@ def _load_frames(path: Path, allow_pickle: bool) -> tuple[pd.DataFrame, pd.DataF
     data = safe_io.read_regular(path, "a SeqRecBenchmark proc.zip")
     digest = hashlib.sha256(data).hexdigest()
     if digest not in PINNED_SHA256 and not allow_pickle:
-        raise FedmergeError(f"{path} holds pickles, which run code when loaded, and its sha256 {digest} is not pinned "
-                            "in the registry; pass --allow-pickle only if you trust where the file came from")
+        raise FedmergeError(
+            f"{path} holds pickles, which run code when loaded, and its sha256 {digest} is not "
+            "pinned in the registry; pass --allow-pickle only if you trust where the file came "
+            "from"
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             users = _unpickle_frame(archive, "user2item.pkl", ("UserID", "ItemID"), path)
             titles = _unpickle_frame(archive, "item2title.pkl", ("ItemID", "Title"), path)
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError) as err:
-        raise FedmergeError(f"{path} is not a readable zip archive (truncated or corrupt: {err}); "
-                            "download it again or check --format") from err
+        raise FedmergeError(
+            f"{path} is not a readable zip archive (truncated or corrupt: {err}); "
+            "download it again or check --format"
+        ) from err
     return users, titles, digest
 
 
@@ -97,14 +135,22 @@ def read_seqrec_zip(path: Path, name: str, allow_pickle: bool = False) -> Domain
     """Import a SeqRecBenchmark ``proc.zip`` as domain `name` (leave-one-out on time order)."""
     users, titles, digest = _load_frames(Path(path), allow_pickle)
     if titles.empty:
-        raise FedmergeError(f"{path}: item2title.pkl holds no items; the archive has no item metadata")
+        raise FedmergeError(
+            f"{path}: item2title.pkl holds no items; the archive has no item metadata"
+        )
     titles = titles.sort_values("ItemID", kind="stable")
     raw_items = _int_ids(titles["ItemID"].to_numpy(), path, "item2title.pkl's ItemID column")
     user_ids = _int_ids(users["UserID"].to_numpy(), path, "user2item.pkl's UserID column")
-    for what, ids, member in (("item", raw_items, "item2title.pkl"), ("user", user_ids, "user2item.pkl")):
+    for what, ids, member in (
+        ("item", raw_items, "item2title.pkl"),
+        ("user", user_ids, "user2item.pkl"),
+    ):
         repeated, count = Counter(ids).most_common(1)[0] if ids else (None, 0)
         if count > 1:
-            raise FedmergeError(f"{path}: {what} {repeated} has {count} rows in {member}; each {what} must appear once")
+            raise FedmergeError(
+                f"{path}: {what} {repeated} has {count} rows in {member}; each {what} must appear "
+                "once"
+            )
     index = {item: pos for pos, item in enumerate(raw_items)}
     sequences = []
     stamps_column = users["Timestamp"] if "Timestamp" in users.columns else [None] * len(users)
@@ -113,7 +159,15 @@ def read_seqrec_zip(path: Path, name: str, allow_pickle: bool = False) -> Domain
         try:
             sequences.append([index[ids[i]] for i in _order(stamps, len(ids), path, row)])
         except KeyError as err:
-            raise FedmergeError(f"{path}: user row {row} refers to item {err.args[0]} that item2title.pkl lacks") from None
+            raise FedmergeError(
+                f"{path}: user row {row} refers to item {err.args[0]} that item2title.pkl lacks"
+            ) from None
     text = {"title": ["" if pd.isna(title) else str(title) for title in titles["Title"]]}
-    return from_sequences(name, [str(i) for i in raw_items], text, [str(u) for u in user_ids],
-                          sequences, source={"format": "seqrec-zip", "path": str(path), "sha256": digest})
+    return from_sequences(
+        name,
+        [str(i) for i in raw_items],
+        text,
+        [str(u) for u in user_ids],
+        sequences,
+        source={"format": "seqrec-zip", "path": str(path), "sha256": digest},
+    )
