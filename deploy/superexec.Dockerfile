@@ -11,7 +11,7 @@
 #   SuperLink / SuperNode images) and ray is only for `fedmerge simulate --backend flower`.
 # The app's code also travels in the FAB that `flwr run` submits (and is imported from there);
 # this editable copy provides the dependencies and the `fedmerge` command (`fedmerge data info`).
-ARG FLWR_VERSION=1.42.0
+ARG FLWR_VERSION=1.41.0
 FROM flwr/superexec:${FLWR_VERSION}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
