@@ -171,6 +171,28 @@ variable; a deployed SuperNode's operator sets it), so a family of one's own run
 """
 
 
+def check_heads(dim: int, heads: int) -> None:
+    """Refuse a width that attention cannot split evenly across its heads.
+
+    Parameters
+    ----------
+    dim : int
+        The model width (``model.dim``).
+    heads : int
+        The number of attention heads (``model.heads``).
+
+    Raises
+    ------
+    ValueError
+        When ``dim`` is not a multiple of ``heads``, naming both keys and the fix.
+    """
+    if dim % heads:
+        raise ValueError(
+            f"model.dim = {dim} is not a multiple of model.heads = {heads} (each attention "
+            "head gets dim / heads dimensions); change model.dim or model.heads"
+        )
+
+
 def register(cls: type[R]) -> type[R]:
     """Register a family under its ``kind`` (a class decorator); a name is taken once."""
     if cls.kind in FAMILIES and FAMILIES[cls.kind] is not cls:

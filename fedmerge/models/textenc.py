@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from fedmerge.data.domain import DomainData
 from fedmerge.data.sequences import last_items
-from fedmerge.models.family import FamilyConfig, register
+from fedmerge.models.family import FamilyConfig, check_heads, register
 from fedmerge.models.twotower import TwoTower
 from fedmerge.text.tokens import load_tokenizer, minilm_folder, token_table
 
@@ -54,11 +54,8 @@ class TextEncConfig(FamilyConfig):
     @model_validator(mode="after")
     def _buildable(self) -> TextEncConfig:
         """A seeded BERT splits dim across heads; the pretrained one has 512 positions."""
-        if not self.pretrained and self.dim % self.heads:
-            raise ValueError(
-                f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each "
-                "attention head gets dim / heads dimensions); change model.dim or model.heads"
-            )
+        if not self.pretrained:
+            check_heads(self.dim, self.heads)
         if self.pretrained:
             for key, tokens in (
                 ("history_tokens", self.history_tokens),

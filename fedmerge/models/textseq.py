@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from fedmerge.data.domain import DomainData
 from fedmerge.data.sequences import last_items, last_positions
-from fedmerge.models.family import FamilyConfig, register
+from fedmerge.models.family import FamilyConfig, check_heads, register
 from fedmerge.models.twotower import TwoTower
 from fedmerge.text import feature_table, get_encoder
 
@@ -73,11 +73,7 @@ class TextSeqConfig(FamilyConfig):
     @model_validator(mode="after")
     def _buildable(self) -> TextSeqConfig:
         """Attention splits dim across heads."""
-        if self.dim % self.heads:
-            raise ValueError(
-                f"model.dim = {self.dim} is not a multiple of model.heads = {self.heads} (each "
-                "attention head gets dim / heads dimensions); change model.dim or model.heads"
-            )
+        check_heads(self.dim, self.heads)
         return self
 
 
