@@ -9,11 +9,12 @@ lives in :mod:`server.records`.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedmerge.errors import FedmergeError
 from fedmerge.models import Part
+from fedmerge.privacy import Ledger
 from fedmerge.protocol import (
     FederationConfig,
     PartySpec,
@@ -33,6 +34,7 @@ from server.records import (
 )
 
 app = ClientApp()
+LEDGER = "fedmerge.privacy"  # the node state's record of the party's privacy ledger
 # (party, config) -> data, reused while this process serves the party
 _DATA: dict[tuple[str, str], Part] = {}
 
@@ -75,11 +77,16 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Fine-tune from the received weights; reply with the update and aggregate facts."""
+    """Fine-tune from the received weights; reply with the update and aggregate facts.
+
+    The party's privacy ledger lives in the node's state for the whole run.
+    """
     config, spec, part = _party(msg, context)
-    return Message(
-        train_reply_content(spec.party, party_train(part, read_start(msg), config)), reply_to=msg
-    )
+    kept = context.state.config_records.get(LEDGER)
+    ledger = Ledger.from_json(str(kept["ledger"])) if kept else Ledger()
+    reply = party_train(part, read_start(msg), config, ledger=ledger, party=spec.party)
+    context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_json()})
+    return Message(train_reply_content(spec.party, reply), reply_to=msg)
 
 
 @app.evaluate()

@@ -28,6 +28,7 @@ from fedmerge.merge.run import read_weights
 from fedmerge.merge.server import Judge, Member, MergeOutcome, server_merge
 from fedmerge.merge.vectors import StateDict
 from fedmerge.models import Part, load_parts
+from fedmerge.privacy import BudgetExhausted, Ledger, noise_generator
 from fedmerge.protocol import (
     Description,
     Evaluation,
@@ -92,6 +93,8 @@ class InProcess:
         self.specs = party_specs(config)
         self._parts: dict[int, Part] = {}
         self._domains: dict[str, Part] = {}
+        # each party's privacy ledger, kept for the whole run
+        self.ledgers: dict[int, Ledger] = {s.party: Ledger() for s in self.specs}
         # the run's log while it runs: each party's reply is logged as it comes
         self.log: Log = _silent
         self.round = 0
@@ -139,7 +142,9 @@ class InProcess:
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
         """Every party fine-tunes from `start`."""
         return self._each(
-            lambda s: party_train(self.part(s), start, self.config, self.quiet),
+            lambda s: party_train(
+                self.part(s), start, self.config, self.quiet, self.ledgers[s.party], s.party
+            ),
             lambda s, reply, seconds: log_trained(self.log, self.round, s, reply.metrics),
         )
 
@@ -169,7 +174,10 @@ class InProcess:
         for round_ in range(1, self.config.rounds + 1):
             self.round = round_
             server.begin(round_)
-            replies = server.accept(round_, start, self.train(start))
+            try:
+                replies = server.accept(round_, start, self.train(start))
+            except BudgetExhausted:
+                break  # the rounds so far stand (Server.accept recorded why)
 
             def judge(candidates: list[StateDict], round_: int = round_) -> list[float]:
                 return server.valid_scores(
@@ -222,6 +230,8 @@ class RoundResult:
     merge: MergeOutcome
     failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Where each party's guarantee stands after the round: {party: {epsilon, delta, noise}}."""
 
 
 class Server:
@@ -242,6 +252,10 @@ class Server:
         self.failed: dict[str, str] = {}
         self.clock: dict[str, float] = {}
         self.outcome: MergeOutcome | None = None
+        self.mechanism = config.mechanism()
+        self.ledger = Ledger()  # the server's, for a mechanism that releases at the server
+        self.spent: dict[str, dict[str, float]] = {}
+        self.stopped = ""  # why the run stopped before its last round
 
     def begin(self, round_: int) -> None:
         """The round starts: the start weights go out to the parties."""
@@ -253,6 +267,17 @@ class Server:
     ) -> dict[int, TrainReply]:
         """The usable training replies; the others are named in ``failed`` (too few: an error)."""
         replies: dict[int, TrainReply] = {}
+        exhausted = [
+            f"{party_name(self.specs[p])}: {err}"
+            for p, err in sorted(raw.items())
+            if isinstance(err, Exception) and BudgetExhausted.__name__ in f"{type(err)} {err}"
+        ]
+        if exhausted:
+            self.stopped = (
+                f"privacy budget exhausted before round {round_} ({'; '.join(exhausted)})"
+            )
+            self.log("budget_exhausted", round=round_, parties=exhausted)
+            raise BudgetExhausted(self.stopped)
         for party, reply in sorted(raw.items()):
             name = party_name(self.specs[party])
             try:
@@ -262,6 +287,8 @@ class Server:
                     raise FedmergeError(f"{name} replied for domain {reply.domain!r}")
                 check_reply(reply, start, name)
                 replies[party] = reply
+                if "epsilon" in reply.metrics:
+                    self.spent[name] = {k: reply.metrics[k] for k in ("epsilon", "delta", "noise")}
             except Exception as err:  # noqa: BLE001 - reported and left out
                 self._fail(round_, name, f"{type(err).__name__}: {err}")
         for party in self.specs.keys() - raw.keys():
@@ -306,7 +333,11 @@ class Server:
             for d in domains
         ]
         self.log("merge_start", round=round_, domains=domains)
-        members = [Member(r.domain, r.update, self.tables[r.domain]) for r in per_domain]
+        if self.mechanism.central:
+            per_domain = [self._central(round_, domains, replies)]
+        members = [
+            Member(r.domain, r.update, self.tables[r.domain.split("+")[0]]) for r in per_domain
+        ]
         outcome = server_merge(
             start,
             members,
@@ -327,13 +358,33 @@ class Server:
             selection=outcome.coefficients["selection"],
         )
         models = {"theta_0" if round_ == 1 else f"start of round {round_}": start}
-        models |= {f"fine-tuned on {r.domain}": fine_tuned(start, r) for r in per_domain}
+        if self.mechanism.releases_each:
+            models |= {f"fine-tuned on {r.domain}": fine_tuned(start, r) for r in per_domain}
         models |= {
             f"{self.config.merge.method} (training-free)": outcome.initial,
             _merged_label(self.config): outcome.merged,
         }
         self.outcome = outcome
         return outcome, models
+
+    def _central(
+        self, round_: int, domains: list[str], replies: dict[int, TrainReply]
+    ) -> TrainReply:
+        """The server's noised aggregate of every party's update, as one member of the merge."""
+        generator = noise_generator(self.config.privacy, self.config.seed, -1, round_)
+        update = self.mechanism.aggregate(
+            [r.update for _, r in sorted(replies.items())], self.ledger, generator
+        )
+        self.ledger.rounds += 1
+        spent = self.mechanism.spent(self.ledger, len(self.specs))
+        assert spent is not None  # a central mechanism spends
+        self.spent["server"] = {
+            "epsilon": spent.epsilon,
+            "delta": spent.delta,
+            "noise": spent.noise_multiplier,
+        }
+        users = sum(r.metrics["users"] for r in replies.values())
+        return TrainReply("+".join(domains), update, {"users": users})
 
     def evaluating(self, round_: int, labels: list[str]) -> None:
         """The parties are asked to evaluate the models `labels` on their private splits."""
@@ -388,7 +439,9 @@ class Server:
         }
         self.log("round_done", round=round_, seconds=seconds, failed=self.failed)
         assert self.outcome is not None  # merge() came first in this round
-        self.results.append(RoundResult(round_, rows, self.outcome, dict(self.failed), seconds))
+        self.results.append(
+            RoundResult(round_, rows, self.outcome, dict(self.failed), seconds, dict(self.spent))
+        )
         return self.results[-1]
 
     def _usable(self, round_: int, evaluations: dict, step: str) -> list[tuple[PartySpec, dict]]:
@@ -474,7 +527,12 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
     )
     width = next(iter(tables.values())).shape[1]
     base = read_weights(Path(config.base)) if config.base else base_weights(config, width)
-    results = transport.run_rounds(base, Server(config, tables, run.log))
+    if config.switched_off:
+        run.log("privacy", mechanism=config.privacy.mechanism, switched_off=config.switched_off)
+    server = Server(config, tables, run.log)
+    results = transport.run_rounds(base, server)
+    if not results:
+        raise BudgetExhausted(f"{server.stopped}; no round finished, so there are no results")
     last = results[-1]
     rows = [r for result in results for r in result.rows]
     facts = {
@@ -489,6 +547,13 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
         "parties left out": {f"round {r.round}": r.failed for r in results if r.failed} or "none",
         "machine": run.status["machine"],
     }
+    if server.stopped:
+        facts["stopped early"] = f"{server.stopped}: the results of rounds 1-{last.round} stand"
+    if config.privacy.mechanism != "none":
+        facts["privacy"] = privacy_record(config, last.privacy)
+        run.status["privacy"] = facts["privacy"]
+    if server.stopped:
+        run.status["stopped early"] = facts["stopped early"]
     coefficients = last.merge.coefficients | {
         "merge_seconds": round(last.merge.seconds, 2),
         "teacher_bytes": last.merge.teacher_bytes,
@@ -497,6 +562,21 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
         rows, last.merge.merged, coefficients, report_text("fedmerge simulate", rows, facts)
     )
     return results
+
+
+def privacy_record(config: FederationConfig, spent: dict[str, dict[str, float]]) -> dict:
+    """What the run's privacy setting was and what it spent (for run.json and report.md)."""
+    mechanism = config.mechanism()
+    return {
+        "mechanism": config.privacy.mechanism,
+        "clip": config.privacy.clip,
+        "spent": spent,
+        "record": mechanism.unit,
+        "how": mechanism.how,
+        "switched off": config.switched_off,
+        "metrics": "the test metrics are the measurement and are released exactly, outside the "
+        "guarantee; nothing else of a party's private data leaves it unprotected",
+    }
 
 
 def simulate(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from fedmerge.config import ConfigModel
 from fedmerge.data.domain import user_subset
@@ -28,7 +28,16 @@ from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain, model_scorer
 from fedmerge.merge.server import MergeConfig
 from fedmerge.merge.vectors import StateDict, check_aligned, combine
-from fedmerge.models import ModelConfig, Part, build_model, default_model, load_parts
+from fedmerge.models import (
+    ModelConfig,
+    Part,
+    Recommender,
+    build_model,
+    default_model,
+    family,
+    load_parts,
+)
+from fedmerge.privacy import Ledger, Mechanism, PrivacyConfig, build_mechanism, noise_generator
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.config import TrainConfig
 from fedmerge.train.loop import (
@@ -40,7 +49,7 @@ from fedmerge.train.loop import (
     resolve_device,
     validation_parts,
 )
-from fedmerge.updates import check_mechanisms, send_update
+from fedmerge.train.private import fit_private, records
 
 
 class FederationConfig(ConfigModel):
@@ -86,10 +95,9 @@ class FederationConfig(ConfigModel):
         "valid users, as after its own training, when the model family has a calibration "
         "(false: the calibration the model arrives with)",
     )
-    updates: list[str] = Field(
-        default_factory=list,
-        description="update mechanisms each party's update passes, in "
-        "order, before it is sent (empty: the update as computed; see fedmerge.updates)",
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="what protects each party's data beyond keeping it local (docs/privacy.md)",
     )
     timeout_minutes: float = Field(
         120.0, gt=0.0, description="how long the server waits for the parties of a round"
@@ -99,6 +107,7 @@ class FederationConfig(ConfigModel):
     )
     train: TrainConfig = TrainConfig()
     merge: MergeConfig = MergeConfig()
+    _switched_off: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -110,8 +119,42 @@ class FederationConfig(ConfigModel):
                 f"min_parties = {self.min_parties} but the run has only {self.n_parties} parties "
                 f"({len(self.domains)} domains x {self.parties_per_domain}); lower min_parties"
             )
-        check_mechanisms(self.updates)
+        mechanism = self.mechanism()
+        learn = self.merge.learn
+        mechanism.check(self.merge.method, learn.mode, self.merge.rows, self.parties_per_domain)
+        if (
+            mechanism.per_record
+            and family(self.model.kind).record_losses is Recommender.record_losses
+        ):
+            raise FedmergeError(
+                f"privacy.mechanism = {self.privacy.mechanism} clips each user's gradient, but "
+                f"model family {self.model.kind!r} has no per-record loss (its loss couples the "
+                "records of a batch, e.g. in-batch negatives); use update-dp or central-dp"
+            )
+        if mechanism.switches.reports:
+            # reads of the parties' private valid data that the guarantee does not cover
+            touches = {
+                "evaluate_valid": self.evaluate_valid,
+                "local_calibration": self.local_calibration,
+                "merge.learn.valid_candidates": bool(learn.valid_candidates),
+                "merge.learn.valid_scales": bool(learn.valid_scales),
+            }
+            self._switched_off = [key for key, on in touches.items() if on]
+            self.evaluate_valid = self.local_calibration = False
+            learn.valid_candidates, learn.valid_scales = 0, []
         return self
+
+    def mechanism(self) -> Mechanism:
+        """The privacy mechanism of the run (``privacy.mechanism``)."""
+        return build_mechanism(self.privacy, self.rounds, self.seed)
+
+    @property
+    def switched_off(self) -> list[str]:
+        """Settings the privacy mechanism switched off when this config was read.
+
+        They read the parties' private valid data outside the guarantee.
+        """
+        return list(self._switched_off)
 
     @property
     def n_parties(self) -> int:
@@ -233,34 +276,60 @@ def party_threads(config: FederationConfig) -> Iterator[None]:
 
 
 def party_train(
-    part: Part, start: StateDict, config: FederationConfig, quiet: bool = True
+    part: Part,
+    start: StateDict,
+    config: FederationConfig,
+    quiet: bool = True,
+    ledger: Ledger | None = None,
+    party: int = 0,
 ) -> TrainReply:
     """Fine-tune from `start` on the party's training split (the loop of ``fedmerge train``).
 
-    The reply carries the update after the ``updates`` chain, not the weights.
+    The reply carries the update after the privacy mechanism, not the weights. `ledger` is the
+    party's privacy ledger for the whole run (kept by the caller between rounds; updated here),
+    `party` its id (it seeds the party's noise).
     """
+    mechanism, ledger = config.mechanism(), ledger if ledger is not None else Ledger()
+    n = records(part, config.model.max_len)
+    mechanism.spendable(ledger, n, config.train.batch_size, config.train.epochs)
+    generator = noise_generator(config.privacy, config.seed, party, ledger.rounds)
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_exchanged(start)
     began = time.perf_counter()
     with party_threads(config):
-        result = fit(model, [part], config.train, quiet=quiet)
+        steps = mechanism.local_step(
+            ledger, n, config.train.batch_size, config.train.epochs, generator
+        )
+        if steps is None:
+            result = fit(model, [part], config.train, quiet=quiet)
+        else:
+            result = fit_private(model, part, config.train, steps)
         model.load_state_dict(result.best_state)
-        calibrate(model, [part], config.train)
+        if not mechanism.switches.calibration:
+            calibrate(model, [part], config.train)
     # the epochs trained (epoch 0 is the start)
     trained = [h for h in result.history if "loss" in h]
     metrics = {
         "users": float(part.domain.n_users),
         "n_items": float(part.domain.n_items),
         "epochs": float(len(trained)),
-        "best_epoch": float(result.best_epoch),
-        "best_valid_ndcg@10": float(result.best_score),
-        **({"last_loss": float(trained[-1]["loss"])} if trained else {}),
         "train_seconds": float(result.train_seconds),
         "seconds": time.perf_counter() - began,
     }
+    if not mechanism.switches.reports:  # functions of the private data
+        metrics |= {
+            "best_epoch": float(result.best_epoch),
+            "best_valid_ndcg@10": float(result.best_score),
+            **({"last_loss": float(trained[-1]["loss"])} if trained else {}),
+        }
     after = model.exchanged()
     update = {k: after[k].detach().cpu() - v for k, v in start.items() if v.is_floating_point()}
-    return TrainReply(part.domain.name, send_update(update, config.updates), metrics)
+    sent = mechanism.send(update, ledger, n, generator)
+    ledger.rounds += 1
+    spent = None if mechanism.central else mechanism.spent(ledger, n)
+    if spent is not None:
+        metrics |= {"epsilon": spent.epsilon, "delta": spent.delta, "noise": spent.noise_multiplier}
+    return TrainReply(part.domain.name, sent, metrics)
 
 
 def party_evaluate(

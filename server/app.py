@@ -43,6 +43,7 @@ from fedmerge.pipeline import (
     log_trained,
     simulate,
 )
+from fedmerge.privacy import BudgetExhausted
 from fedmerge.protocol import (
     Description,
     EvaluateRequest,
@@ -235,14 +236,17 @@ class FlowerBackend:
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
         """Every round, driven by Flower's strategy loop (:class:`MergeRecStrategy`)."""
         strategy = MergeRecStrategy(self.config, server, self.nodes)
-        strategy.start(
-            self.grid,
-            ArrayRecord(base),
-            num_rounds=self.config.rounds,
-            timeout=60 * self.config.timeout_minutes,
-            train_config=federation(self.config),
-            evaluate_config=federation(self.config),
-        )
+        try:
+            strategy.start(
+                self.grid,
+                ArrayRecord(base),
+                num_rounds=self.config.rounds,
+                timeout=60 * self.config.timeout_minutes,
+                train_config=federation(self.config),
+                evaluate_config=federation(self.config),
+            )
+        except BudgetExhausted:
+            pass  # the rounds so far stand (Server.accept recorded why)
         return server.results
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
@@ -24,7 +25,16 @@ from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
 from fedmerge.models import load_parts
 from fedmerge.pipeline import InProcess, Server, simulate
-from fedmerge.protocol import base_weights, party_data, party_specs
+from fedmerge.privacy import PrivacyConfig
+from fedmerge.privacy.base import clip_update
+from fedmerge.protocol import FederationConfig, base_weights, party_data, party_specs, party_train
+from server.records import (
+    evaluate_asked,
+    read_evaluate_request,
+    read_metrics,
+    read_train_reply,
+    sender,
+)
 from tests.test_pipeline import tiny
 
 ALLOWED_CONFIG = {"federation", "models", "splits", "sample", "party", "domain", "n_items"}
@@ -39,6 +49,9 @@ ALLOWED_METRICS = {
     "seconds",
     "merge_seconds",
     "text_weight",
+    "epsilon",
+    "delta",
+    "noise",
 }
 
 
@@ -58,11 +71,30 @@ class Recording:
         return replies
 
 
+PRIVATE = {
+    "none": [],
+    "update-dp": ["rounds=2", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"],
+    "dpsgd": ["privacy.epsilon=8", "train.epochs=1"],
+    "central-dp": [
+        "privacy.epsilon=8",
+        "merge.method=average",
+        "merge.learn.mode=none",
+        "merge.rows=method",
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", list(PRIVATE))
 def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggregates(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    # the parties also score candidates on valid
-    config = tiny("client_cpus=1", "merge.learn.valid_candidates=3")
+    # the parties also score candidates on valid (switched off under a DP mechanism)
+    config = tiny(
+        "client_cpus=1",
+        "merge.learn.valid_candidates=3",
+        f"privacy.mechanism={mode}",
+        *PRIVATE[mode],
+    )
     grids: list[Recording] = []
     original = server.app.FlowerBackend.__init__
 
@@ -78,13 +110,23 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
         for name in ("flower", "inprocess")
     )
     assert flower == inprocess
+    records = [
+        json.loads((tmp_path / name / "run.json").read_text()).get("privacy")
+        for name in ("flower", "inprocess")
+    ]
+    assert records[0] == records[1]  # each party's ledger lives across rounds on either backend
     selections = [
         json.loads((tmp_path / name / "coefficients.json").read_text())["selection"]
         for name in ("flower", "inprocess")
     ]
-    for selection in selections:
-        assert selection.pop("seconds") > 0
-    assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
+    if mode == "none":
+        for selection in selections:
+            assert selection.pop("seconds") > 0
+        assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
+    else:
+        assert selections == [None, None]  # no valid choice under a DP mechanism
+        assert {r["split"] for r in flower} == {"test"}
+        audit_private(mode, config, grids[0].seen, records[0])
 
     users = {u for name in config.domains for u in synthetic_domain(name).user_ids}
     merged = load_file(str(tmp_path / "flower" / "merged.safetensors"))
@@ -128,6 +170,46 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
             else:
                 pytest.fail(f"unexpected record {name!r} of type {type(record).__name__}")
     assert seen == {"train": config.n_parties, "query": config.n_parties}
+
+
+def audit_private(
+    mode: str, config: FederationConfig, seen: list[Message], record: dict[str, Any]
+) -> None:
+    """What a DP mechanism changes on the wire: no clean update reaches anyone it must not."""
+    replies = [m for m in seen if not m.has_error() and m.metadata.reply_to_message_id]
+    trained = [m for m in replies if m.metadata.message_type == "train"]
+    for msg in trained:  # no metric of the private data beside the guarantee
+        assert not {"best_valid_ndcg@10", "last_loss", "best_epoch"} & set(read_metrics(msg))
+    requests = [
+        m
+        for m in seen
+        if m.metadata.message_type == "evaluate" and not m.metadata.reply_to_message_id
+    ]
+    assert all(read_evaluate_request(m).splits == ("test",) for m in requests)
+    if mode == "central-dp":
+        # the trusted server saw clean updates; the parties see theta_0 and the noised mean only
+        assert {evaluate_asked(m)[0] for m in requests} == {2}
+        assert set(record["spent"]) == {"server"}
+        return
+    assert set(record["spent"]) == set(config.domains)
+    if mode == "update-dp":
+        # round 1: what party 0 sent is its clean update, clipped, plus N(0, (z C)^2)
+        spec = party_specs(config)[0]
+        part = party_data(spec, config)
+        clean = party_train(
+            part,
+            base_weights(config, part.features.shape[1]),
+            config.model_copy(update={"privacy": PrivacyConfig()}),
+        ).update
+        sent = next(
+            read_train_reply(m).update
+            for m in trained
+            if sender(m) == spec.party and m.metadata.group_id == "1"
+        )
+        clipped, _ = clip_update(clean, config.privacy.clip)
+        noise = torch.cat([(sent[k] - clipped[k]).flatten() for k in clean])
+        std = config.privacy.noise_multiplier * config.privacy.clip
+        assert abs(float(noise.std()) / std - 1.0) < 0.02 and abs(float(noise.mean())) < 0.01 * std
 
 
 def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_named() -> None:

@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedmerge.data",),
     ("fedmerge.text",),
     ("fedmerge.models",),
-    ("fedmerge.updates",),
+    ("fedmerge.privacy",),
     ("fedmerge.evaluate",),
     ("fedmerge.train",),
     ("fedmerge.merge",),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
 GENERIC = [
     "fedmerge/protocol.py",
     "fedmerge/pipeline.py",
-    "fedmerge/updates.py",
+    "fedmerge/privacy",
     "fedmerge/merge",
     "fedmerge/train",
     "fedmerge/evaluate",

@@ -97,6 +97,17 @@ class Recommender(nn.Module, Generic[C]):
         """The training loss of right-padded (B, L) `inputs` (pad -1) and next items `targets`."""
         raise NotImplementedError
 
+    def record_losses(
+        self, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """The (B,) loss of each sequence alone: what private training clips one by one.
+
+        Record i's loss may depend on record i and on data-free randomness only (no in-batch
+        negatives). A family whose loss couples the records of a batch leaves this out, and
+        record-level private training refuses it.
+        """
+        raise NotImplementedError
+
     def scorer(self, table: torch.Tensor) -> HistoryScorer:
         """Scores of all items for histories, with the current weights.
 

@@ -306,6 +306,24 @@ class TextSeqRec(TwoTower[TextSeqConfig]):
         loss still estimates the full softmax; item vectors are then computed only for the items the
         batch touches.
         """
+        logits, labels = self._logits(features, inputs, targets)
+        return F.cross_entropy(logits, labels)
+
+    def record_losses(
+        self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Each sequence's mean cross-entropy over its positions (negatives are drawn data-free)."""
+        logits, labels = self._logits(features, inputs, targets)
+        rows = (targets >= 0).nonzero()[:, 0]
+        per_position = F.cross_entropy(logits, labels, reduction="none")
+        total = torch.zeros(len(inputs), dtype=per_position.dtype, device=per_position.device)
+        total = total.index_add(0, rows, per_position)
+        return total / torch.bincount(rows, minlength=len(inputs)).clamp(min=1)
+
+    def _logits(
+        self, features: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of every real position of the batch (see :meth:`loss`), row-major."""
         valid, negatives = targets >= 0, self.config.negatives
         if negatives is None or negatives >= len(features):
             items = self.item_vectors(features)
@@ -313,7 +331,7 @@ class TextSeqRec(TwoTower[TextSeqConfig]):
             logits = (
                 users @ items.T + self.text_scores(features, inputs[valid])
             ) / self.config.temperature
-            return F.cross_entropy(logits, targets[valid])
+            return logits, targets[valid]
         sampled = torch.randint(len(features), (negatives,), device=inputs.device)
         needed, local = torch.unique(
             torch.cat([inputs.flatten(), targets.flatten(), sampled]).clamp(min=0),
@@ -339,6 +357,4 @@ class TextSeqRec(TwoTower[TextSeqConfig]):
             ],
             dim=1,
         )
-        return F.cross_entropy(
-            logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
-        )
+        return logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)

@@ -201,14 +201,18 @@ class RunScreen:
 
     def _on_party_trained(self, r: dict[str, Any]) -> str:
         self._arrived()
-        best = f"best valid ndcg@10 {r['best_valid_ndcg@10']:.4f}"
-        if "epochs" not in r:
-            return f"  {r['party']} trained: {best}, {r['seconds']:.1f} s"
-        loss = "" if r.get("last_loss") is None else f", last loss {r['last_loss']:.4f}"
-        return (
-            f"  {r['party']} trained: {int(r['epochs'])} epochs (best "
-            f"{int(r['best_epoch'])}){loss}, {best}, {r['seconds']:.1f} s"
-        )
+        said = []
+        if "epochs" in r:
+            best = f" (best {int(r['best_epoch'])})" if "best_epoch" in r else ""
+            said.append(f"{int(r['epochs'])} epochs{best}")
+        if r.get("last_loss") is not None:
+            said.append(f"last loss {r['last_loss']:.4f}")
+        if "best_valid_ndcg@10" in r:
+            said.append(f"best valid ndcg@10 {r['best_valid_ndcg@10']:.4f}")
+        if "epsilon" in r:
+            said.append(f"epsilon {r['epsilon']:.3g} at delta {r['delta']:.3g}")
+        said.append(f"{r['seconds']:.1f} s")
+        return f"  {r['party']} trained: " + ", ".join(said)
 
     def _on_party_failed(self, r: dict[str, Any]) -> str:
         return f"  {r['party']} left out: {r['error']}"
