@@ -56,7 +56,7 @@ def epsilon_of(events: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = list(events)
     with warnings.catch_warnings():
-        # "optimal order is the largest alpha": the bound holds, only a larger order might tighten it
+        # "optimal order is the largest alpha": the bound holds; a larger order might tighten it
         warnings.simplefilter("ignore", UserWarning)
         return float(accountant.get_epsilon(delta))
 
