@@ -45,6 +45,7 @@ HEADER = (
 # Which schema validates which preset in configs/ (first matching pattern on the file's stem).
 PRESET_KINDS = [
     ("simulate*", "federation"),
+    ("ablate*", "ablation"),
     ("*", "training"),
 ]
 
@@ -383,7 +384,9 @@ def preset_section(
     schema, title, command = schemas[preset_kind(path)]
     config = load_config(path, [], schema)
     values = _resolved(config)
-    defaults = _resolved(schema(model=type(config.model)()))  # type: ignore[call-arg,attr-defined]  # its family's defaults
+    # a schema with a model: its family's defaults
+    family = {"model": type(config.model)()} if "model" in schema.model_fields else {}  # type: ignore[attr-defined]
+    defaults = _resolved(schema(**family))
     # a method's parameters default to that method's defaults
     if isinstance(config, FederationConfig):
         own = _flatten(
@@ -431,6 +434,7 @@ def config_markdown(doc: ConfigDoc | None = None) -> str:
 
     The presets are those in configs/.
     """
+    from fedmerge.ablate import AblateConfig
     from fedmerge.protocol import FederationConfig
     from fedmerge.train.config import ExperimentConfig
 
@@ -442,6 +446,7 @@ def config_markdown(doc: ConfigDoc | None = None) -> str:
             "a federation preset",
             "fedmerge simulate --config {name}",
         ),
+        "ablation": (AblateConfig, "an ablation preset", "fedmerge ablate --config {name}"),
     }
     by_kind = {kind: [p.stem for p in presets() if preset_kind(p) == kind] for kind in schemas}
     doc.add(
@@ -456,7 +461,8 @@ def config_markdown(doc: ConfigDoc | None = None) -> str:
         "or a value outside its range is an error that names the key.",
         "",
         "Contents: [Training presets](#training-presets), [Federation "
-        "presets](#federation-presets), [Presets in configs/](#presets-in-configs). In the tables, "
+        "presets](#federation-presets), [Ablation presets](#ablation-presets), [Presets in "
+        "configs/](#presets-in-configs). In the tables, "
         "*default* is the value when neither the preset nor `--set` gives one, written as in TOML "
         "(`null`: none); *constraints* are the ranges and choices the value is checked against.",
         "",
@@ -489,6 +495,17 @@ def config_markdown(doc: ConfigDoc | None = None) -> str:
         {"model": same.format(key="model"), "train": same.format(key="train")},
         {"merge.params": doc.method_params},
     )
+    doc.add(
+        "## Ablation presets",
+        "",
+        "Schema `fedmerge.ablate.config.AblateConfig`, used by `fedmerge ablate`. Every row of "
+        "the grid is a federation of the preset `preset` (see [Federation "
+        "presets](#federation-presets)) with the keys of `set` and of the row. Presets: "
+        + ", ".join(f"`{s}`" for s in by_kind["ablation"])
+        + ".",
+        "",
+    )
+    doc.sections(AblateConfig, "", 3, {}, {})
     doc.add(
         "## Presets in configs/",
         "",

@@ -604,6 +604,59 @@ def simulate(
         raise typer.Exit(code) from None
 
 
+@app.command("ablate")
+def ablate(
+    config: Annotated[
+        str,
+        typer.Option("--config", help="Ablation TOML file or preset in configs/ (ablate-privacy)."),
+    ] = "ablate-privacy",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder of the ablation: runs/, training-cache/, ablate.csv, ablate.md, "
+            "ablate.png (default: runs/ablate-<config stem>, a stem ablate-X gives runs/ablate-X).",
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override an ablation key: epsilons=[8.0], seeds=[0,1], "
+            "set='[\"train.epochs=5\"]', ...",
+        ),
+    ] = None,
+) -> None:
+    """A grid of privacy setting x epsilon x merge method x seed: one run each, one table.
+
+    Every run is a federation of the preset, run in process into OUT/runs/NAME; runs that share
+    local training reuse it. Given again after an interruption, the same command reuses the
+    complete runs and the kept trainings.
+    """
+    from fedmerge.ablate import AblateConfig, default_out, run_ablation
+
+    grid = load_config(config, overrides, AblateConfig)
+    folder = out if out is not None else default_out(config)
+
+    def say(text: str) -> None:
+        console.print(Text(text), soft_wrap=True, highlight=False)
+
+    say(f"fedmerge ablate: {config}, folder {folder}")
+    try:
+        run_ablation(grid, folder, say)
+    # Ctrl-C, or SIGTERM during a run (its name is the argument; see fedmerge.pipeline.simulate)
+    except KeyboardInterrupt as err:
+        import signal
+
+        say(
+            f"interrupted: give the same command again to resume ({folder}: complete runs and "
+            "kept trainings are reused; the interrupted run is not a result)"
+        )
+        code = 128 + signal.Signals[str(err.args[0]) if err.args else "SIGINT"]
+        raise typer.Exit(code) from None
+    say(f"wrote {folder / 'ablate.csv'}, {folder / 'ablate.md'} and {folder / 'ablate.png'}")
+
+
 @app.command("status")
 def status(
     out: Annotated[Path, typer.Argument(help="The --out folder of a fedmerge command.")],

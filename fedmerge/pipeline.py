@@ -320,7 +320,9 @@ class Server:
     ) -> tuple[MergeOutcome, dict[str, StateDict]]:
         """FedAvg inside each domain, then the merge.
 
-        Returns the merge and every model the parties evaluate (label -> weights).
+        Under a central privacy mechanism the merge is the server's noised aggregate of every
+        party's update instead. Returns the merge and every model the parties evaluate (label ->
+        weights).
 
         `judge` asks the parties to score candidate merges on valid
         (``merge.learn.valid_candidates``).
@@ -328,16 +330,21 @@ class Server:
         domains = [
             d for d in self.config.domains if any(self.specs[p].domain == d for p in replies)
         ]
-        per_domain = [
-            average_parties([r for p, r in sorted(replies.items()) if self.specs[p].domain == d])
-            for d in domains
-        ]
         self.log("merge_start", round=round_, domains=domains)
         if self.mechanism.central:
-            per_domain = [self._central(round_, domains, replies)]
-        members = [
-            Member(r.domain, r.update, self.tables[r.domain.split("+")[0]]) for r in per_domain
-        ]
+            central = self._central(round_, domains, replies)
+            per_domain, members = (
+                [],
+                [Member(central.domain, central.update, self.tables[domains[0]])],
+            )
+        else:
+            per_domain = [
+                average_parties(
+                    [r for p, r in sorted(replies.items()) if self.specs[p].domain == d]
+                )
+                for d in domains
+            ]
+            members = [Member(r.domain, r.update, self.tables[r.domain]) for r in per_domain]
         outcome = server_merge(
             start,
             members,
@@ -358,8 +365,7 @@ class Server:
             selection=outcome.coefficients["selection"],
         )
         models = {"theta_0" if round_ == 1 else f"start of round {round_}": start}
-        if self.mechanism.releases_each:
-            models |= {f"fine-tuned on {r.domain}": fine_tuned(start, r) for r in per_domain}
+        models |= {f"fine-tuned on {r.domain}": fine_tuned(start, r) for r in per_domain}
         models |= {
             f"{self.config.merge.method} (training-free)": outcome.initial,
             _merged_label(self.config): outcome.merged,
@@ -549,11 +555,10 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
     }
     if server.stopped:
         facts["stopped early"] = f"{server.stopped}: the results of rounds 1-{last.round} stand"
+        run.status["stopped early"] = facts["stopped early"]
     if config.privacy.mechanism != "none":
         facts["privacy"] = privacy_record(config, last.privacy)
         run.status["privacy"] = facts["privacy"]
-    if server.stopped:
-        run.status["stopped early"] = facts["stopped early"]
     coefficients = last.merge.coefficients | {
         "merge_seconds": round(last.merge.seconds, 2),
         "teacher_bytes": last.merge.teacher_bytes,

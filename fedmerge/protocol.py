@@ -51,6 +51,10 @@ from fedmerge.train.loop import (
 )
 from fedmerge.train.private import fit_private, records
 
+PRIVATE_METRICS = ("best_epoch", "best_valid_ndcg@10", "last_loss")
+"""Training metrics computed from a party's private data: not sent when its privacy mechanism
+switches reports off."""
+
 
 class FederationConfig(ConfigModel):
     """One federated run: the domains, how many parties, the model, local training, the merge."""
@@ -313,15 +317,14 @@ def party_train(
         "users": float(part.domain.n_users),
         "n_items": float(part.domain.n_items),
         "epochs": float(len(trained)),
+        "best_epoch": float(result.best_epoch),
+        "best_valid_ndcg@10": float(result.best_score),
+        **({"last_loss": float(trained[-1]["loss"])} if trained else {}),
         "train_seconds": float(result.train_seconds),
         "seconds": time.perf_counter() - began,
     }
-    if not mechanism.switches.reports:  # functions of the private data
-        metrics |= {
-            "best_epoch": float(result.best_epoch),
-            "best_valid_ndcg@10": float(result.best_score),
-            **({"last_loss": float(trained[-1]["loss"])} if trained else {}),
-        }
+    if mechanism.switches.reports:
+        metrics = {k: v for k, v in metrics.items() if k not in PRIVATE_METRICS}
     after = model.exchanged()
     update = {k: after[k].detach().cpu() - v for k, v in start.items() if v.is_floating_point()}
     sent = mechanism.send(update, ledger, n, generator)

@@ -169,7 +169,7 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
                     assert not isinstance(value, list), key
             else:
                 pytest.fail(f"unexpected record {name!r} of type {type(record).__name__}")
-    assert seen == {"train": config.n_parties, "query": config.n_parties}
+    assert seen == {"train": config.n_parties * config.rounds, "query": config.n_parties}
 
 
 def audit_private(

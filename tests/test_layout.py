@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedmerge.train.run", "fedmerge.merge.run"),  # the workflows, above the library layers
     ("fedmerge.protocol",),
     ("fedmerge.pipeline",),
+    ("fedmerge.ablate",),
     ("clients", "server"),  # the Flower apps, over the pipeline
     ("fedmerge.cli", "fedmerge.__main__"),  # the command line starts either backend
 ]
@@ -96,6 +97,8 @@ def test_the_layer_check_catches_an_upward_import() -> None:
         layer("fedmerge.train.loop") < layer("fedmerge.merge.learn") < layer("fedmerge.train.run")
     )
     assert layer("fedmerge.models.textseq") < layer("fedmerge.train.loop")
+    # a package's modules are in its layer
+    assert layer("fedmerge.pipeline") < layer("fedmerge.ablate.run") == layer("fedmerge.ablate")
 
 
 def test_generic_code_names_no_model_family() -> None:

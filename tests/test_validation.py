@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fedmerge import cli
+from fedmerge.ablate import AblateConfig
 from fedmerge.config import CONFIG_DIR, load_config, validate
 from fedmerge.errors import FedmergeError
 from fedmerge.files import write_json
@@ -164,7 +165,13 @@ def test_non_finite_merge_names_method_and_params() -> None:
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
 def test_every_preset_loads(preset: str) -> None:
-    schema = FederationConfig if preset.startswith("simulate") else ExperimentConfig
+    schema = (
+        AblateConfig
+        if preset.startswith("ablate")
+        else FederationConfig
+        if preset.startswith("simulate")
+        else ExperimentConfig
+    )
     assert isinstance(load_config(preset, [], schema), schema)
 
 

@@ -8,14 +8,22 @@ so a Flower ClientApp keeps it in its node state between rounds.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedmerge.errors import FedmergeError
+
+# importing opacus configures the root logger (logging.basicConfig in opacus.utils.module_utils),
+# which would print every library's log records, Flower's included: undo that
+_handlers, _level = list(logging.root.handlers), logging.root.level
+try:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
+finally:
+    logging.root.handlers[:] = _handlers
+    logging.root.setLevel(_level)
 
 
 @dataclass

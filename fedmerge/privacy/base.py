@@ -70,10 +70,11 @@ class Mechanism:
     spends: ClassVar[bool] = False
     """Whether it spends an (epsilon, delta) budget."""
     central: ClassVar[bool] = False
-    """Whether the server, not the party, releases the noised value (then it keeps the ledger)."""
+    """Whether the server, not the party, releases the noised value (then it keeps the ledger).
+
+    The server then merges nothing but that aggregate, and no party's own model is shown to the
+    others."""
     switches: ClassVar[Switches] = Switches()
-    releases_each: ClassVar[bool] = True
-    """Whether each party's own update may be shown to the other parties (evaluated)."""
     per_record: ClassVar[bool] = False
     """Whether it clips each record's loss gradient (the family must give per-record losses)."""
     unit: ClassVar[str] = ""
@@ -180,10 +181,20 @@ def l2_norm(tensors: list[torch.Tensor]) -> float:
 
 
 def gaussian(update: StateDict, std: float, generator: torch.Generator) -> StateDict:
-    """`update` plus independent N(0, std^2) noise on every entry (exactly `update` at std 0)."""
+    """`update` plus independent N(0, std^2) noise on every entry (exactly `update` at std 0).
+
+    Each tensor's noise comes from its own generator, seeded by `generator`'s seed and the
+    tensor's name, so it does not depend on the order the tensors arrive in.
+    """
     if std == 0.0:
         return dict(update)
+    base = generator.initial_seed()
     return {
-        k: v + std * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+        k: v + std * torch.randn(v.shape, generator=_named(base, k), dtype=v.dtype)
         for k, v in update.items()
     }
+
+
+def _named(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

@@ -35,7 +35,6 @@ class CentralDP(Mechanism):
         "sensitivity C, every party in every round"
     )
     central = True
-    releases_each = False
     switches = Switches(reports=True)
 
     def check(self, method: str, learn: str, rows: str, parties_per_domain: int) -> None:
