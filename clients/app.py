@@ -9,6 +9,8 @@ lives in :mod:`server.records`.
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -24,6 +26,7 @@ from fedmerge.protocol import (
     party_specs,
     party_train,
 )
+from server import secagg
 from server.records import (
     description_content,
     evaluate_reply_content,
@@ -75,17 +78,27 @@ def query(msg: Message, context: Context) -> Message:
     return Message(description_content(describe(spec, part)), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg.when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune from the received weights; reply with the update and aggregate facts.
 
-    The party's privacy ledger lives in the node's state for the whole run.
+    The party's privacy ledger lives in the node's state for the whole run. In a SecAgg+ round
+    (``privacy.mechanism = secagg``) the request and reply have SecAgg+'s layout, and what
+    leaves the party is masked (:mod:`server.secagg`).
     """
-    config, spec, part = _party(msg, context)
+    if secagg.is_secagg(msg):
+        start, settings = secagg.read_fitins(msg)
+        config = FederationConfig.model_validate(json.loads(str(settings["federation"])))
+    else:
+        start, config = read_start(msg), read_federation(msg)
+    spec = _spec(config, context)
+    part = _data(config, spec)
     kept = context.state.config_records.get(LEDGER)
     ledger = Ledger.from_json(str(kept["ledger"])) if kept else Ledger()
-    reply = party_train(part, read_start(msg), config, ledger=ledger, party=spec.party)
+    reply = party_train(part, start, config, ledger=ledger, party=spec.party)
     context.state.config_records[LEDGER] = ConfigRecord({"ledger": ledger.to_json()})
+    if secagg.is_secagg(msg):
+        return Message(secagg.fitres_content(reply, start), reply_to=msg)
     return Message(train_reply_content(spec.party, reply), reply_to=msg)
 
 

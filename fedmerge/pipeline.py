@@ -46,6 +46,7 @@ from fedmerge.protocol import (
     party_evaluate,
     party_specs,
     party_train,
+    repliers,
 )
 from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
@@ -140,13 +141,26 @@ class InProcess:
         )
 
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
-        """Every party fine-tunes from `start`."""
-        return self._each(
+        """Every party fine-tunes from `start`.
+
+        When the privacy mechanism hides the parties of a domain, each domain's replies are
+        summed here, on the parties' side, and the server gets the aggregate only, as the reply
+        of the domain's first party (a domain with a failed party fails as a whole).
+        """
+        replies = self._each(
             lambda s: party_train(
                 self.part(s), start, self.config, self.quiet, self.ledgers[s.party], s.party
             ),
             lambda s, reply, seconds: log_trained(self.log, self.round, s, reply.metrics),
         )
+        if not self.config.mechanism().hides_parties:
+            return replies
+        aggregates: dict[int, TrainReply | Exception] = {}
+        for leader in repliers(self.config):
+            own = [replies[s.party] for s in self.specs if s.domain == leader.domain]
+            failed = [r for r in own if isinstance(r, Exception)]
+            aggregates[leader.party] = failed[0] if failed else average_parties(own)  # type: ignore[arg-type]
+        return aggregates
 
     def evaluate(
         self,
@@ -247,7 +261,9 @@ class Server:
     ) -> None:
         self.config, self.tables, self.log = config, tables, log
         self.specs = {s.party: s for s in party_specs(config)}
-        self.need = config.min_parties or len(self.specs)
+        self.repliers = [s.party for s in repliers(config)]
+        hidden = len(self.repliers) < len(self.specs)
+        self.need = len(self.repliers) if hidden else config.min_parties or len(self.specs)
         self.results: list[RoundResult] = []
         self.failed: dict[str, str] = {}
         self.clock: dict[str, float] = {}
@@ -291,13 +307,14 @@ class Server:
                     self.spent[name] = {k: reply.metrics[k] for k in ("epsilon", "delta", "noise")}
             except Exception as err:  # noqa: BLE001 - reported and left out
                 self._fail(round_, name, f"{type(err).__name__}: {err}")
-        for party in self.specs.keys() - raw.keys():
+        for party in set(self.repliers) - raw.keys():
             self._fail(round_, party_name(self.specs[party]), "no reply (timed out)")
         if len(replies) < self.need:
             reasons = "; ".join(f"{name}: {why}" for name, why in self.failed.items())
             raise FedmergeError(
-                f"only {len(replies)} of {len(self.specs)} parties replied, fewer than min_parties "
-                f"= {self.need} ({reasons}); fix the failing parties or lower min_parties"
+                f"only {len(replies)} of {len(self.repliers)} parties replied, fewer than "
+                f"min_parties = {self.need} ({reasons}); fix the failing parties or lower "
+                "min_parties"
             )
         self.clock["trained"] = time.perf_counter()
         self.log(

@@ -187,6 +187,18 @@ def party_specs(config: FederationConfig) -> list[PartySpec]:
     return [PartySpec(i * n + s, d, s, n) for i, d in enumerate(config.domains) for s in range(n)]
 
 
+def repliers(config: FederationConfig) -> list[PartySpec]:
+    """The parties whose train replies the server reads.
+
+    Every party; or, when the privacy mechanism hides the parties of a domain, the first party
+    of each domain, whose reply stands for the domain's secure aggregate.
+    """
+    specs = party_specs(config)
+    if not config.mechanism().hides_parties:
+        return specs
+    return [s for s in specs if s.shard == 0]
+
+
 def party_data(
     spec: PartySpec, config: FederationConfig, quiet: bool = True, whole: Part | None = None
 ) -> Part:

@@ -51,7 +51,9 @@ from fedmerge.protocol import (
     FederationConfig,
     TrainReply,
     party_specs,
+    repliers,
 )
+from server import secagg
 from server.records import (
     evaluate_asked,
     evaluate_content,
@@ -79,8 +81,16 @@ class MergeRecStrategy(Strategy):
     ConfigRecords Flower hands ``configure_*`` travel in every request.
     """
 
-    def __init__(self, config: FederationConfig, server: Server, nodes: dict[int, int]) -> None:
+    def __init__(
+        self,
+        config: FederationConfig,
+        server: Server,
+        nodes: dict[int, int],
+        context: Context | None = None,
+    ) -> None:
         self.config, self.server, self.nodes = config, server, nodes  # nodes: party id -> node id
+        self.context = context  # the ServerApp's, for secure aggregation's legacy workflow
+        self.hidden = config.mechanism().hides_parties
         self.party_of = {node: party for party, node in nodes.items()}
         self.start_weights: StateDict = {}
         self.models: dict[str, StateDict] = {}
@@ -105,12 +115,18 @@ class MergeRecStrategy(Strategy):
             config,
         )
         self.server.begin(server_round)
+        if self.hidden:  # the parties train inside secure aggregation (aggregate_train)
+            return []
         return self._messages(train_content(arrays, config), "train", server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Accept each party's update separately, then merge: the merged weights for the round."""
+        """Accept each party's update separately, then merge: the merged weights for the round.
+
+        When the parties are hidden, each domain's parties train inside a SecAgg+ round and only
+        the domain's aggregate is accepted.
+        """
         raw: dict[int, TrainReply | Exception] = {}
         for msg in replies:
             party = self.party_of[msg.metadata.src_node_id]
@@ -118,6 +134,8 @@ class MergeRecStrategy(Strategy):
                 raw[party] = _error(msg) if msg.has_error() else read_train_reply(msg)
             except FedmergeError as err:
                 raw[party] = err
+        if self.hidden:
+            raw = self._secure(server_round)
         accepted = self.server.accept(server_round, self.start_weights, raw)
 
         def judge(candidates: list[StateDict]) -> list[float]:
@@ -153,6 +171,38 @@ class MergeRecStrategy(Strategy):
             except (KeyError, TypeError, ValueError) as err:
                 evaluations[party] = FedmergeError(f"malformed reply ({type(err).__name__}: {err})")
         return evaluations
+
+    def _secure(self, server_round: int) -> dict[int, TrainReply | Exception]:
+        """Each domain's aggregate by SecAgg+, as the reply of its first party (or its error)."""
+        assert self.grid is not None and self.context is not None  # set by configure_train
+        raw: dict[int, TrainReply | Exception] = {}
+        for leader in repliers(self.config):
+            parties = [s.party for s in party_specs(self.config) if s.domain == leader.domain]
+            try:
+                mean, users, metrics = secagg.secure_mean(
+                    self.grid,
+                    self.context,
+                    [self.nodes[p] for p in parties],
+                    self.start_weights,
+                    self.train_config,
+                    server_round,
+                    60 * self.config.timeout_minutes,
+                )
+            except FedmergeError as err:
+                raw[leader.party] = err
+                continue
+            facts = list(metrics.values())
+            raw[leader.party] = TrainReply(
+                leader.domain,
+                mean,
+                {
+                    "users": users,
+                    "n_items": facts[0]["n_items"],
+                    "parties": float(len(parties)),
+                    "train_seconds": max(f["train_seconds"] for f in facts),
+                },
+            )
+        return raw
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -221,8 +271,10 @@ def discover(grid: Grid, config: FederationConfig) -> tuple[dict[int, Descriptio
 class FlowerBackend:
     """The transport of a Flower run: the ServerApp's grid, driven by :class:`MergeRecStrategy`."""
 
-    def __init__(self, grid: Grid, config: FederationConfig) -> None:
-        self.grid, self.config = grid, config
+    def __init__(
+        self, grid: Grid, config: FederationConfig, context: Context | None = None
+    ) -> None:
+        self.grid, self.config, self.context = grid, config, context
         self.nodes: dict[int, int] = {}
 
     def describe(self, log: Log) -> dict[int, Description | Exception]:
@@ -235,7 +287,7 @@ class FlowerBackend:
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
         """Every round, driven by Flower's strategy loop (:class:`MergeRecStrategy`)."""
-        strategy = MergeRecStrategy(self.config, server, self.nodes)
+        strategy = MergeRecStrategy(self.config, server, self.nodes, self.context)
         try:
             strategy.start(
                 self.grid,
@@ -373,6 +425,6 @@ def main(grid: Grid, context: Context) -> None:
             grid, threading.Event(), reply_logger(config, run_dir.log), poll=1.0
         )
         # a Grid by delegation: StoppableGrid passes everything but the waits to `grid`
-        return execute(config, FlowerBackend(cast(Grid, watched), config), run_dir)
+        return execute(config, FlowerBackend(cast(Grid, watched), config, context), run_dir)
 
     simulate(config, run, out, Console(markup=False))

@@ -46,7 +46,7 @@ def server_app(config: FederationConfig, holder: dict) -> ServerApp:
             watched = StoppableGrid(grid, holder["stop"], reply_logger(config, holder["run"].log))
             # a Grid by delegation: StoppableGrid passes everything but the waits to `grid`
             holder["results"] = execute(
-                config, FlowerBackend(cast(Grid, watched), config), holder["run"]
+                config, FlowerBackend(cast(Grid, watched), config, context), holder["run"]
             )
         except BaseException as err:  # noqa: BLE001 - handed back to the caller of run_simulation
             holder["error"] = err

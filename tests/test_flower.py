@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from safetensors.torch import load_file
 
 import server.app
@@ -81,6 +82,7 @@ PRIVATE = {
         "merge.learn.mode=none",
         "merge.rows=method",
     ],
+    "secagg": ["parties_per_domain=2"],
 }
 
 
@@ -98,9 +100,9 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
     grids: list[Recording] = []
     original = server.app.FlowerBackend.__init__
 
-    def recording_init(self, grid, config):  # type: ignore[no-untyped-def]
+    def recording_init(self, grid, config, context=None):  # type: ignore[no-untyped-def]
         grids.append(Recording(grid))
-        original(self, grids[-1], config)
+        original(self, grids[-1], config, context)
 
     monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
     simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
@@ -109,7 +111,18 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
         json.loads((tmp_path / name / "metrics.json").read_text())
         for name in ("flower", "inprocess")
     )
-    assert flower == inprocess
+    if mode == "secagg":  # SecAgg+ quantises the parties' vectors
+        assert [{k: v for k, v in r.items() if not isinstance(v, float)} for r in flower] == [
+            {k: v for k, v in r.items() if not isinstance(v, float)} for r in inprocess
+        ]
+        assert all(
+            abs(a[k] - b[k]) < 1e-4
+            for a, b in zip(flower, inprocess, strict=True)
+            for k in a
+            if isinstance(a[k], float)
+        )
+    else:
+        assert flower == inprocess
     records = [
         json.loads((tmp_path / name / "run.json").read_text()).get("privacy")
         for name in ("flower", "inprocess")
@@ -119,10 +132,12 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
         json.loads((tmp_path / name / "coefficients.json").read_text())["selection"]
         for name in ("flower", "inprocess")
     ]
-    if mode == "none":
+    if mode in ("none", "secagg"):
         for selection in selections:
             assert selection.pop("seconds") > 0
-        assert selections[0] == selections[1] and selections[0]["steps"] == [0, 20, 40]
+        assert selections[0]["steps"] == selections[1]["steps"] == [0, 20, 40]
+        if mode == "none":
+            assert selections[0] == selections[1]
     else:
         assert selections == [None, None]  # no valid choice under a DP mechanism
         assert {r["split"] for r in flower} == {"test"}
@@ -135,8 +150,11 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
     assert floating < weights  # the model has integer buffers too, which no update carries
     assert grids and grids[0].seen
     seen = {"train": 0, "query": 0}
+    secure = [m for m in grids[0].seen if RECORD_KEY_CONFIGS in m.content.config_records]
+    assert bool(secure) == (mode == "secagg")
+    audit_secagg(secure, config)
     for msg in grids[0].seen:
-        if msg.has_error():
+        if msg.has_error() or msg in secure:
             continue
         kind, reply = msg.metadata.message_type, bool(msg.metadata.reply_to_message_id)
         arrays = [name for name, record in msg.content.items() if isinstance(record, ArrayRecord)]
@@ -169,7 +187,19 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
                     assert not isinstance(value, list), key
             else:
                 pytest.fail(f"unexpected record {name!r} of type {type(record).__name__}")
-    assert seen == {"train": config.n_parties * config.rounds, "query": config.n_parties}
+    trained = 0 if mode == "secagg" else config.n_parties * config.rounds  # secagg: masked only
+    assert seen == {"train": trained, "query": config.n_parties}
+
+
+def audit_secagg(secure: list[Message], config: FederationConfig) -> None:
+    """Under secagg no party's update, nor its number of users, reaches the server in clear."""
+    replies = [m for m in secure if m.metadata.reply_to_message_id]
+    for msg in replies:
+        assert all(
+            len(record) == 0 for record in msg.content.values() if isinstance(record, ArrayRecord)
+        )  # SecAgg+'s mod clears the plain vectors; only masked integers travel
+    masked = [m for m in replies if "masked_params" in m.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(masked) == config.n_parties * config.rounds
 
 
 def audit_private(

@@ -160,6 +160,7 @@ def test_a_target_epsilon_is_met_by_every_mechanism_over_the_whole_run(cache: Pa
         ),
         (["privacy.mechanism=none", "privacy.epsilon=1"], "spends no (epsilon, delta) budget"),
         (["privacy.mechanism=laplace"], "is no privacy mechanism; use: none"),
+        (["privacy.mechanism=secagg"], "set parties_per_domain to 2 or more"),
         (["privacy.mechanism=central-dp", "privacy.epsilon=1"], "merge.method=average"),
         (["privacy.mechanism=update-dp", "privacy.epsilon=1", "privacy.delta=1.5"], "delta"),
     ],

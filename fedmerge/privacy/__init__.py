@@ -2,10 +2,16 @@
 
 ``none`` (the default), ``update-dp`` (a party clips its whole update and adds Gaussian noise),
 ``dpsgd`` (DP-SGD inside local training), ``central-dp`` (the server clips, averages and
-noises). docs/privacy.md says what each one protects.
+noises), ``secagg`` (the server sees each domain's sum of its parties' updates only).
+docs/privacy.md says what each one protects.
 """
 
-from fedmerge.privacy import central_dp, dpsgd, update_dp  # noqa: F401 - register the mechanisms
+from fedmerge.privacy import (  # noqa: F401 - register the mechanisms
+    central_dp,
+    dpsgd,
+    secagg,
+    update_dp,
+)
 from fedmerge.privacy.accountant import Ledger
 from fedmerge.privacy.base import (
     BudgetExhausted,

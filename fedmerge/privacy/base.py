@@ -75,6 +75,8 @@ class Mechanism:
     The server then merges nothing but that aggregate, and no party's own model is shown to the
     others."""
     switches: ClassVar[Switches] = Switches()
+    hides_parties: ClassVar[bool] = False
+    """Whether the server may see only each domain's aggregate, never one party's update."""
     per_record: ClassVar[bool] = False
     """Whether it clips each record's loss gradient (the family must give per-record losses)."""
     unit: ClassVar[str] = ""
