@@ -37,8 +37,6 @@ class Spent:
 class PrivateSteps(Protocol):
     """Local training's private gradient steps (DP-SGD): batches and gradients."""
 
-    steps_per_epoch: int
-
     def batches(self) -> Iterator[np.ndarray]:
         """One epoch's batches of record indices."""
         ...

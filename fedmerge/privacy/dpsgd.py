@@ -124,13 +124,12 @@ class DPSGD(Mechanism):
         """The private steps of this round (the ledger spends them in :meth:`send`)."""
         q, steps, z = self.plan(records, batch_size, epochs)
         self._steps = PoissonSteps(q, steps, self.config.clip, z, records, generator)
-        self._round = (z, q, batch_size, epochs)
         return self._steps
 
     def send(self, update: StateDict, ledger: Ledger, records: int, generator) -> StateDict:
         """The update as trained (post-processing); the round's steps are spent."""
-        z, q, _, _ = self._round
-        ledger.spend(z, q, self._steps.taken)
+        steps = self._steps
+        ledger.spend(steps.noise, steps.sample_rate, steps.taken)
         return dict(update)
 
     def spendable(self, ledger: Ledger, records: int, batch_size: int, epochs: int) -> None:
