@@ -84,17 +84,25 @@ def test_grid_table_shared_training_and_resume(
 
     cells = [("none", math.inf), ("update-dp", 8.0), ("central-dp", 8.0)]
     methods = ["average", "ties", "learned"]
-    assert [(r["setting"], r["epsilon_target"], r["method"], r["domain"]) for r in rows] == [
+    # theta_0's rows first: the untrained start every run shares
+    expected = [("none", math.inf, "theta_0", d) for d in DOMAINS] + [
         (s, e, m, d) for s, e in cells for m in methods for d in DOMAINS
     ]
+    assert [(r["setting"], r["epsilon_target"], r["method"], r["domain"]) for r in rows] == expected
     with open(out / "ablate.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert [(r["setting"], r["epsilon_target"], r["method"], r["domain"]) for r in table] == [
-        (s, "inf" if math.isinf(e) else "8.0", m, d)
-        for s, e in cells
-        for m in methods
-        for d in DOMAINS
+        (s, "inf" if math.isinf(e) else "8.0", m, d) for s, e, m, d in expected
     ]
+    base = {r["domain"]: r["recall@10"] for r in rows if r["method"] == "theta_0"}
+    runs_json = json.loads(
+        (out / "runs" / "none-epsinf-average-seed0" / "metrics.json").read_text()
+    )
+    assert base == {
+        m["domain"]: m["recall@10"]
+        for m in runs_json
+        if m["model"] == "theta_0" and m["split"] == "test"
+    }
     assert (out / "ablate.png").stat().st_size > 0
     assert "| update-dp | 8 | learned | 0 | synth-1 |" in (out / "ablate.md").read_text()
     for row in rows:

@@ -1,6 +1,7 @@
 """The ablation's table (``ablate.csv``, ``ablate.md``) and figure (``ablate.png``).
 
-One row per setting, target epsilon, method, seed and domain: test recall@10 and ndcg@10, the
+One row per setting, target epsilon, method, seed and domain (and, first for each seed, the
+untrained start theta_0's): test recall@10 and ndcg@10, the
 epsilon spent (the largest over the parties, or the server's for a mechanism that releases at the
 server) with its delta, and the run directory. The figure draws recall@10 against epsilon.
 """
@@ -54,9 +55,18 @@ def spent(record: dict[str, Any]) -> tuple[float, float]:
     )
 
 
+BASE = "theta_0"
+"""The method name of the rows of the start every run shares (no training, no merge)."""
+
+
 def table(grid: Grid, out: Path) -> list[dict[str, Any]]:
-    """One row per entry and domain, read from the complete run directories in `out`."""
-    rows = []
+    """One row per entry and domain, read from the complete run directories in `out`.
+
+    Each seed's rows start with theta_0's (the untrained start, from the seed's first
+    non-private run): what training and merging add, and what a privacy setting leaves of it.
+    """
+    rows: list[dict[str, Any]] = []
+    based: set[int] = set()
     for entry in grid.entries:
         head = {
             "setting": entry.setting,
@@ -70,30 +80,41 @@ def table(grid: Grid, out: Path) -> list[dict[str, Any]]:
         folder = out / "runs" / entry.run.name
         if not complete(folder, entry.run.config):
             raise FedmergeError(f"{folder} holds no complete run; give the same command again")
-        record = read_record(folder) or {}
-        epsilon, delta = spent(record)
-        metrics = json.loads((folder / "metrics.json").read_text())
-        last = max((int(m.get("round", 1)) for m in metrics), default=1)
-        for domain in grid.domains:
-            found = [
-                m
-                for m in metrics
-                if m["model"] == entry.model
-                and m["domain"] == domain
-                and m["split"] == "test"
-                and int(m.get("round", 1)) == last
-            ]
-            row = head | {"domain": domain, "run": f"runs/{entry.run.name}"}
-            if found:
-                row |= {
-                    "recall@10": float(found[0]["recall@10"]),
-                    "ndcg@10": float(found[0]["ndcg@10"]),
-                    "epsilon_spent": epsilon,
-                    "delta": delta,
-                }
-            else:
-                row["note"] = "no result: the domain's parties were left out (see the run)"
-            rows.append(row)
+        if entry.setting == NON_PRIVATE and entry.seed not in based:
+            based.add(entry.seed)
+            rows += _domain_rows(head | {"method": BASE}, folder, BASE, grid.domains)
+        rows += _domain_rows(head, folder, entry.model, grid.domains)
+    return rows
+
+
+def _domain_rows(
+    head: dict[str, Any], folder: Path, model: str, domains: list[str]
+) -> list[dict[str, Any]]:
+    """`head` + the test metrics of `model` on each domain in the run `folder` (its last round)."""
+    epsilon, delta = spent(read_record(folder) or {})
+    metrics = json.loads((folder / "metrics.json").read_text())
+    last = max((int(m.get("round", 1)) for m in metrics), default=1)
+    rows = []
+    for domain in domains:
+        found = [
+            m
+            for m in metrics
+            if m["model"] == model
+            and m["domain"] == domain
+            and m["split"] == "test"
+            and int(m.get("round", 1)) == last
+        ]
+        row = head | {"domain": domain, "run": f"runs/{folder.name}"}
+        if found:
+            row |= {
+                "recall@10": float(found[0]["recall@10"]),
+                "ndcg@10": float(found[0]["ndcg@10"]),
+                "epsilon_spent": epsilon,
+                "delta": delta,
+            }
+        else:
+            row["note"] = "no result: the domain's parties were left out (see the run)"
+        rows.append(row)
     return rows
 
 
@@ -180,12 +201,15 @@ def plot_table(rows: list[dict[str, Any]], grid: Grid, path: Path) -> None:
             baseline = mean(NON_PRIVATE, math.inf, method)
             if baseline is not None:
                 ax.axhline(baseline, color=colors[method], linestyle="--", linewidth=1)
+        base = mean(NON_PRIVATE, math.inf, BASE)
+        if base is not None:
+            ax.axhline(base, color="grey", linestyle=":", linewidth=1, label="theta_0")
         ax.set_xscale("log")
         ax.set_xticks(epsilons, [epsilon_text(e) for e in epsilons])
         ax.minorticks_off()
         ax.set_title(setting + (f" ({', '.join(impossible)}: not possible)" if impossible else ""))
         ax.set_xlabel("target epsilon")
-        ax.legend(fontsize=7, title="dashed: non-private", title_fontsize=7)
+        ax.legend(fontsize=7, title="dashed: non-private; dotted: theta_0", title_fontsize=7)
     axes[0][0].set_ylabel("test recall@10 (mean over domains, seeds)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
