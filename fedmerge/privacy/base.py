@@ -152,11 +152,8 @@ def noise_generator(config: PrivacyConfig, seed: int, *who: int) -> torch.Genera
     comes from the operating system's entropy instead, so no one can recompute the noise.
     """
     if config.seeded_noise:
-        digest = hashlib.sha256(repr((seed, *who)).encode()).digest()
-        value = int.from_bytes(digest[:8], "little")
-    else:
-        value = int.from_bytes(os.urandom(8), "little")
-    return torch.Generator().manual_seed(value)
+        return _seeded(repr((seed, *who)))
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def clip_update(update: StateDict, clip: float) -> tuple[StateDict, float]:
@@ -190,11 +187,12 @@ def gaussian(update: StateDict, std: float, generator: torch.Generator) -> State
         return dict(update)
     base = generator.initial_seed()
     return {
-        k: v + std * torch.randn(v.shape, generator=_named(base, k), dtype=v.dtype)
+        k: v + std * torch.randn(v.shape, generator=_seeded(f"{base}/{k}"), dtype=v.dtype)
         for k, v in update.items()
     }
 
 
-def _named(seed: int, name: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+def _seeded(text: str) -> torch.Generator:
+    """A generator seeded by the sha256 of `text` (its first 8 bytes)."""
+    digest = hashlib.sha256(text.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

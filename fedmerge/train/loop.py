@@ -117,6 +117,18 @@ def trainable_parameters(model: Recommender, frozen: list[str]) -> list[torch.nn
     return trainable
 
 
+def optimiser(
+    model: Recommender, config: TrainConfig
+) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The trained parameters, AdamW over them and its linear warm-up (``train.*``)."""
+    params = trainable_parameters(model, config.frozen)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+    )
+    return params, optimizer, scheduler
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device `name` (``train.device``), or an error naming the key if it is unusable."""
     try:
@@ -233,14 +245,9 @@ def fit(
         raise FedmergeError(
             "no user has two or more training items, so there is nothing to train on"
         )
-    optimizer = torch.optim.AdamW(
-        trainable_parameters(model, config.frozen), lr=config.lr, weight_decay=config.weight_decay
-    )
+    _, optimizer, scheduler = optimiser(model, config)
     average = (
         None if config.ema is None else {n: p.detach().clone() for n, p in model.named_parameters()}
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
     )
     if state_dir is not None and has_state(state_dir):
         state = load_state(state_dir)

@@ -19,7 +19,7 @@ from fedmerge.models import Part, Recommender
 from fedmerge.privacy import PrivateSteps
 from fedmerge.train.batches import last_targets_only, training_sequences
 from fedmerge.train.config import TrainConfig
-from fedmerge.train.loop import FitResult, deterministic, resolve_device, trainable_parameters
+from fedmerge.train.loop import FitResult, deterministic, optimiser, resolve_device
 
 
 def records(part: Part, max_len: int) -> int:
@@ -45,11 +45,7 @@ def fit_private(
         raise FedmergeError(
             "no user has two or more training items, so there is nothing to train on"
         )
-    params = trainable_parameters(model, config.frozen)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
-    )
+    params, optimizer, scheduler = optimiser(model, config)
 
     def loss_of(batch: np.ndarray) -> torch.Tensor:
         seqs = [sequences[i] for i in batch]
