@@ -127,6 +127,13 @@ MERGES = {
     ),
 }
 MEASURED = [*TUNED, *MERGES, "mergerec as published", "oracle"]
+TA_ROWS = {
+    "method": "task_arithmetic (lambda on valid)",
+    "usage": "task_arithmetic, usage rows (lambda on valid)",
+}
+UNSEEN = "unseen: mergerec of the others"
+OPTIONAL = ["joint", *TA_ROWS.values(), *MEASURED, UNSEEN]
+"""The rows ``--only`` can choose from (theta_0 and the fine-tuned rows are always measured)."""
 """Every row a seed record must hold (besides the fine-tuned, joint and task-arithmetic rows)."""
 # record key (also in the run folder's name) -> the label the table shows, saying what the row ran
 SHOWN = {
@@ -315,8 +322,11 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
         )
     for name in args.domains:
         train_once([name], config, runs / name, init)
-    train_once(args.domains, config, runs / "joint", init)
     base = runs / args.domains[0] / "base.safetensors"
+
+    def wanted(label: str) -> bool:
+        return args.only is None or label in args.only
+
     table: dict[str, dict[str, tuple[float, float]]] = {"theta_0": {}, "fine-tuned (own)": {}}
     for name in args.domains:
         own = _rows(runs / name)
@@ -324,31 +334,45 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
         table["fine-tuned (own)"] |= _cells(own, "textseq")
         for other, cell in _cells(_cross(runs / name, args.domains, config, name), name).items():
             table.setdefault(f"fine-tuned on {name}", {})[other] = cell
-    table["joint"] = _cells(_rows(runs / "joint"), "joint")
-    lam = {}
-    for rows in ("method", "usage"):
-        lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
-        table[f"task_arithmetic{', usage rows' if rows == 'usage' else ''} (lambda on valid)"] = (
-            _cells(chosen, "task_arithmetic")
-        )
+    if wanted("joint"):
+        train_once(args.domains, config, runs / "joint", init)
+        table["joint"] = _cells(_rows(runs / "joint"), "joint")
+    lam: dict[str, float] = {}
+
+    def ta_lambda(rows: str) -> float:
+        if rows not in lam:
+            lam[rows], chosen = _best_lambda(runs, base, args.domains, rows, args.steps)
+            table[TA_ROWS[rows]] = _cells(chosen, "task_arithmetic")
+        return lam[rows]
+
+    for rows, label in TA_ROWS.items():
+        if wanted(label):
+            ta_lambda(rows)
     for label, (method, fixed, lambdas) in TUNED.items():
-        lam[label], chosen = _best_lambda(
-            runs, base, args.domains, "method", args.steps, method, fixed, lambdas
-        )
-        table[label] = _cells(chosen, method)
+        if wanted(label):
+            lam[label], chosen = _best_lambda(
+                runs, base, args.domains, "method", args.steps, method, fixed, lambdas
+            )
+            table[label] = _cells(chosen, method)
     published = runs / "merge-mergerec-as-published"
-    if not (published / "metrics.json").exists():
-        merge_run(
-            base,
-            [runs / d for d in args.domains],
-            args.domains,
-            load_config("simulate-mergerec", [], FederationConfig).merge,
-            published,
-            quiet=True,
+    if wanted("mergerec as published"):
+        if not (published / "metrics.json").exists():
+            merge_run(
+                base,
+                [runs / d for d in args.domains],
+                args.domains,
+                load_config("simulate-mergerec", [], FederationConfig).merge,
+                published,
+                quiet=True,
+            )
+        table["mergerec as published"] = _cells(_rows(published), "ties+layer-wise:mergerec")
+    if wanted("oracle"):
+        table["oracle"] = _cells(
+            _oracle(runs / "oracle", base, runs, args.domains, config), "oracle"
         )
-    table["mergerec as published"] = _cells(_rows(published), "ties+layer-wise:mergerec")
-    table["oracle"] = _cells(_oracle(runs / "oracle", base, runs, args.domains, config), "oracle")
     for label, (method, params, mode, loss, rows, learn) in MERGES.items():
+        if not wanted(label):
+            continue
         folder = runs / f"merge-{re.sub('[^a-z0-9]+', '-', label)}"
         merged = _merge(
             folder,
@@ -356,7 +380,7 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
             runs,
             args.domains,
             method,
-            {"lam": lam[rows]} if params is None else params,
+            {"lam": ta_lambda(rows)} if params is None else params,
             mode,
             loss,
             rows,
@@ -366,26 +390,38 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
         table[label] = {
             r["domain"]: (r["recall@10"], r["ndcg@10"]) for r in merged if r["split"] == "test"
         }
-    table["unseen: mergerec of the others"] = {}
-    for unseen in args.domains:
-        seen = [d for d in args.domains if d != unseen]
-        folder = runs / f"unseen-{unseen}"
-        _merge(
-            folder,
-            base,
-            runs,
-            seen,
-            "task_arithmetic",
-            {"lam": lam["usage"]},
-            "task-wise",
-            "mergerec",
-            "usage",
-            args.steps,
-        )
-        table["unseen: mergerec of the others"] |= _cells(
-            _cross(folder, [unseen], config, "merged"), "merged"
-        )
+    if wanted(UNSEEN):
+        table[UNSEEN] = {}
+        for unseen in args.domains:
+            seen = [d for d in args.domains if d != unseen]
+            folder = runs / f"unseen-{unseen}"
+            _merge(
+                folder,
+                base,
+                runs,
+                seen,
+                "task_arithmetic",
+                {"lam": ta_lambda("usage")},
+                "task-wise",
+                "mergerec",
+                "usage",
+                args.steps,
+            )
+            table[UNSEEN] |= _cells(_cross(folder, [unseen], config, "merged"), "merged")
     return table, lam
+
+
+def _stops(base_kind: str, seed: int, args: argparse.Namespace) -> dict[str, str]:
+    """Why each training of the seed stopped ({run: reason}), read from its checkpoint."""
+    runs = args.runs / base_kind / f"seed{seed}"
+    folders = {name: runs / name for name in [*args.domains, "joint"]}
+    if base_kind == "pretrained":
+        folders["pretrained"] = args.runs / f"pretrained-seed{seed}"
+    return {
+        name: json.loads((folder / "config.json").read_text())["stopped"]
+        for name, folder in folders.items()
+        if (folder / "config.json").exists()
+    }
 
 
 def _preset(config: dict) -> dict:
@@ -442,7 +478,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: boo
                 f"{path} was measured with another {', '.join(differing)}; "
                 "give another --tables folder or remove that file to rerun the seed"
             )
-        missing = [label for label in MEASURED if label not in record["table"]]
+        missing = [label for label in args.only or MEASURED if label not in record["table"]]
         if report or not missing:
             return record
         print(
@@ -456,6 +492,7 @@ def seed_record(base_kind: str, seed: int, args: argparse.Namespace, report: boo
         "settings": settings,
         "lambdas": lambdas,
         "table": table,
+        "trainings": _stops(base_kind, seed, args),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}",
         "date": datetime.date.today().isoformat(),
@@ -525,6 +562,18 @@ def _plot(results: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _measured(record: dict) -> str:
+    """When and where a seed was measured, its lambdas chosen on valid, any training cut short."""
+    lambdas = {"method": "task arithmetic", "usage": "task arithmetic, usage rows"}
+    chosen = ", ".join(
+        f"{lambdas.get(key, key.split()[0])} lambda {value}"
+        for key, value in record["lambdas"].items()
+    )
+    limited = [name for name, why in record.get("trainings", {}).items() if "time limit" in why]
+    cut = f", stopped by the time limit: {', '.join(limited)}" if limited else ""
+    return f"seed {record['seed']}: {record['date']}, {record['machine']}, {chosen}{cut}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -545,7 +594,17 @@ def main() -> None:
         help="measure nothing; only write the table (--seeds and --bases are ignored)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(";"),
+        default=None,
+        help="measure only these rows, separated by ';' (theta_0 and fine-tuned always): "
+        + "; ".join(OPTIONAL),
+    )
     args = parser.parse_args()
+    unknown = [label for label in args.only or [] if label not in OPTIONAL]
+    if unknown:
+        parser.error(f"--only: no row {', '.join(unknown)}; choose from: {'; '.join(OPTIONAL)}")
     if not args.report:
         for kind in args.bases:
             for seed in args.seeds:
@@ -569,16 +628,7 @@ def main() -> None:
         f"{' '.join(args.overrides) or 'preset defaults'}.\n"
     )
     for kind, records in results.items():
-        measured = "; ".join(
-            f"seed {r['seed']}: {r['date']}, {r['machine']}, task arithmetic lambda "
-            f"{r['lambdas']['method']} (method rows) / {r['lambdas']['usage']} (usage rows)"
-            + "".join(
-                f", {label.split()[0]} lambda {r['lambdas'][label]}"
-                for label in TUNED
-                if label in r["lambdas"]
-            )
-            for r in seeds[kind]
-        )
+        measured = "; ".join(_measured(r) for r in seeds[kind])
         text += (
             f"\n## {kind} base\n\nSeeds measured: "
             f"{measured}.\n\n{_markdown(records, args.domains)}\n"

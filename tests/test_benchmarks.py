@@ -25,6 +25,7 @@ def test_merge_benchmark_matches_a_recorded_seed_on_its_resolved_config(
         domains=["beauty", "pantry"],
         pretrain="steam,games",
         steps=500,
+        only=None,
         overrides=[],
     )
     # Recorded before the preset kept a weight average, with no --set at all.
@@ -74,6 +75,7 @@ def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_
         domains=["beauty", "pantry"],
         pretrain="steam,games",
         steps=500,
+        only=None,
         overrides=["train.ema=null"],
     )
     config = merge_quality._preset(
@@ -101,6 +103,51 @@ def test_a_recorded_pretrained_seed_reads_back_only_with_the_pretraining_it_was_
     # fine-tuning is unchanged by it: frozen is [] there
     args.overrides = ["train.ema=null", "train.frozen=[]"]
     assert merge_quality.seed_record("pretrained", 0, args) == record
+
+
+def test_a_record_of_chosen_rows_reads_back_for_those_rows_and_names_a_cut_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import merge_quality
+
+    args = argparse.Namespace(
+        tables=tmp_path,
+        domains=["pantry"],
+        pretrain="steam",
+        steps=500,
+        overrides=[],
+        only=["oracle"],
+    )
+    config = merge_quality._preset(
+        load_config("textseq", [], ExperimentConfig).model_dump(mode="json")
+    )
+    record = {
+        "base": "seeded",
+        "seed": 0,
+        "table": {"oracle": {"pantry": [0.1, 0.05]}},
+        "lambdas": {"ties (lambda on valid)": 0.7},
+        "settings": {
+            "domains": ["pantry"],
+            "pretrain": "steam",
+            "steps": 500,
+            "overrides": [],
+            "config": config,
+        },
+        "trainings": {
+            "pantry": "time limit of 14.0 minutes",
+            "joint": "early stop: no better valid",
+        },
+        "machine": "x86_64, 2 CPUs",
+        "date": "2026-12-06",
+    }
+    write_json(tmp_path / "seeded-seed0.json", record)
+    assert (
+        merge_quality.seed_record("seeded", 0, args) == record
+    )  # no other row asked: not measured
+    assert merge_quality._measured(record) == (
+        "seed 0: 2026-12-06, x86_64, 2 CPUs, ties lambda 0.7, stopped by the time limit: pantry"
+    )
 
 
 def test_the_summary_says_which_rows_fewer_seeds_measured(monkeypatch: pytest.MonkeyPatch) -> None:
