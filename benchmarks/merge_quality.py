@@ -247,7 +247,7 @@ def _oracle(
     """
     if (folder / "metrics.json").exists():
         return _rows(folder)
-    states = [load_checkpoint(runs / d)[0].exchanged() for d in domains]
+    states = [(m := load_checkpoint(runs / d)[0]).merge_space(m.exchanged()) for d in domains]
     base = {k: v for k, v in read_state(base_path).items() if k in states[0]}
     prepared = prepare("ties", [task_vector(base, s) for s in states])
     # a skeleton: the judge loads every candidate into it
@@ -283,7 +283,7 @@ def _oracle(
         ascend(task + task)
         ascend([(k, g) for k in range(len(domains)) for g in range(len(groups))])
         merged = build_merged(base, prepared.vectors, weights, group_of)
-    model.load_exchanged(merged)
+    model.load_merged(merged)
     rows = evaluate_rows(model, parts, "oracle", config.train)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "oracle.json", {"groups": groups, "weights": weights.tolist(), "log": log})

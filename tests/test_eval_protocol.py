@@ -58,8 +58,9 @@ def test_metrics_over_candidate_lists_match_a_hand_computed_ranking(cache: Path)
     domain = synthetic_domain("synth-1")
     protocol = EvalProtocol(candidates=9, seed=1)
 
-    def by_item_id(d, users, split):  # type: ignore[no-untyped-def]  # a higher item id always scores higher
-        return torch.arange(d.n_items, dtype=torch.float32).expand(len(users), -1).clone()
+    def by_item_id(d, users, split, candidates):  # type: ignore[no-untyped-def]  # a higher item id always scores higher
+        scores = torch.arange(d.n_items, dtype=torch.float32).expand(len(users), -1).clone()
+        return scores if candidates is None else scores.gather(1, candidates)
 
     metrics = evaluate_domain(by_item_id, domain, "test", batch_size=64, protocol=protocol)
     lists = candidate_lists(domain, "test", protocol)

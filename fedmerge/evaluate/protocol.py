@@ -19,6 +19,7 @@ from pydantic import Field
 from fedmerge.config import ConfigModel
 from fedmerge.data.domain import DomainData
 from fedmerge.data.download import cache_dir
+from fedmerge.errors import FedmergeError
 from fedmerge.files import atomic_path
 
 
@@ -36,13 +37,30 @@ class EvalProtocol(ConfigModel):
         description="how the negatives are drawn: uniformly "
         "or by training-split popularity, never the target",
     )
-    seed: int = Field(0, description="seed of the candidate lists")
+    seed: int = Field(0, description="seed of the candidate lists and of the user sample")
+    users: int | None = Field(
+        None,
+        ge=1,
+        description="rank a seeded sample of this many users of each split (None: every user); "
+        "for models too slow to rank every user, such as a language model on a CPU",
+    )
 
     def name(self) -> str:
         """How the protocol is written in every metrics row."""
-        if self.candidates is None:
-            return "full"
-        return f"{self.candidates} {self.sampler} negatives, seed {self.seed}"
+        ranked = (
+            "full"
+            if self.candidates is None
+            else f"{self.candidates} {self.sampler} negatives, seed {self.seed}"
+        )
+        return ranked if self.users is None else f"{ranked}, {self.users} users sampled"
+
+
+def sampled_users(users: np.ndarray, protocol: EvalProtocol | None) -> np.ndarray:
+    """Positions in `users` that are ranked: all, or ``protocol.users`` of them (seeded, sorted)."""
+    if protocol is None or protocol.users is None or protocol.users >= len(users):
+        return np.arange(len(users))
+    rng = np.random.default_rng(protocol.seed)
+    return np.sort(rng.choice(len(users), protocol.users, replace=False))
 
 
 def candidate_lists(domain: DomainData, split: str, protocol: EvalProtocol) -> np.ndarray:
@@ -54,9 +72,15 @@ def candidate_lists(domain: DomainData, split: str, protocol: EvalProtocol) -> n
     protocol; else drawn and written there.
     """
     assert protocol.candidates is not None
+    if protocol.candidates > domain.n_items - 1:
+        raise FedmergeError(
+            f"domain {domain.name!r} has {domain.n_items} items, so a candidate list holds at most "
+            f"{domain.n_items - 1} negatives, not {protocol.candidates}; lower "
+            "train.evaluation.candidates"
+        )
     targets = domain.targets(split)
     users = np.flatnonzero(targets >= 0)
-    n = min(protocol.candidates, domain.n_items - 1)
+    n = protocol.candidates
     key = hashlib.sha256(targets.tobytes() + np.int64(domain.n_items).tobytes()).hexdigest()[:16]
     path = (
         cache_dir() / "candidates" / f"{split}-{protocol.sampler}-{n}-seed{protocol.seed}-{key}.npy"

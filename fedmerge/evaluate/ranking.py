@@ -9,25 +9,41 @@ import torch
 
 from fedmerge.data.domain import DomainData
 from fedmerge.evaluate.metrics import KS, rank_targets, summarize
-from fedmerge.evaluate.protocol import EvalProtocol, candidate_lists
+from fedmerge.evaluate.protocol import EvalProtocol, candidate_lists, sampled_users
 
-Scorer = Callable[[DomainData, np.ndarray, str], torch.Tensor]
-"""``scorer(domain, users, split) -> (len(users), n_items)`` scores.
+Scorer = Callable[[DomainData, np.ndarray, str, torch.Tensor | None], torch.Tensor]
+"""``scorer(domain, users, split, candidates) -> scores`` from each user's history for `split`.
 
-The scores come from each user's history for `split`.
+The scores are of every item, (len(users), n_items), when `candidates` is None, else of each
+user's candidate items only, (len(users), C) for `candidates` (len(users), C).
 """
 
-VariantScorer = Callable[[DomainData, np.ndarray, str], Iterator[torch.Tensor]]
+VariantScorer = Callable[[DomainData, np.ndarray, str, torch.Tensor | None], Iterator[torch.Tensor]]
 """Like :data:`Scorer`, but yields the scores of several variants of a model in turn."""
 
 
 def _mask_seen(
-    scores: torch.Tensor, domain: DomainData, users: np.ndarray, split: str, targets: torch.Tensor
+    scores: torch.Tensor,
+    domain: DomainData,
+    users: np.ndarray,
+    split: str,
+    targets: torch.Tensor,
+    candidates: torch.Tensor | None = None,
 ) -> None:
-    """Set the scores of each user's history items to -inf, in place, except the target itself."""
+    """Set the scores of each user's history items to -inf, in place, except the target itself.
+
+    With `candidates`, `scores` are of the candidate items (one column each).
+    """
     histories = [domain.history(int(u), split) for u in users]
+    if candidates is not None:
+        for row, seen in enumerate(histories):
+            among = candidates[row]
+            hide = torch.isin(among, torch.from_numpy(seen)) & (among != targets[row])
+            scores[row, hide.to(scores.device)] = -torch.inf
+        return
     rows = np.repeat(np.arange(len(users)), [len(h) for h in histories])
     cols = np.concatenate(histories) if histories else np.empty(0, dtype=np.int64)
+    targets = targets.to(scores.device)
     keep = scores.gather(1, targets[:, None])
     scores[
         torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)
@@ -63,15 +79,15 @@ def evaluate_domain(
         Cut-offs.
     protocol : EvalProtocol | None
         Full ranking (None, or no ``candidates``), or each target among its candidate list
-        (:func:`fedmerge.evaluate.protocol.candidate_lists`).
+        (:func:`fedmerge.evaluate.protocol.candidate_lists`); every user, or a seeded sample.
 
     Returns
     -------
     dict[str, float]
-        ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were evaluated).
+        ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were ranked).
     """
     return evaluate_variants(
-        lambda d, u, s: iter([scorer(d, u, s)]),
+        lambda d, u, s, c: iter([scorer(d, u, s, c)]),
         1,
         domain,
         split,
@@ -104,6 +120,8 @@ def evaluate_variants(
         if protocol is not None and protocol.candidates
         else None
     )
+    ranked = sampled_users(users, protocol)
+    users, lists = users[ranked], None if lists is None else lists[ranked]
     # Users in order of history length: batches of similar lengths, so little padding to score.
     order = np.argsort(np.diff(domain.train_offsets)[users], kind="stable")
     ranks: list[list[torch.Tensor]] = [[] for _ in range(n_variants)]
@@ -116,17 +134,15 @@ def evaluate_variants(
                 if lists is None
                 else torch.from_numpy(lists[order[start : start + batch_size]])
             )
-            for kept, scores in zip(ranks, variants(domain, batch, split), strict=True):
-                targets = targets.to(scores.device)
+            if candidates is not None:
+                # the target's column in its sorted candidate list
+                column = (candidates == targets[:, None]).int().argmax(1)
+            for kept, scores in zip(ranks, variants(domain, batch, split, candidates), strict=True):
                 if exclude_seen:
                     scores = scores.clone()
-                    _mask_seen(scores, domain, batch, split, targets)
-                if candidates is None:
-                    kept.append(rank_targets(scores, targets).cpu())
-                else:  # the target's column in its sorted candidate list
-                    candidates = candidates.to(scores.device)
-                    column = (candidates == targets[:, None]).int().argmax(1)
-                    kept.append(rank_targets(scores.gather(1, candidates), column).cpu())
+                    _mask_seen(scores, domain, batch, split, targets, candidates)
+                truth = targets if candidates is None else column
+                kept.append(rank_targets(scores, truth.to(scores.device)).cpu())
     out = []
     for kept in ranks:
         metrics = summarize(torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), ks)

@@ -5,7 +5,7 @@ The scorer is a :data:`fedmerge.evaluate.ranking.Scorer`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,20 +26,28 @@ def _histories(
 
 
 def model_scorer(model: Recommender, table: torch.Tensor) -> Scorer:
-    """A scorer that ranks every item by the model's score for each user's history.
+    """A scorer that ranks items by the model's score for each user's history.
 
     ``table`` is the domain's item table (:meth:`Recommender.catalogue`). The model is put in
     eval mode; whatever its scorer shares between users (item vectors) is computed once, on the
-    model's device.
+    model's device, when first needed: the scores of every item, or of each user's candidates.
     """
     model.eval()
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        score = model.scorer(table.to(device))
+    table = table.to(device)
+    made: dict[bool, Callable[..., torch.Tensor]] = {}
 
-    def scores(domain: DomainData, users: np.ndarray, split: str) -> torch.Tensor:
+    def scores(
+        domain: DomainData, users: np.ndarray, split: str, candidates: torch.Tensor | None
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            return score(_histories(model, device, domain, users, split))
+            lists = candidates is not None
+            if lists not in made:
+                made[lists] = model.candidate_scorer(table) if lists else model.scorer(table)
+            histories = _histories(model, device, domain, users, split)
+            if candidates is None:
+                return made[lists](histories)
+            return made[lists](histories, candidates.to(device))
 
     return scores
 
@@ -47,15 +55,19 @@ def model_scorer(model: Recommender, table: torch.Tensor) -> Scorer:
 def calibration_variants(model: Recommender, table: torch.Tensor) -> VariantScorer:
     """Scores of `model` with each value of its calibration in turn, sharing their common work.
 
-    Each value's scores are those :func:`model_scorer` gives with that value set.
+    Each value's scores are those :func:`model_scorer` gives with that value set (read at the
+    candidates when there are candidate lists).
     """
     model.eval()
     device = next(model.parameters()).device
     with torch.inference_mode():
         variants = model.calibration_scores(table.to(device))
 
-    def scores(domain: DomainData, users: np.ndarray, split: str) -> Iterator[torch.Tensor]:
+    def scores(
+        domain: DomainData, users: np.ndarray, split: str, candidates: torch.Tensor | None
+    ) -> Iterator[torch.Tensor]:
         with torch.inference_mode():
-            yield from variants(_histories(model, device, domain, users, split))
+            for scored in variants(_histories(model, device, domain, users, split)):
+                yield scored if candidates is None else scored.gather(1, candidates.to(device))
 
     return scores

@@ -239,7 +239,7 @@ def learn_coefficients(
         result.weights = result.weights.cpu()
         return result
     student = _Student(model, config.item_vectors).eval()
-    model.load_exchanged(result.merged)
+    model.load_merged(result.merged)
     tables = [d.features.to(device) for d in domains]
     anchors = [model.merge_anchor(table) for table in tables]
     loss_fn = LOSSES[config.loss]

@@ -46,7 +46,7 @@ def _valid_judge(model: Recommender, parts: list[Part], train: TrainConfig) -> J
     def judge(candidates: list[StateDict]) -> list[float]:
         scores = []
         for weights in candidates:
-            model.load_exchanged(weights)
+            model.load_merged(weights)
             scores.append(validation_score(model, parts, train))
         return scores
 
@@ -100,7 +100,7 @@ def merge_run(
                 f"{path} was trained with another model config than {model_paths[0]}; "
                 "merge models of one config"
             )
-    states = [m.exchanged() for m, _, _ in members]
+    states = [m.merge_space(m.exchanged()) for m, _, _ in members]
     base = {k: v for k, v in read_weights(base_path).items() if k in states[0]}
     check_aligned(base, states, domains)
     for path, name, (_, _, meta) in zip(model_paths, domains, members, strict=True):
@@ -172,7 +172,7 @@ def _merge(
         judge=judge,
         device=config.train.device,
     )
-    skeleton.load_exchanged(outcome.merged)
+    skeleton.load_merged(outcome.merged)
     save_weights(skeleton, folder / "merged.safetensors")
     write_json(
         folder / "config.json",

@@ -91,7 +91,8 @@ def server_merge(
 
     The init method runs on the task vectors, then coefficients are learned on pseudo-users.
 
-    ``base`` is the exchanged state the members started from; their vectors must match its floating
+    ``base`` is the state the members started from in the family's merge space
+    (:meth:`fedmerge.models.Recommender.merge_space`); their vectors must match its floating
     tensors. ``seed`` seeds the skeleton models (their weights are always overwritten). With
     ``merge.learn.valid_candidates`` or ``valid_scales``, `judge` scores the candidate coefficients
     and the best one is kept; its scores go into the coefficients. Teachers, pseudo-user walks and
@@ -112,7 +113,7 @@ def server_merge(
     if merge.learn.mode != "none":
         for member in members:
             teacher = build_model(model, width, seed)
-            teacher.load_exchanged(combine(base, [member.vector], [1.0]))
+            teacher.load_merged(combine(base, [member.vector], [1.0]))
             teacher.to(resolve_device(device))
             server.append(server_domain(member.domain, member.table, teacher, merge.learn))
     result = learn_coefficients(skeleton, base, prepared, server, merge.learn, quiet=quiet)

@@ -5,7 +5,7 @@ vectors align. ``textseq`` and ``textenc`` register themselves here; another fam
 with :func:`register` (see docs/extending.md).
 """
 
-from fedmerge.models import textenc, textseq
+from fedmerge.models import llm, textenc, textseq
 from fedmerge.models.family import (
     FAMILIES,
     FamilyConfig,
@@ -29,6 +29,7 @@ __all__ = [
     "build_model",
     "default_model",
     "family",
+    "llm",
     "load_parts",
     "register",
     "textenc",

@@ -9,6 +9,10 @@ the methods below, never a family by name:
 - :meth:`Recommender.exchanged`: the state that travels between a party and the server;
 - :meth:`Recommender.loss`: the training loss on a batch of sequences;
 - :meth:`Recommender.scorer`: scores of every item for a batch of histories (evaluation, teachers);
+- :meth:`Recommender.candidate_scorer`: scores of each history's candidate list only;
+- :meth:`Recommender.merge_space` / :meth:`Recommender.load_merged`: the weights task vectors are
+  taken and merged in (the exchanged state itself, or what it adds to the base, e.g. a LoRA
+  adapter's Delta W), and setting the model from a merge;
 - :meth:`Recommender.parameter_group`: the layer group of a tensor (layer-wise coefficients);
 - :meth:`Recommender.merge_anchor` / :meth:`Recommender.student_scores`: what learned merging needs;
 - :meth:`Recommender.calibration` / :meth:`Recommender.calibrate` / :meth:`Recommender.facts`:
@@ -40,6 +44,8 @@ HistoryScorer = Callable[[torch.Tensor], torch.Tensor]
 
 Histories are padded with -1.
 """
+CandidateScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``score(histories, candidates) -> (B, C)``: scores of each history's candidate items (B, C)."""
 ItemVectors = Literal["fixed", "history", "current"]
 """Which item representations follow the merge coefficients while they are learned.
 
@@ -114,6 +120,27 @@ class Recommender(nn.Module, Generic[C]):
         Whatever is shared is computed once.
         """
         raise NotImplementedError
+
+    def candidate_scorer(self, table: torch.Tensor) -> CandidateScorer:
+        """Scores of each history's candidate items only, with the current weights.
+
+        Default: :meth:`scorer`'s scores of every item, read at the candidates. A family that
+        cannot score every item (a language model) scores the candidates alone.
+        """
+        score = self.scorer(table)
+        return lambda histories, candidates: score(histories).gather(1, candidates)
+
+    def merge_space(self, state: StateDict) -> StateDict:
+        """The weights task vectors are taken and merged in, for an exchanged `state`.
+
+        Default: the exchanged state itself. A family whose exchanged state is not additive (a
+        LoRA adapter's factors) maps it to weights that are (the base weights plus Delta W).
+        """
+        return state
+
+    def load_merged(self, state: StateDict) -> None:
+        """Set the model from `state` in the merge space (:meth:`merge_space`)."""
+        self.load_exchanged(state)
 
     def parameter_group(self, name: str) -> str:
         """The layer group of exchanged tensor `name` for layer-wise merge coefficients.

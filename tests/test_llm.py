@@ -1,0 +1,185 @@
+"""The ``llm-lora`` family on a tiny random Llama with a real offline tokenizer (MiniLM's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedmerge.data.synthetic import synthetic_domain
+from fedmerge.errors import FedmergeError
+from fedmerge.evaluate import EvalProtocol, candidate_lists, evaluate_domain, model_scorer
+from fedmerge.merge.methods import prepare
+from fedmerge.merge.vectors import combine, task_vector
+from fedmerge.models import build_model, family
+from fedmerge.models.llm import LlmLora, LlmLoraConfig, tiny_base
+from fedmerge.protocol import TrainReply
+from fedmerge.text.tokens import minilm_folder
+from server.records import read_train_reply, train_reply_content
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_base(tmp_path_factory.mktemp("llm") / "tiny", minilm_folder())
+
+
+def config(base: Path, **extra: object) -> LlmLoraConfig:
+    return LlmLoraConfig.model_validate(
+        {"base": str(base), "rank": 4, "title_tokens": 12, "prompt_tokens": 96} | extra
+    )
+
+
+def trained(model: LlmLora, seed: int) -> LlmLora:
+    """`model` with a random (non-zero) adapter, as if fine-tuned."""
+    generator = torch.Generator().manual_seed(seed)
+    model.load_exchanged(
+        {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in model.exchanged().items()}
+    )
+    return model
+
+
+def logits(model: LlmLora, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model.lm(input_ids=ids).logits
+
+
+IDS = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2054]])
+
+
+def test_an_adapter_round_trips_exactly_through_a_flower_message(base: Path) -> None:
+    model = trained(build_model(config(base), 12, 0), 1)
+    sent = TrainReply("synth-0", model.exchanged(), {"users": 3.0})
+    wire = recorddict_to_proto(train_reply_content(0, sent)).SerializeToString()
+    content = recorddict_from_proto(ProtoRecordDict.FromString(wire))
+    received = read_train_reply(SimpleNamespace(content=content))  # type: ignore[arg-type]
+    assert set(received.update) == set(sent.update)
+    assert all(torch.equal(received.update[k], v) for k, v in sent.update.items())
+    assert all(".lora_" in k and v.dtype == torch.float32 for k, v in received.update.items())
+
+
+def test_the_dense_merged_model_computes_what_the_adapter_does(base: Path) -> None:
+    adapted = trained(build_model(config(base), 12, 0), 1)
+    dense = build_model(config(base), 12, 0)
+    dense.load_merged(dense.merge_space(adapted.exchanged()))
+    assert torch.allclose(logits(dense, IDS), logits(adapted, IDS), atol=1e-5)
+    assert not torch.allclose(logits(build_model(config(base), 12, 0), IDS), logits(adapted, IDS))
+    assert all(not v.any() for k, v in dense.exchanged().items() if ".lora_B." in k)
+
+
+def test_merging_identical_adapters_gives_that_adapter_and_lambda_0_the_base(base: Path) -> None:
+    skeleton = build_model(config(base), 12, 0)
+    start = skeleton.merge_space(skeleton.exchanged())
+    one = skeleton.merge_space(trained(build_model(config(base), 12, 0), 1).exchanged())
+    vector = task_vector(start, one)
+    assert all(v.abs().max() > 0 for v in vector.values())
+    for method, params in (("average", {}), ("task_arithmetic", {"lam": 0.5})):
+        merged = prepare(method, [vector, vector], params)
+        result = combine(start, merged.vectors, merged.weights)
+        assert all(torch.allclose(result[k], one[k], atol=1e-6) for k in one)
+    nothing = prepare("task_arithmetic", [vector, vector], {"lam": 0.0})
+    base_model = build_model(config(base), 12, 0)
+    base_model.load_merged(combine(start, nothing.vectors, nothing.weights))
+    assert torch.equal(logits(base_model, IDS), logits(build_model(config(base), 12, 0), IDS))
+
+
+def test_ties_over_delta_w_at_density_1_with_agreeing_signs_is_task_arithmetic(base: Path) -> None:
+    skeleton = build_model(config(base), 12, 0)
+    start = skeleton.merge_space(skeleton.exchanged())
+    one = task_vector(
+        start, skeleton.merge_space(trained(build_model(config(base), 12, 0), 1).exchanged())
+    )
+    two = {k: 3.0 * v for k, v in one.items()}  # same signs everywhere
+    ties = prepare("ties", [one, two], {"density": 1.0, "lam": 1.0})
+    arithmetic = prepare("task_arithmetic", [one, two], {"lam": 0.5})
+    ties_merge = combine(start, ties.vectors, ties.weights)
+    arithmetic_merge = combine(start, arithmetic.vectors, arithmetic.weights)
+    assert all(torch.allclose(ties_merge[k], arithmetic_merge[k], atol=1e-6) for k in start)
+
+
+def test_candidate_scores_with_the_shared_prompt_cache_match_scoring_each_pair_alone(
+    base: Path, cache: Path
+) -> None:
+    model = trained(build_model(config(base), 12, 0), 2).eval()
+    domain = synthetic_domain("synth-0")
+    table = family("llm-lora").catalogue(domain, model.config)
+    histories = torch.tensor([[1, 2, 3, -1], [4, 5, 6, 7]])
+    candidates = torch.tensor([[0, 7, 8, 9], [9, 10, 11, 30]])
+    with torch.no_grad():
+        shared = model.candidate_scorer(table)(histories, candidates)
+        for row in range(2):
+            prompt = model._prompt(table, histories[row])
+            for column, item in enumerate(candidates[row].tolist()):
+                answer = model._answer(table, item)
+                ids = torch.tensor([prompt + answer])
+                logp = torch.log_softmax(model.lm(input_ids=ids).logits[0], -1)
+                alone = np.mean([float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(answer)])
+                assert float(shared[row, column]) == pytest.approx(alone, abs=1e-4)
+
+
+def test_the_loss_reads_only_the_answer_and_trains_only_the_adapter(
+    base: Path, cache: Path
+) -> None:
+    model = build_model(config(base), 12, 0)
+    table = family("llm-lora").catalogue(synthetic_domain("synth-0"), model.config)
+    inputs, targets = torch.tensor([[1, 2, 3, -1]]), torch.tensor([[2, 3, 9, -1]])
+    loss = model.loss(table, inputs, targets)
+    loss.backward()
+    trained_names = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained_names and all(".lora_" in n for n in trained_names)
+    # the answer is item 9's title and the end token: the same example scored by hand
+    model.zero_grad()
+    with torch.no_grad():
+        prompt, answer = model._prompt(table, inputs[0]), model._answer(table, 9)
+        logp = torch.log_softmax(model.lm(input_ids=torch.tensor([prompt + answer])).logits[0], -1)
+        by_hand = -np.mean([float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(answer)])
+    assert float(loss) == pytest.approx(by_hand, rel=1e-4)
+    assert model.record_losses(table, inputs, targets).tolist() == pytest.approx(
+        [float(loss)], rel=1e-5
+    )
+
+
+def test_every_model_is_ranked_on_the_same_saved_candidate_lists(base: Path, cache: Path) -> None:
+    domain = synthetic_domain("synth-0")
+    protocol = EvalProtocol(candidates=5, users=6, seed=1)
+    table = family("llm-lora").catalogue(domain, config(base))
+    first = candidate_lists(domain, "test", protocol)
+    results = [
+        evaluate_domain(
+            model_scorer(trained(build_model(config(base), 12, 0), s), table),
+            domain,
+            "test",
+            4,
+            protocol=protocol,
+        )
+        for s in (1, 2)
+    ]
+    assert np.array_equal(candidate_lists(domain, "test", protocol), first)
+    assert all(r["users"] == 6 for r in results)
+    with pytest.raises(FedmergeError, match="ranks candidate lists only"):
+        evaluate_domain(model_scorer(build_model(config(base), 12, 0), table), domain, "test")
+
+
+def test_bad_input_gets_one_clear_error(base: Path, tmp_path: Path, cache: Path) -> None:
+    with pytest.raises(FedmergeError, match="not a Hugging Face model folder"):
+        build_model(config(tmp_path / "missing"), 12, 0)
+    (tmp_path / "not-lm").mkdir()
+    (tmp_path / "not-lm" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(FedmergeError, match="does not hold a causal language model"):
+        build_model(config(tmp_path / "not-lm"), 12, 0)
+    with pytest.raises(ValueError, match="title_tokens = 96 does not fit"):
+        config(base, title_tokens=96)
+    with pytest.raises(FedmergeError, match="raise prompt_tokens or lower title_tokens"):
+        build_model(config(base, title_tokens=80), 80, 0)
+    other_rank = build_model(config(base, rank=2), 12, 0).exchanged()
+    with pytest.raises(FedmergeError, match="another LoRA rank"):
+        build_model(config(base), 12, 0).load_exchanged(other_rank)
+    with pytest.raises(FedmergeError, match="another base model or targets"):
+        build_model(config(base, targets=["q_proj"]), 12, 0).load_exchanged(other_rank)
+    with pytest.raises(FedmergeError, match="at most 199 negatives, not 500"):
+        candidate_lists(synthetic_domain("synth-0"), "test", EvalProtocol(candidates=500))
