@@ -27,7 +27,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.merge.run import read_weights
 from fedmerge.merge.server import Judge, Member, MergeOutcome, server_merge
 from fedmerge.merge.vectors import StateDict
-from fedmerge.models import Part, load_parts
+from fedmerge.models import Part, Recommender, build_model, load_parts
 from fedmerge.privacy import BudgetExhausted, Ledger, noise_generator
 from fedmerge.protocol import (
     Description,
@@ -273,6 +273,13 @@ class Server:
         self.spent: dict[str, dict[str, float]] = {}
         self.stopped = ""  # why the run stopped before its last round
 
+    def _model_at(self, start: StateDict) -> Recommender:
+        """A model set to the round's `start`: its exchanged state is what updates are from."""
+        width = next(iter(self.tables.values())).shape[1]
+        model = build_model(self.config.model, width, self.config.seed)
+        model.load_merged(start)
+        return model
+
     def begin(self, round_: int) -> None:
         """The round starts: the start weights go out to the parties."""
         self.failed, self.clock, self.outcome = {}, {"start": time.perf_counter()}, None
@@ -294,6 +301,7 @@ class Server:
             )
             self.log("budget_exhausted", round=round_, parties=exhausted)
             raise BudgetExhausted(self.stopped)
+        begin = self._model_at(start).exchanged()
         for party, reply in sorted(raw.items()):
             name = party_name(self.specs[party])
             try:
@@ -301,7 +309,7 @@ class Server:
                     raise reply
                 if reply.domain != self.specs[party].domain:
                     raise FedmergeError(f"{name} replied for domain {reply.domain!r}")
-                check_reply(reply, start, name)
+                check_reply(reply, begin, name)
                 replies[party] = reply
                 if "epsilon" in reply.metrics:
                     self.spent[name] = {k: reply.metrics[k] for k in ("epsilon", "delta", "noise")}
@@ -348,17 +356,20 @@ class Server:
             d for d in self.config.domains if any(self.specs[p].domain == d for p in replies)
         ]
         self.log("merge_start", round=round_, domains=domains)
+        at = self._model_at(start)
         if self.mechanism.central:
             central = self._central(round_, domains, replies)
             per_domain, members = (
                 [],
-                [Member(central.domain, central.update, self.tables[domains[0]])],
+                [Member(central.domain, at.merge_update(central.update), self.tables[domains[0]])],
             )
         else:
+            moved = {  # each party's update as the move of the merged weights
+                p: TrainReply(r.domain, at.merge_update(r.update), r.metrics)
+                for p, r in sorted(replies.items())
+            }
             per_domain = [
-                average_parties(
-                    [r for p, r in sorted(replies.items()) if self.specs[p].domain == d]
-                )
+                average_parties([r for p, r in moved.items() if self.specs[p].domain == d])
                 for d in domains
             ]
             members = [Member(r.domain, r.update, self.tables[r.domain]) for r in per_domain]

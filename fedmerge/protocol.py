@@ -135,6 +135,14 @@ class FederationConfig(ConfigModel):
                 f"model family {self.model.kind!r} has no per-record loss (its loss couples the "
                 "records of a batch, e.g. in-batch negatives); use update-dp or central-dp"
             )
+        if (mechanism.central or mechanism.hides_parties) and not family(
+            self.model.kind
+        ).linear_updates:
+            raise FedmergeError(
+                f"privacy.mechanism = {self.privacy.mechanism} sums the parties' updates before "
+                f"the server sees them, but the updates of model family {self.model.kind!r} do "
+                "not add up (a LoRA adapter's factors); use dpsgd or update-dp"
+            )
         if mechanism.switches.reports:
             # reads of the parties' private valid data that the guarantee does not cover
             touches = {
@@ -267,14 +275,12 @@ def describe(spec: PartySpec, part: Part) -> Description:
 
 
 def base_weights(config: FederationConfig, width: int) -> StateDict:
-    """theta_0: the exchanged state of the model config's seeded init.
+    """theta_0: the model config's seeded init, in the family's merge space.
 
     ``config.base`` is read by the caller.
     """
-    return {
-        k: v.detach().clone()
-        for k, v in build_model(config.model, width, config.seed).exchanged().items()
-    }
+    model = build_model(config.model, width, config.seed)
+    return {k: v.detach().clone() for k, v in model.merge_space(model.exchanged()).items()}
 
 
 @contextmanager
@@ -301,6 +307,9 @@ def party_train(
 ) -> TrainReply:
     """Fine-tune from `start` on the party's training split (the loop of ``fedmerge train``).
 
+    `start` is the round's start in the family's merge space; the update is of the exchanged
+    state, from the state `start` loads as.
+
     The reply carries the update after the privacy mechanism, not the weights. `ledger` is the
     party's privacy ledger for the whole run (kept by the caller between rounds; updated here),
     `party` its id (it seeds the party's noise).
@@ -310,7 +319,8 @@ def party_train(
     mechanism.spendable(ledger, n, config.train.batch_size, config.train.epochs)
     generator = noise_generator(config.privacy, config.seed, party, ledger.rounds)
     model = build_model(config.model, part.features.shape[1], config.seed)
-    model.load_exchanged(start)
+    model.load_merged(start)
+    begin = model.exchanged()
     began = time.perf_counter()
     with party_threads(config):
         steps = mechanism.local_step(
@@ -338,7 +348,7 @@ def party_train(
     if mechanism.switches.reports:
         metrics = {k: v for k, v in metrics.items() if k not in PRIVATE_METRICS}
     after = model.exchanged()
-    update = {k: after[k].detach().cpu() - v for k, v in start.items() if v.is_floating_point()}
+    update = {k: after[k].detach().cpu() - v for k, v in begin.items() if v.is_floating_point()}
     sent = mechanism.send(update, ledger, n, generator)
     ledger.rounds += 1
     spent = None if mechanism.central else mechanism.spent(ledger, n)
@@ -367,7 +377,7 @@ def party_evaluate(
     if sample:
         part = validation_parts([part], config.train.valid_users, config.train.seed)[0]
     model = build_model(config.model, part.features.shape[1], config.seed)
-    model.load_exchanged(weights)
+    model.load_merged(weights)
     model.to(resolve_device(config.train.device))
     with party_threads(config):
         known = {}

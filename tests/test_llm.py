@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import torch
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedmerge.config import load_config
 from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import EvalProtocol, candidate_lists, evaluate_domain, model_scorer
@@ -18,7 +20,8 @@ from fedmerge.merge.methods import prepare
 from fedmerge.merge.vectors import combine, task_vector
 from fedmerge.models import build_model, family
 from fedmerge.models.llm import LlmLora, LlmLoraConfig, tiny_base
-from fedmerge.protocol import TrainReply
+from fedmerge.pipeline import InProcess, simulate
+from fedmerge.protocol import FederationConfig, TrainReply
 from fedmerge.text.tokens import minilm_folder
 from server.records import read_train_reply, train_reply_content
 
@@ -49,6 +52,7 @@ def logits(model: LlmLora, ids: torch.Tensor) -> torch.Tensor:
         return model.lm(input_ids=ids).logits
 
 
+CENTRAL = ["privacy.epsilon=8", "merge.method=average", "merge.rows=method"]
 IDS = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2054]])
 
 
@@ -183,3 +187,63 @@ def test_bad_input_gets_one_clear_error(base: Path, tmp_path: Path, cache: Path)
         build_model(config(base, targets=["q_proj"]), 12, 0).load_exchanged(other_rank)
     with pytest.raises(FedmergeError, match="at most 199 negatives, not 500"):
         candidate_lists(synthetic_domain("synth-0"), "test", EvalProtocol(candidates=500))
+
+
+def test_llm_parties_send_adapters_only_and_both_backends_agree(
+    base: Path, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.app
+    import server.simulation
+    from tests.test_flower import Recording
+
+    config = load_config(
+        "simulate-llm",
+        [
+            'domains=["synth-0", "synth-1"]',
+            f"model.base={base}",
+            "model.title_tokens=12",
+            "model.prompt_tokens=96",
+            "train.evaluation.users=12",
+            "train.valid_users=12",
+            "train.lr=5e-3",
+            "rounds=2",  # round 2 starts from the merged dense weights
+        ],
+        FederationConfig,
+    )
+    grids: list[Recording] = []
+    original = server.app.FlowerBackend.__init__
+
+    def recording_init(self, grid, config, context=None):  # type: ignore[no-untyped-def]
+        grids.append(Recording(grid))
+        original(self, grids[-1], config, context)
+
+    monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
+    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
+    simulate(config, InProcess(config), tmp_path / "inprocess")
+    flower, inprocess = (
+        json.loads((tmp_path / name / "metrics.json").read_text())
+        for name in ("flower", "inprocess")
+    )
+    assert flower == inprocess
+    assert {r["protocol"] for r in flower} == {"19 uniform negatives, seed 0, 12 users sampled"}
+    replies = [
+        m
+        for m in grids[0].seen
+        if m.metadata.reply_to_message_id and m.metadata.message_type == "train"
+    ]
+    assert len(replies) == 4  # two parties, two rounds
+    adapter = set(build_model(config.model, 12, 0).exchanged())
+    for msg in replies:
+        update = read_train_reply(msg).update
+        assert set(update) == adapter  # the LoRA factors, nothing of the base model
+        assert all(v.dtype == torch.float32 for v in update.values())
+
+
+def test_summing_mechanisms_are_refused_for_adapters(base: Path) -> None:
+    for mode, extra in (("secagg", ["parties_per_domain=2"]), ("central-dp", CENTRAL)):
+        with pytest.raises(FedmergeError, match="do not add up"):
+            load_config(
+                "simulate-llm",
+                [f"model.base={base}", f"privacy.mechanism={mode}", *extra],
+                FederationConfig,
+            )

@@ -6,13 +6,15 @@ the family's name). Generic code (training, evaluation, merging, the federation)
 the methods below, never a family by name:
 
 - :meth:`Recommender.catalogue`: the public item table the family reads (features, tokens);
+- :meth:`Recommender.tunable`: which parameters training may update;
 - :meth:`Recommender.exchanged`: the state that travels between a party and the server;
 - :meth:`Recommender.loss`: the training loss on a batch of sequences;
 - :meth:`Recommender.scorer`: scores of every item for a batch of histories (evaluation, teachers);
 - :meth:`Recommender.candidate_scorer`: scores of each history's candidate list only;
-- :meth:`Recommender.merge_space` / :meth:`Recommender.load_merged`: the weights task vectors are
-  taken and merged in (the exchanged state itself, or what it adds to the base, e.g. a LoRA
-  adapter's Delta W), and setting the model from a merge;
+- :meth:`Recommender.merge_space` / :meth:`Recommender.merge_update` /
+  :meth:`Recommender.load_merged`: the weights task vectors are taken and merged in (the
+  exchanged state itself, or the weights it stands for, e.g. the base plus a LoRA adapter's
+  Delta W), an update in that space, and setting the model from a merge;
 - :meth:`Recommender.parameter_group`: the layer group of a tensor (layer-wise coefficients);
 - :meth:`Recommender.merge_anchor` / :meth:`Recommender.student_scores`: what learned merging needs;
 - :meth:`Recommender.calibration` / :meth:`Recommender.calibrate` / :meth:`Recommender.facts`:
@@ -73,6 +75,10 @@ class Recommender(nn.Module, Generic[C]):
 
     kind: ClassVar[str]
     Config: ClassVar[type[FamilyConfig]]
+    linear_updates: ClassVar[bool] = True
+    """Whether updates add up in the merge space (the sum of two updates moves the merged weights
+    by the sum of their moves). Secure aggregation and central noise sum updates before the
+    server sees them, so they need it; a LoRA adapter's factors do not add up."""
     pretrain_frozen: ClassVar[list[str]] = []
     """Parameters ``fedmerge pretrain`` keeps at theta_0 unless the config names others."""
 
@@ -85,6 +91,14 @@ class Recommender(nn.Module, Generic[C]):
     def catalogue(cls, domain: DomainData, config: C, quiet: bool = True) -> torch.Tensor:
         """The public (n_items, width) item table of `domain` that this family reads."""
         raise NotImplementedError
+
+    def tunable(self, name: str) -> bool:
+        """Whether training may update parameter `name`.
+
+        Default: every parameter (``train.frozen`` freezes more); a family with a frozen backbone
+        (a LoRA adapter on a language model) names its trained part.
+        """
+        return True
 
     def exchanged(self) -> StateDict:
         """The state a party and the server exchange.
@@ -141,6 +155,13 @@ class Recommender(nn.Module, Generic[C]):
     def load_merged(self, state: StateDict) -> None:
         """Set the model from `state` in the merge space (:meth:`merge_space`)."""
         self.load_exchanged(state)
+
+    def merge_update(self, update: StateDict) -> StateDict:
+        """An update of the exchanged state, from the model's current one, as a merge-space vector.
+
+        Default: the update itself. What a LoRA update moves Delta W by, for a LoRA family.
+        """
+        return update
 
     def parameter_group(self, name: str) -> str:
         """The layer group of exchanged tensor `name` for layer-wise merge coefficients.

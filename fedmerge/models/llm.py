@@ -114,6 +114,7 @@ class LlmLora(Recommender[LlmLoraConfig]):
 
     kind = "llm-lora"
     Config = LlmLoraConfig
+    linear_updates = False
     config: LlmLoraConfig
 
     def __init__(self, config: LlmLoraConfig, width: int) -> None:
@@ -302,6 +303,10 @@ class LlmLora(Recommender[LlmLoraConfig]):
 
     # state and merging --------------------------------------------------------------------------
 
+    def tunable(self, name: str) -> bool:
+        """Only the adapter trains; the base model stays frozen."""
+        return ".lora_" in name
+
     def _kept(self, name: str) -> bool:
         """Whether `name` is part of the model's own state: the adapter or an adapted weight."""
         return ".lora_" in name or name.endswith(".base_layer.weight")
@@ -357,6 +362,16 @@ class LlmLora(Recommender[LlmLoraConfig]):
             key = f"lm.{module}.base_layer.weight"
             delta = self.scale * (state[f"lm.{b_name}"].float() @ state[f"lm.{a_name}"].float())
             out[key] = weights[key].detach().float() + delta.to(weights[key].device)
+        return out
+
+    def merge_update(self, update: StateDict) -> StateDict:
+        """How far an adapter update moves the adapted weights: (alpha / r) (B' A' - B A)."""
+        begin = self.exchanged()
+        out = {}
+        for module, a_name in self.adapted.items():
+            a, b = f"lm.{a_name}", f"lm.{a_name.replace('.lora_A.', '.lora_B.')}"
+            after = (begin[b] + update[b]) @ (begin[a] + update[a])
+            out[f"lm.{module}.base_layer.weight"] = self.scale * (after - begin[b] @ begin[a])
         return out
 
     def load_merged(self, state: StateDict) -> None:

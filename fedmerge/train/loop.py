@@ -108,13 +108,21 @@ def trainable_parameters(model: Recommender, frozen: list[str]) -> list[torch.nn
                 f"use names or prefixes such as {', '.join(parts)}"
             )
     for name, param in params.items():
-        param.requires_grad_(not any(named(name, prefix) for prefix in frozen))
+        param.requires_grad_(
+            model.tunable(name) and not any(named(name, prefix) for prefix in frozen)
+        )
     trainable = [param for param in params.values() if param.requires_grad]
     if not trainable:
         raise FedmergeError(
             f"train.frozen = {frozen} freezes every parameter, so there is nothing to train"
         )
     return trainable
+
+
+def unfreeze(model: Recommender) -> None:
+    """Undo ``train.frozen``: every parameter the family trains requires gradients again."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(model.tunable(name))
 
 
 def optimiser(
@@ -357,7 +365,7 @@ def fit(
                 result.stopped = f"time limit of {config.max_minutes} minutes"
                 break
     result.stopped = result.stopped or f"{config.epochs} epochs done"
-    model.requires_grad_(True)
+    unfreeze(model)
     epochs = [h for h in result.history if "sequences_per_second" in h]
     result.sequences_per_second = (
         float(np.mean([h["sequences_per_second"] for h in epochs])) if epochs else 0.0

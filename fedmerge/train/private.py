@@ -19,7 +19,7 @@ from fedmerge.models import Part, Recommender
 from fedmerge.privacy import PrivateSteps
 from fedmerge.train.batches import last_targets_only, training_sequences
 from fedmerge.train.config import TrainConfig
-from fedmerge.train.loop import FitResult, deterministic, optimiser, resolve_device
+from fedmerge.train.loop import FitResult, deterministic, optimiser, resolve_device, unfreeze
 
 
 def records(part: Part, max_len: int) -> int:
@@ -92,7 +92,7 @@ def fit_private(
         m.sparse = was
     result.best_state, result.best_epoch = copy.deepcopy(model.state_dict()), config.epochs
     result.stopped = f"{config.epochs} epochs done (private steps: no early stopping)"
-    model.requires_grad_(True)
+    unfreeze(model)
     result.sequences_per_second = float(
         np.mean([h["sequences_per_second"] for h in result.history])
     )
