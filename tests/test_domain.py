@@ -73,7 +73,7 @@ def test_synthetic_next_item_is_predictable_beyond_popularity() -> None:
     """An oracle that follows the item chain (last item + 1) beats popularity by far."""
     domain = synthetic_domain("synth-0")
 
-    def chain(data: DomainData, users: np.ndarray, split: str):
+    def chain(data: DomainData, users: np.ndarray, split: str, candidates: None):
         import torch
 
         scores = torch.zeros(len(users), data.n_items)

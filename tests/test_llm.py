@@ -16,7 +16,10 @@ from fedmerge.config import load_config
 from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import EvalProtocol, candidate_lists, evaluate_domain, model_scorer
+from fedmerge.merge.learn import LearnConfig, build_merged, parameter_groups
 from fedmerge.merge.methods import prepare
+from fedmerge.merge.pseudo import PseudoConfig
+from fedmerge.merge.server import Member, MergeConfig, server_merge
 from fedmerge.merge.vectors import combine, task_vector
 from fedmerge.models import build_model, family
 from fedmerge.models.llm import LlmLora, LlmLoraConfig, tiny_base
@@ -247,3 +250,54 @@ def test_summing_mechanisms_are_refused_for_adapters(base: Path) -> None:
                 [f"model.base={base}", f"privacy.mechanism={mode}", *extra],
                 FederationConfig,
             )
+
+
+def test_the_learned_merge_on_candidate_lists_lowers_its_loss_and_moves_only_coefficients(
+    base: Path, cache: Path
+) -> None:
+    model_config = config(base)
+    domains = [synthetic_domain(name) for name in ("synth-0", "synth-1")]
+    tables = [family("llm-lora").catalogue(d, model_config) for d in domains]
+    skeleton = build_model(model_config, 12, 0)
+    start = skeleton.merge_space(skeleton.exchanged())
+    members = [
+        Member(
+            d.name,
+            task_vector(
+                start,
+                skeleton.merge_space(trained(build_model(model_config, 12, 0), s).exchanged()),
+            ),
+            table,
+        )
+        for s, d, table in zip((1, 2), domains, tables, strict=True)
+    ]
+    learn = LearnConfig(
+        mode="layer-wise",
+        steps=12,
+        lr=0.05,
+        batch_size=16,  # every pseudo-user in every step: the loss is one function of w
+        temperature=1.0,
+        candidates=5,
+        pseudo=PseudoConfig(selection="random", count=8),
+    )
+    merge = MergeConfig(method="ties", rows="method", learn=learn)
+    outcome = server_merge(start, members, model_config, 0, merge)
+    losses = [entry["loss"] for entry in outcome.coefficients["log"]]
+    assert losses[-1] < losses[0]
+    assert outcome.coefficients["groups"] == ["layer 0", "layer 1"]
+    weights = torch.tensor(outcome.coefficients["weights"])
+    assert not torch.equal(weights, torch.ones_like(weights))
+    # the merged weights are the base plus the coefficients times the TIES vectors, nothing else
+    prepared = prepare("ties", [m.vector for m in members])
+    group_of, _ = parameter_groups(skeleton, list(start), "layer-wise")
+    rebuilt = build_merged(start, prepared.vectors, weights, group_of)
+    assert set(outcome.merged) == set(start)
+    assert all(torch.allclose(outcome.merged[k], rebuilt[k], atol=1e-6) for k in start)
+    with pytest.raises(FedmergeError, match="learn.candidates = 500 but a catalogue has only 200"):
+        server_merge(
+            start,
+            members,
+            model_config,
+            0,
+            merge.model_copy(update={"learn": learn.model_copy(update={"candidates": 500})}),
+        )

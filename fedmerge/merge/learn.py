@@ -34,8 +34,9 @@ from fedmerge.merge.pseudo import (
     one_item_users,
     select_items,
     walk_users,
+    with_candidates,
 )
-from fedmerge.merge.teacher import Teacher, neighbours, teacher_scores
+from fedmerge.merge.teacher import Teacher, candidate_teacher, neighbours, teacher_scores
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
 from fedmerge.models.family import ItemVectors
@@ -101,7 +102,14 @@ class LearnConfig(ConfigModel):
         "whatever its catalogue size (false: uniform over all pseudo-users, "
         "as in MergeRec)",
     )
-    seed: int = Field(0, description="seed of the batch order")
+    seed: int = Field(0, description="seed of the batch order and of the candidate lists")
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        description="score each pseudo-user's own item among this many other items of its "
+        "catalogue (uniform, seeded) instead of every item: for families that rank candidate "
+        "lists only, such as a language model (one-item pseudo-users; None: every item)",
+    )
     pseudo: PseudoConfig = PseudoConfig()
 
     @model_validator(mode="after")
@@ -109,6 +117,13 @@ class LearnConfig(ConfigModel):
         if self.valid_candidates == 1:
             raise FedmergeError(
                 "learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2"
+            )
+        if self.candidates is not None and (
+            self.pseudo.walk_length > 1 or self.pseudo.target == "next"
+        ):
+            raise FedmergeError(
+                "learn.candidates scores one-item pseudo-users (a walk needs every item scored); "
+                "set learn.pseudo.walk_length = 1 and learn.pseudo.target = last"
             )
         if any(not 0.0 < c < 100.0 for c in self.valid_scales):
             raise FedmergeError(
@@ -202,8 +217,18 @@ class _Student(nn.Module):
         self.model = model
         self.follow = follow
 
-    def forward(self, table: torch.Tensor, anchor: object, histories: torch.Tensor) -> torch.Tensor:
-        return self.model.student_scores(table, anchor, histories, self.follow)
+    def forward(
+        self,
+        table: torch.Tensor,
+        anchor: object,
+        histories: torch.Tensor,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if candidates is None:
+            return self.model.student_scores(table, anchor, histories, self.follow)
+        return self.model.student_candidate_scores(
+            table, anchor, histories, candidates, self.follow
+        )
 
 
 @deterministic()
@@ -265,14 +290,21 @@ def learn_coefficients(
             users, teacher = d.users, d.teacher
             rows = torch.from_numpy(picks[picks[:, 0] == k, 1])
             histories = users.histories[rows].to(device)
-            scores = torch.func.functional_call(student, params, (tables[k], anchors[k], histories))
+            lists = None if users.candidates is None else users.candidates[rows].to(device)
+            scores = torch.func.functional_call(
+                student, params, (tables[k], anchors[k], histories, lists)
+            )
             target = teacher.dense(rows).to(device) if teacher is not None else None
             if config.pseudo.target == "next":
                 scores, target = _without_last(histories, scores, target)
+            # the own item: its column in the candidate lists (the first), or its item id
+            own = (
+                torch.zeros(len(rows), dtype=torch.long) if lists is not None else users.items[rows]
+            )
             loss = loss_fn(
                 scores,
                 target,
-                users.items[rows].to(device),
+                own.to(device),
                 config.temperature,
                 config.kd_weight,
                 log_scales[k].exp(),
@@ -440,9 +472,13 @@ def server_domain(
         )
     else:
         users = one_item_users(starts)
-    teacher = (
-        teacher_scores(teacher_model, features, users, config.teacher_top_k, config.temperature)
-        if config.loss in NEEDS_TEACHER
-        else None
-    )
+    if config.candidates is not None:
+        users = with_candidates(users, len(features), config.candidates, config.seed)
+    teacher = None
+    if config.loss in NEEDS_TEACHER:
+        teacher = (
+            teacher_scores(teacher_model, features, users, config.teacher_top_k, config.temperature)
+            if users.candidates is None
+            else candidate_teacher(teacher_model, features, users)
+        )
     return ServerDomain(name, features, users, teacher)

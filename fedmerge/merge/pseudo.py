@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from fedmerge.config import ConfigModel
+from fedmerge.errors import FedmergeError
 
 Selection = Literal["all", "random", "kmeans"]
 
@@ -57,10 +58,35 @@ class PseudoConfig(ConfigModel):
 
 @dataclass
 class PseudoUsers:
-    """Pseudo-users of a domain: right-padded histories (P, L), pad -1, and each one's item (P,)."""
+    """Pseudo-users of a domain: right-padded histories (P, L), pad -1, and each one's item (P,).
+
+    With candidate lists (``learn.candidates``), ``candidates`` (P, C + 1) holds each one's own
+    item first, then C other items of the catalogue.
+    """
 
     histories: torch.Tensor
     items: torch.Tensor
+    candidates: torch.Tensor | None = None
+
+
+def with_candidates(users: PseudoUsers, n_items: int, count: int, seed: int) -> PseudoUsers:
+    """`users` with a candidate list each: the own item, then `count` other items (uniform).
+
+    Raises
+    ------
+    FedmergeError
+        When the catalogue has fewer than `count` other items.
+    """
+    if count > n_items - 1:
+        raise FedmergeError(
+            f"learn.candidates = {count} but a catalogue has only {n_items} items; lower "
+            "learn.candidates below the smallest catalogue"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    # `count` distinct draws from the n - 1 other items: shift past the own item
+    drawn = torch.rand(len(users.items), n_items - 1, generator=generator).argsort(1)[:, :count]
+    others = drawn + (drawn >= users.items[:, None]).long()
+    return PseudoUsers(users.histories, users.items, torch.cat([users.items[:, None], others], 1))
 
 
 def select_items(features: torch.Tensor, config: PseudoConfig) -> torch.Tensor:

@@ -73,6 +73,35 @@ def teacher_scores(
     return Teacher(torch.cat(values), torch.cat(indices), torch.cat(floors), n_items)
 
 
+def candidate_teacher(
+    model: Recommender, features: torch.Tensor, users: PseudoUsers, batch_size: int = 64
+) -> Teacher:
+    """`model`'s scores of each pseudo-user's candidate list, (P, C + 1), as a dense teacher.
+
+    The rebuilt rows (:meth:`Teacher.dense`) are these scores in candidate order.
+    """
+    assert users.candidates is not None
+    model.eval()
+    device = next(model.parameters()).device
+    features, lists = features.to(device), users.candidates
+    with torch.inference_mode():
+        score = model.candidate_scorer(features)
+        values = torch.cat(
+            [
+                score(
+                    users.histories[start : start + batch_size].to(device),
+                    lists[start : start + batch_size].to(device),
+                )
+                .float()
+                .cpu()
+                for start in range(0, len(lists), batch_size)
+            ]
+        )
+    width = lists.shape[1]
+    indices = torch.arange(width, dtype=torch.int32).expand(len(lists), width).contiguous()
+    return Teacher(values, indices, torch.zeros(len(lists)), width)
+
+
 def _tail_floor(scores: torch.Tensor, top: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per row, the score given to every non-top item that keeps the tail's softmax mass.
 

@@ -189,6 +189,20 @@ class Recommender(nn.Module, Generic[C]):
         """
         return self.scorer(table)(histories)
 
+    def student_candidate_scores(
+        self,
+        table: torch.Tensor,
+        anchor: Any,
+        histories: torch.Tensor,
+        candidates: torch.Tensor,
+        follow: ItemVectors,
+    ) -> torch.Tensor:
+        """Differentiable scores of each pseudo-user's candidate items (``learn.candidates``).
+
+        Default: :meth:`student_scores` read at the candidates.
+        """
+        return self.student_scores(table, anchor, histories, follow).gather(1, candidates)
+
     def row_usage(self, table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Item-memory tables (tensor name -> how many items of `table` read each row).
 

@@ -36,6 +36,7 @@ from fedmerge.models.family import (
     CandidateScorer,
     FamilyConfig,
     HistoryScorer,
+    ItemVectors,
     Recommender,
     StateDict,
     register,
@@ -281,6 +282,17 @@ class LlmLora(Recommender[LlmLoraConfig]):
             return out
 
         return score
+
+    def student_candidate_scores(
+        self,
+        table: torch.Tensor,
+        anchor: Any,
+        histories: torch.Tensor,
+        candidates: torch.Tensor,
+        follow: ItemVectors,
+    ) -> torch.Tensor:
+        """The candidate scores with the current (merged) weights, differentiable."""
+        return self.candidate_scorer(table)(histories, candidates)
 
     def _likelihood(self, prompt: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
         """Mean log-probability of each answer's tokens after `prompt` (1, P), sharing its cache."""
