@@ -320,7 +320,7 @@ def party_train(
     generator = noise_generator(config.privacy, config.seed, party, ledger.rounds)
     model = build_model(config.model, part.features.shape[1], config.seed)
     model.load_merged(start)
-    begin = model.exchanged()
+    begin = {k: v.detach().clone() for k, v in model.exchanged().items()}  # training moves them
     began = time.perf_counter()
     with party_threads(config):
         steps = mechanism.local_step(

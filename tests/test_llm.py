@@ -55,7 +55,12 @@ def logits(model: LlmLora, ids: torch.Tensor) -> torch.Tensor:
         return model.lm(input_ids=ids).logits
 
 
-CENTRAL = ["privacy.epsilon=8", "merge.method=average", "merge.rows=method"]
+CENTRAL = [
+    "privacy.epsilon=8",
+    "merge.method=average",
+    "merge.rows=method",
+    "merge.learn.mode=none",
+]
 IDS = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2054]])
 
 

@@ -60,7 +60,10 @@ def test_config_preset_overrides_and_errors() -> None:
         load_config(None, ["model.dropout=1.5"], ExperimentConfig)
     with pytest.raises(FedmergeError, match="not key=value"):
         load_config(None, ["train.lr"], ExperimentConfig)
-    presets = "simulate, simulate-demo, simulate-mergerec, simulate-paper, textenc, textseq"
+    presets = (
+        "llm-lora, simulate, simulate-demo, simulate-llm, simulate-mergerec, simulate-paper, "
+        "textenc, textseq"
+    )
     with pytest.raises(FedmergeError, match=f"cannot read config nonexistent .*{presets}"):
         load_config("nonexistent", None, ExperimentConfig)
 
