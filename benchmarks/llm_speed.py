@@ -55,27 +55,6 @@ def _bare_epoch(model: torch.nn.Module, table: torch.Tensor, batches: list, lr: 
     return time.perf_counter() - start
 
 
-def _batch(model, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:  # type: ignore[no-untyped-def]
-    """The left-padded ids, mask and answers fedmerge's loss builds for a batch."""
-    rows = []
-    for history, following in zip(inputs, targets, strict=True):
-        rows.append(
-            (
-                model._prompt(table, history),
-                model._answer(table, int(following[following >= 0][-1])),
-            )
-        )
-    width, span = max(len(p) + len(a) for p, a in rows), max(len(a) for _, a in rows)
-    ids = torch.full((len(rows), width), model.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    answers = torch.full((len(rows), span), -100, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(rows):
-        tokens = torch.tensor(prompt + answer)
-        ids[row, width - len(tokens) :], mask[row, width - len(tokens) :] = tokens, 1
-        answers[row, span - len(answer) :] = tokens[len(prompt) :]
-    return ids, mask, answers
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", default="beauty")
@@ -100,7 +79,7 @@ def main() -> None:
             sequences, config.train.batch_size, config.model.max_len, np.random.default_rng(0)
         )
     )
-    batches = [_batch(base, table, inputs, targets) for inputs, targets in raw]
+    batches = [base.batch_ids(table, inputs, targets) for inputs, targets in raw]
     tokens = sum(int(mask.sum()) for _, mask, _ in batches)
 
     def ours() -> float:

@@ -72,6 +72,19 @@ class Recording:
         return replies
 
 
+def record_grids(monkeypatch: pytest.MonkeyPatch) -> list[Recording]:
+    """The grids of every Flower run started from now on, each recording its messages."""
+    grids: list[Recording] = []
+    original = server.app.FlowerBackend.__init__
+
+    def recording_init(self, grid, config, context=None):  # type: ignore[no-untyped-def]
+        grids.append(Recording(grid))
+        original(self, grids[-1], config, context)
+
+    monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
+    return grids
+
+
 PRIVATE = {
     "none": [],
     "update-dp": ["rounds=2", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"],
@@ -97,14 +110,7 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
         f"privacy.mechanism={mode}",
         *PRIVATE[mode],
     )
-    grids: list[Recording] = []
-    original = server.app.FlowerBackend.__init__
-
-    def recording_init(self, grid, config, context=None):  # type: ignore[no-untyped-def]
-        grids.append(Recording(grid))
-        original(self, grids[-1], config, context)
-
-    monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
+    grids = record_grids(monkeypatch)
     simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
     simulate(config, InProcess(config), tmp_path / "inprocess")
     flower, inprocess = (

@@ -200,9 +200,8 @@ def test_bad_input_gets_one_clear_error(base: Path, tmp_path: Path, cache: Path)
 def test_llm_parties_send_adapters_only_and_both_backends_agree(
     base: Path, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.app
     import server.simulation
-    from tests.test_flower import Recording
+    from tests.test_flower import record_grids
 
     config = load_config(
         "simulate-llm",
@@ -218,14 +217,7 @@ def test_llm_parties_send_adapters_only_and_both_backends_agree(
         ],
         FederationConfig,
     )
-    grids: list[Recording] = []
-    original = server.app.FlowerBackend.__init__
-
-    def recording_init(self, grid, config, context=None):  # type: ignore[no-untyped-def]
-        grids.append(Recording(grid))
-        original(self, grids[-1], config, context)
-
-    monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
+    grids = record_grids(monkeypatch)
     simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
     simulate(config, InProcess(config), tmp_path / "inprocess")
     flower, inprocess = (

@@ -214,13 +214,13 @@ class LlmLora(Recommender[LlmLoraConfig]):
 
     # training -----------------------------------------------------------------------------------
 
-    def _answer_logits(
+    def batch_ids(
         self, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, A, V) before each answer token and the answers (B, A), padded with -100.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids (B, S), attention mask (B, S) and answers (B, A) of a training batch.
 
-        Each row's answer is the title of its last target after the prompt of its inputs; the
-        batch is left-padded, so the answers end together and only their logits are computed.
+        Each row is the prompt of its inputs, then the title of its last target; the batch is
+        left-padded, so the answers end together. Answers are padded with -100.
         """
         rows = []
         for history, following in zip(inputs, targets, strict=True):
@@ -238,7 +238,19 @@ class LlmLora(Recommender[LlmLoraConfig]):
             ids[row, width - len(tokens) :] = tokens
             mask[row, width - len(tokens) :] = 1
             answers[row, span - len(answer) :] = tokens[len(prompt) :]
-        logits = self.lm(input_ids=ids, attention_mask=mask, logits_to_keep=span + 1).logits
+        return ids, mask, answers
+
+    def _answer_logits(
+        self, table: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, A, V) before each answer token and the answers (B, A) of :meth:`batch_ids`.
+
+        Only the answers' logits are computed.
+        """
+        ids, mask, answers = self.batch_ids(table, inputs, targets)
+        logits = self.lm(
+            input_ids=ids, attention_mask=mask, logits_to_keep=answers.shape[1] + 1
+        ).logits
         return logits[:, :-1], answers
 
     def loss(
