@@ -29,7 +29,13 @@ from fedmerge.merge.learn import (
     server_domain,
 )
 from fedmerge.merge.losses import LOSSES, kd, mergerec
-from fedmerge.merge.pseudo import PseudoConfig, one_item_users, select_items, walk_users
+from fedmerge.merge.pseudo import (
+    PseudoConfig,
+    candidate_walk_users,
+    one_item_users,
+    select_items,
+    walk_users,
+)
 from fedmerge.merge.run import merge_run
 from fedmerge.merge.server import Member, MergeConfig, server_merge
 from fedmerge.merge.teacher import neighbours, teacher_scores
@@ -112,6 +118,33 @@ def test_pseudo_user_selections_and_walks(finetuned: dict) -> None:
         int(ahead.items[i]) in near[int(ahead.histories[i, kept[i] - 1])].tolist()
         for i in range(200)
     )
+
+
+def test_candidate_walks_step_to_the_best_of_each_pool_given_the_walk_so_far() -> None:
+    seen: list[int] = []
+
+    def nearest_above(walks: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        seen.append(walks.shape[1])
+        return -(pool - walks[:, -1:]).abs() + 1e-3 * pool  # a tie goes to the item above
+
+    starts = torch.tensor([5, 10, 0])
+    # the pool is every other item: the best is always the item above the current one
+    walks = candidate_walk_users(starts, nearest_above, 20, length=3, top=1, pool=19, seed=0)
+    assert torch.equal(walks.histories, torch.tensor([[5, 6, 7], [10, 11, 12], [0, 1, 2]]))
+    assert torch.equal(walks.items, torch.tensor([7, 12, 2])) and seen == [1, 2]
+    # small pools: every step is another item than the current one, one of its pool's best two
+    walks = candidate_walk_users(
+        torch.arange(50), nearest_above, 50, length=4, top=2, pool=5, seed=1, mixed=True
+    )
+    kept = (walks.histories >= 0).sum(1)
+    assert set(kept.tolist()) == {1, 2, 3, 4}
+    assert torch.equal(walks.items, walks.histories[torch.arange(50), kept - 1])
+    steps = walks.histories[:, 1:] - walks.histories[:, :-1]
+    assert ((steps != 0) | (walks.histories[:, 1:] < 0)).all()
+    again = candidate_walk_users(
+        torch.arange(50), nearest_above, 50, length=4, top=2, pool=5, seed=1, mixed=True
+    )
+    assert torch.equal(again.histories, walks.histories)
 
 
 def test_learned_merge_lowers_its_loss_and_moves_only_the_coefficients(finetuned: dict) -> None:

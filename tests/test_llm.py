@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from safetensors.torch import load_file, save_file
 
 from fedmerge.config import load_config
 from fedmerge.data.synthetic import synthetic_domain
@@ -23,6 +25,7 @@ from fedmerge.merge.server import Member, MergeConfig, server_merge
 from fedmerge.merge.vectors import combine, task_vector
 from fedmerge.models import build_model, family
 from fedmerge.models.llm import LlmLora, LlmLoraConfig, tiny_base
+from fedmerge.models.lm_base import fingerprint
 from fedmerge.pipeline import InProcess, simulate
 from fedmerge.protocol import FederationConfig, TrainReply
 from fedmerge.text.tokens import minilm_folder
@@ -195,6 +198,19 @@ def test_bad_input_gets_one_clear_error(base: Path, tmp_path: Path, cache: Path)
         build_model(config(base, targets=["q_proj"]), 12, 0).load_exchanged(other_rank)
     with pytest.raises(FedmergeError, match="at most 199 negatives, not 500"):
         candidate_lists(synthetic_domain("synth-0"), "test", EvalProtocol(candidates=500))
+    # another base of the same shapes: a copy with one weight changed
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    first = sorted(weights)[0]
+    save_file(weights | {first: weights[first] + 1.0}, other / "model.safetensors")
+    assert fingerprint(other) != fingerprint(base)
+    state = build_model(config(base), 12, 0).state_dict()
+    with pytest.raises(FedmergeError, match=f"trained on base model {fingerprint(base)}, but"):
+        build_model(config(other), 12, 0).load_state_dict(state)
+    with pytest.raises(FedmergeError, match=f"fingerprint {fingerprint(other)}, not model.base_"):
+        build_model(config(other, base_hash=fingerprint(base)), 12, 0)
+    build_model(config(base, base_hash=fingerprint(base)), 12, 0).load_state_dict(state)
 
 
 def test_llm_parties_send_adapters_only_and_both_backends_agree(
@@ -249,8 +265,9 @@ def test_summing_mechanisms_are_refused_for_adapters(base: Path) -> None:
             )
 
 
+@pytest.mark.parametrize("walk", [1, 3], ids=["one-item", "walks"])
 def test_the_learned_merge_on_candidate_lists_lowers_its_loss_and_moves_only_coefficients(
-    base: Path, cache: Path
+    base: Path, cache: Path, walk: int
 ) -> None:
     model_config = config(base)
     domains = [synthetic_domain(name) for name in ("synth-0", "synth-1")]
@@ -275,7 +292,7 @@ def test_the_learned_merge_on_candidate_lists_lowers_its_loss_and_moves_only_coe
         batch_size=16,  # every pseudo-user in every step: the loss is one function of w
         temperature=1.0,
         candidates=5,
-        pseudo=PseudoConfig(selection="random", count=8),
+        pseudo=PseudoConfig(selection="random", count=8, walk_length=walk, mixed_lengths=True),
     )
     merge = MergeConfig(method="ties", rows="method", learn=learn)
     outcome = server_merge(start, members, model_config, 0, merge)

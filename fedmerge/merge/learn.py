@@ -15,6 +15,7 @@ vectors (``"history"``, the default), or every item's current vector (``"current
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -31,12 +32,20 @@ from fedmerge.merge.methods import Prepared
 from fedmerge.merge.pseudo import (
     PseudoConfig,
     PseudoUsers,
+    candidate_walk_users,
+    check_candidates,
     one_item_users,
     select_items,
     walk_users,
     with_candidates,
 )
-from fedmerge.merge.teacher import Teacher, candidate_teacher, neighbours, teacher_scores
+from fedmerge.merge.teacher import (
+    Teacher,
+    candidate_scores,
+    candidate_teacher,
+    neighbours,
+    teacher_scores,
+)
 from fedmerge.merge.vectors import StateDict, combine
 from fedmerge.models import Recommender
 from fedmerge.models.family import ItemVectors
@@ -108,7 +117,8 @@ class LearnConfig(ConfigModel):
         ge=1,
         description="score each pseudo-user's own item among this many other items of its "
         "catalogue (uniform, seeded) instead of every item: for families that rank candidate "
-        "lists only, such as a language model (one-item pseudo-users; None: every item)",
+        "lists only, such as a language model (walks then step on candidate pools of this "
+        "size; None: every item)",
     )
     pseudo: PseudoConfig = PseudoConfig()
 
@@ -118,12 +128,11 @@ class LearnConfig(ConfigModel):
             raise FedmergeError(
                 "learn.valid_candidates = 1 would keep only the initial merge; give 0 (off) or >= 2"
             )
-        if self.candidates is not None and (
-            self.pseudo.walk_length > 1 or self.pseudo.target == "next"
-        ):
+        if self.candidates is not None and self.pseudo.target == "next":
             raise FedmergeError(
-                "learn.candidates scores one-item pseudo-users (a walk needs every item scored); "
-                "set learn.pseudo.walk_length = 1 and learn.pseudo.target = last"
+                "learn.candidates with learn.pseudo.target = next is not supported (the loss "
+                "would have to leave the history's last item out of each candidate list); set "
+                "learn.pseudo.target = last"
             )
         if any(not 0.0 < c < 100.0 for c in self.valid_scales):
             raise FedmergeError(
@@ -460,7 +469,20 @@ def server_domain(
     """
     pseudo = config.pseudo
     starts = select_items(features, pseudo)
-    if pseudo.walk_length > 1 or pseudo.target == "next":
+    if config.candidates is not None:
+        check_candidates(config.candidates, len(features))
+    if config.candidates is not None and pseudo.walk_length > 1:
+        users = candidate_walk_users(
+            starts,
+            partial(candidate_scores, teacher_model, features),
+            len(features),
+            pseudo.walk_length,
+            pseudo.walk_top,
+            config.candidates,
+            pseudo.seed,
+            pseudo.mixed_lengths,
+        )
+    elif pseudo.walk_length > 1 or pseudo.target == "next":
         near = neighbours(teacher_model, features, pseudo.walk_top, config.temperature)
         users = walk_users(
             starts,

@@ -4,9 +4,11 @@ Every item i (or a subset) becomes a virtual user with history ``[i]`` whose "ow
 Subsets: a seeded random sample, or the items nearest to k-means centroids of the item
 features. Beyond the paper, ``walk_length > 1`` extends each history by walking the teacher's
 item-item scores (each next item drawn from the current item's top neighbours), giving
-multi-item pseudo-sequences; the own item is then the walk's last item. With ``mixed_lengths``
-each walk is cut after a seeded random number of items (1 to ``walk_length``), so one set of
-pseudo-users covers short and long histories alike.
+multi-item pseudo-sequences; the own item is then the walk's last item. A family that ranks
+candidate lists only (``learn.candidates``) walks on candidate lists instead: each step scores a
+seeded random pool of items given the walk so far (:func:`candidate_walk_users`). With
+``mixed_lengths`` each walk is cut after a seeded random number of items (1 to ``walk_length``),
+so one set of pseudo-users covers short and long histories alike.
 
 Also beyond the paper, ``target = "next"`` makes the own item the walk's next step after the
 history (one of the teacher's top neighbours of the history's last item) instead of the
@@ -16,6 +18,7 @@ and the loss leaves the history's last item out (:func:`fedmerge.merge.learn.lea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,7 +46,10 @@ class PseudoConfig(ConfigModel):
         1, ge=1, description="items per pseudo-history (1 = the paper's one-item users)"
     )
     walk_top: int = Field(
-        10, ge=1, description="walks step to one of the current item's top teacher neighbours"
+        10,
+        ge=1,
+        description="walks step to one of the current item's top teacher neighbours (with "
+        "learn.candidates: of the teacher's best in a random pool of that many items)",
     )
     mixed_lengths: bool = Field(
         False, description="cut each walk after a random 1..walk_length items"
@@ -69,6 +75,15 @@ class PseudoUsers:
     candidates: torch.Tensor | None = None
 
 
+def check_candidates(count: int, n_items: int) -> None:
+    """Refuse `count` candidates besides the own item from a catalogue of `n_items`."""
+    if count > n_items - 1:
+        raise FedmergeError(
+            f"learn.candidates = {count} but a catalogue has only {n_items} items; lower "
+            "learn.candidates below the smallest catalogue"
+        )
+
+
 def with_candidates(users: PseudoUsers, n_items: int, count: int, seed: int) -> PseudoUsers:
     """`users` with a candidate list each: the own item, then `count` other items (uniform).
 
@@ -77,11 +92,7 @@ def with_candidates(users: PseudoUsers, n_items: int, count: int, seed: int) -> 
     FedmergeError
         When the catalogue has fewer than `count` other items.
     """
-    if count > n_items - 1:
-        raise FedmergeError(
-            f"learn.candidates = {count} but a catalogue has only {n_items} items; lower "
-            "learn.candidates below the smallest catalogue"
-        )
+    check_candidates(count, n_items)
     generator = torch.Generator().manual_seed(seed)
     # `count` distinct draws from the n - 1 other items: shift past the own item
     drawn = torch.rand(len(users.items), n_items - 1, generator=generator).argsort(1)[:, :count]
@@ -151,18 +162,52 @@ def walk_users(
     walk's step after it.
     """
     generator = torch.Generator().manual_seed(seed)
-    ahead = int(next_item)
     walks = [starts]
-    for _ in range(length - 1 + ahead):
+    for _ in range(length - 1 + int(next_item)):
         pick = torch.randint(neighbours.shape[1], (len(starts),), generator=generator)
         walks.append(neighbours[walks[-1], pick])
-    histories = torch.stack(walks, 1)
+    return _cut(torch.stack(walks, 1), length, generator, mixed, next_item)
+
+
+def candidate_walk_users(
+    starts: torch.Tensor,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    n_items: int,
+    length: int,
+    top: int,
+    pool: int,
+    seed: int,
+    mixed: bool = False,
+) -> PseudoUsers:
+    """Histories of `length` items for a family that ranks candidate lists only.
+
+    Each step draws `pool` other items than the current one (uniform, seeded), scores them with
+    ``score(walks so far, pool)`` (the teacher, which reads the whole walk as a history) and steps
+    to a random one of the best `top`. ``mixed`` and the own item are as in :func:`walk_users`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    walks = starts[:, None]
+    rows = torch.arange(len(starts))
+    for _ in range(length - 1):
+        drawn = torch.rand(len(starts), n_items - 1, generator=generator).argsort(1)[:, :pool]
+        others = drawn + (drawn >= walks[:, -1:]).long()
+        best = score(walks, others).float().cpu().topk(min(top, pool), dim=1).indices
+        pick = torch.randint(best.shape[1], (len(starts),), generator=generator)
+        walks = torch.cat([walks, others[rows, best[rows, pick]][:, None]], 1)
+    return _cut(walks, length, generator, mixed, False)
+
+
+def _cut(
+    walks: torch.Tensor, length: int, generator: torch.Generator, mixed: bool, next_item: bool
+) -> PseudoUsers:
+    """Pseudo-users from whole walks (P, length [+ 1]): each kept prefix and its own item."""
+    count = len(walks)
     kept = (
-        torch.randint(1, length + 1, (len(starts),), generator=generator)
+        torch.randint(1, length + 1, (count,), generator=generator)
         if mixed
-        else torch.full((len(starts),), length)
+        else torch.full((count,), length)
     )
-    own = histories[torch.arange(len(starts)), kept - 1 + ahead].clone()
+    own = walks[torch.arange(count), kept - 1 + int(next_item)].clone()
     return PseudoUsers(
-        histories[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own
+        walks[:, :length].masked_fill(torch.arange(length) >= kept[:, None], -1), own
     )

@@ -73,23 +73,25 @@ def teacher_scores(
     return Teacher(torch.cat(values), torch.cat(indices), torch.cat(floors), n_items)
 
 
-def candidate_teacher(
-    model: Recommender, features: torch.Tensor, users: PseudoUsers, batch_size: int = 64
-) -> Teacher:
-    """`model`'s scores of each pseudo-user's candidate list, (P, C + 1), as a dense teacher.
+def candidate_scores(
+    model: Recommender,
+    features: torch.Tensor,
+    histories: torch.Tensor,
+    lists: torch.Tensor,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """`model`'s scores (on the CPU) of each history's candidate list, (P, C).
 
-    The rebuilt rows (:meth:`Teacher.dense`) are these scores in candidate order.
+    Eval mode, no gradients, on the model's device.
     """
-    assert users.candidates is not None
     model.eval()
     device = next(model.parameters()).device
-    features, lists = features.to(device), users.candidates
     with torch.inference_mode():
-        score = model.candidate_scorer(features)
-        values = torch.cat(
+        score = model.candidate_scorer(features.to(device))
+        return torch.cat(
             [
                 score(
-                    users.histories[start : start + batch_size].to(device),
+                    histories[start : start + batch_size].to(device),
                     lists[start : start + batch_size].to(device),
                 )
                 .float()
@@ -97,6 +99,16 @@ def candidate_teacher(
                 for start in range(0, len(lists), batch_size)
             ]
         )
+
+
+def candidate_teacher(model: Recommender, features: torch.Tensor, users: PseudoUsers) -> Teacher:
+    """`model`'s scores of each pseudo-user's candidate list, (P, C + 1), as a dense teacher.
+
+    The rebuilt rows (:meth:`Teacher.dense`) are these scores in candidate order.
+    """
+    assert users.candidates is not None
+    lists = users.candidates
+    values = candidate_scores(model, features, users.histories, lists)
     width = lists.shape[1]
     indices = torch.arange(width, dtype=torch.int32).expand(len(lists), width).contiguous()
     return Teacher(values, indices, torch.zeros(len(lists)), width)

