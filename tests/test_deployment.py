@@ -25,7 +25,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedmerge.models.llm import tiny_base
+from fedmerge.models.lm_base import fingerprint
 from fedmerge.pipeline import InProcess, simulate
+from fedmerge.text.tokens import minilm_folder
 from server.app import deployed_run
 from tests.test_pipeline import TINY
 
@@ -310,15 +313,16 @@ def deployment(tmp_path: Path) -> Iterator[Processes]:
     assert not leftover, f"processes left running: {leftover}"
 
 
-def test_deployed_run_matches_inprocess(deployment: Processes, tmp_path: Path, cache: Path) -> None:
-    run_config = {"config": "", "set": ";".join(OVERRIDES), "out": str(tmp_path / "deployed")}
+def run_both(
+    deployment: Processes, run_config: dict[str, str], reference: Path
+) -> tuple[list[dict], list[dict]]:
+    """The deployed run's metrics and the in-process reference's (run while the first waits)."""
     config, out = deployed_run(run_config)
     overrides = " ".join(f"{key}='{value}'" for key, value in run_config.items())
     submit = deployment.flwr_start(
         "run", str(ROOT), CONNECTION, "--run-config", overrides, "--stream"
     )
-    # the reference, while the deployment mostly waits
-    simulate(config, InProcess(config), tmp_path / "inprocess")
+    simulate(config, InProcess(config), reference)
     output = deployment.output(submit, timeout=300)
     started = re.search(r"Successfully started run (\d+)", output)
     assert started, output + deployment.tails()
@@ -328,13 +332,47 @@ def test_deployed_run_matches_inprocess(deployment: Processes, tmp_path: Path, c
     # --stream exits 0 anyway
     assert listed["runs"][0]["status"] == "finished:completed", output + deployment.tails()
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
-
     deployed, inprocess = (
-        json.loads((path / "metrics.json").read_text()) for path in (out, tmp_path / "inprocess")
+        json.loads((path / "metrics.json").read_text()) for path in (out, reference)
     )
+    return deployed, inprocess
+
+
+def test_deployed_run_matches_inprocess(deployment: Processes, tmp_path: Path, cache: Path) -> None:
+    run_config = {"config": "", "set": ";".join(OVERRIDES), "out": str(tmp_path / "deployed")}
+    deployed, inprocess = run_both(deployment, run_config, tmp_path / "inprocess")
     assert deployed == inprocess
     assert {r["model"] for r in deployed} >= {
         "theta_0",
         "fine-tuned on synth-0",
         "fine-tuned on synth-1",
     }
+
+
+def test_deployed_language_model_parties_match_inprocess(
+    deployment: Processes, tmp_path: Path, cache: Path
+) -> None:
+    base = tiny_base(tmp_path / "tiny-llm", minilm_folder())
+    overrides = [
+        'domains=["synth-0","synth-1"]',
+        "client_cpus=1",
+        f"model.base={base}",
+        f"model.base_hash={fingerprint(base)}",  # every party checks its copy of the base
+        "model.title_tokens=12",
+        "model.prompt_tokens=96",
+        "train.evaluation.users=8",
+        "train.valid_users=8",
+        "train.batches_per_epoch=4",
+        "merge.learn.steps=3",
+        "merge.learn.pseudo.count=8",
+        "timeout_minutes=3",
+    ]
+    run_config = {
+        "config": "simulate-llm",
+        "set": ";".join(overrides),
+        "out": str(tmp_path / "deployed"),
+    }
+    deployed, inprocess = run_both(deployment, run_config, tmp_path / "inprocess")
+    assert deployed == inprocess
+    assert {r["protocol"] for r in deployed} == {"19 uniform negatives, seed 0, 8 users sampled"}
+    assert {r["model"] for r in deployed} >= {"theta_0", "fine-tuned on synth-0"}
