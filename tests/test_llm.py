@@ -29,6 +29,7 @@ from fedmerge.models.lm_base import fingerprint
 from fedmerge.pipeline import InProcess, simulate
 from fedmerge.protocol import FederationConfig, TrainReply
 from fedmerge.text.tokens import minilm_folder
+from fedmerge.train.checkpoint import load_checkpoint, save_weights
 from server.records import read_train_reply, train_reply_content
 
 
@@ -315,3 +316,54 @@ def test_the_learned_merge_on_candidate_lists_lowers_its_loss_and_moves_only_coe
             0,
             merge.model_copy(update={"learn": learn.model_copy(update={"candidates": 500})}),
         )
+
+
+def test_train_merge_and_evaluate_from_the_command_line(
+    base: Path, tmp_path: Path, cache: Path
+) -> None:
+    from tests.test_cli import run_cli
+
+    sets = [
+        f"model.base={base}",
+        "model.title_tokens=12",
+        "model.prompt_tokens=96",
+        "train.epochs=1",
+        "train.batches_per_epoch=2",
+        "train.valid_users=4",
+        "train.evaluation.users=4",
+    ]
+    options = [x for item in sets for x in ("--set", item)]
+    for name in ("synth-0", "synth-1"):
+        out = run_cli(
+            "train", "--model", "llm-lora", "--domain", name, "--out", str(tmp_path / name),
+            *options, cache=cache,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    # adapters that surely moved (two batches on a tiny model may keep epoch 0)
+    for seed, name in enumerate(("synth-0", "synth-1"), 1):
+        model = trained(load_checkpoint(tmp_path / name)[0], seed)
+        save_weights(model, tmp_path / name / "model.safetensors")
+    merged = tmp_path / "merged"
+    out = run_cli(
+        "merge", "--base", str(tmp_path / "synth-0" / "base.safetensors"),
+        "--models", f"{tmp_path / 'synth-0'},{tmp_path / 'synth-1'}",
+        "--domains", "synth-0,synth-1", "--method", "average", "--learn", "none",
+        "--rows", "method", "--out", str(merged), cache=cache,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((merged / "metrics.json").read_text())
+    assert {(r["domain"], r["protocol"]) for r in rows} == {
+        (d, "19 uniform negatives, seed 0, 4 users sampled") for d in ("synth-0", "synth-1")
+    }
+    # the merged checkpoint is the base with the mean Delta W folded in
+    members = [load_checkpoint(tmp_path / d)[0] for d in ("synth-0", "synth-1")]
+    states = [m.merge_space(m.exchanged()) for m in members]
+    folded = load_checkpoint(merged)[0]
+    weights = folded.merge_space(folded.exchanged())
+    assert not torch.equal(states[0][first := sorted(weights)[0]], states[1][first])
+    assert all(torch.allclose(weights[k], (states[0][k] + states[1][k]) / 2) for k in weights)
+    out = run_cli(
+        "evaluate", "--checkpoint", str(merged), "--domain", "synth-0", "--candidates", "5",
+        "--split", "test", cache=cache,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
