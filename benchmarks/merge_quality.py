@@ -24,11 +24,11 @@ init's, on valid (``learn.valid_scales``: times 0.2 ... 1.0, or 1). *mergerec as
 ``[merge]`` table of ``configs/simulate-mergerec.toml`` (TIES init with method rows, layer-wise,
 CE + 2.5 KL, no fitted scale, candidates fixed at the initial merge, dense teachers, 500 steps, the
 last step kept) on these textseq models. *oracle* searches the coefficients of TIES's processed
-vectors directly on the mean valid ndcg@10 (coordinate ascent over {0, 0.25, ..., 2}: task-wise, two
-sweeps, then layer-wise, one sweep) and reports test: the ceiling of any coefficients learned for
-this merge's vectors and backbone. *Unseen*: merge all domains but one (mergerec loss, fitted KL
-scale, task-wise, usage rows, that init) and test on the one left out, against theta_0 and every
-single fine-tuned model.
+vectors directly on the mean valid ndcg@10 of ``--oracle-users`` seeded valid users per domain
+(coordinate ascent over {0, 0.25, ..., 2}: task-wise, two sweeps, then layer-wise, one sweep) and
+reports test: the ceiling of any coefficients learned for this merge's vectors and backbone.
+*Unseen*: merge all domains but one (mergerec loss, fitted KL scale, task-wise, usage rows, that
+init) and test on the one left out, against theta_0 and every single fine-tuned model.
 
 Runs are kept under ``--runs`` and reused when complete. Each finished base regime and seed is
 also recorded as ``--tables``/``{base}-seed{N}.json`` (its cells, chosen lambdas, machine and
@@ -38,7 +38,7 @@ covers every seed recorded there, of both regimes.
 
     python benchmarks/merge_quality.py [--domains beauty,sports,toys,pantry] [--seeds 0,1,2]
         [--bases seeded,pretrained] [--pretrain steam,games] [--runs runs/merge]
-        [--tables benchmarks/results/merge_quality] [--set key=value ...]
+        [--tables benchmarks/results/merge_quality] [--oracle-users 2000] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -233,7 +233,12 @@ ORACLE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 def _oracle(
-    folder: Path, base_path: Path, runs: Path, domains: list[str], config: ExperimentConfig
+    folder: Path,
+    base_path: Path,
+    runs: Path,
+    domains: list[str],
+    config: ExperimentConfig,
+    users: int | None,
 ) -> list[dict]:
     """Coefficients searched on the parties' valid ndcg@10 directly, tested.
 
@@ -242,8 +247,10 @@ def _oracle(
     From TIES (its processed vectors, rows by the method, w = 1), coordinate ascent over
     :data:`ORACLE_GRID`: task-wise (one w per domain, two sweeps), then layer-wise (one w per
     domain and layer group, one sweep from the task-wise optimum); every candidate is scored by
-    the mean valid ndcg@10 over the domains, as the parties report it. The rows are the final
-    coefficients' valid and test metrics; the search is kept in ``oracle.json``.
+    the mean valid ndcg@10 over the domains, as the parties report it, on `users` seeded valid
+    users of each domain (None: all of them). The rows are the final coefficients' valid and test
+    metrics (every user); the search is kept in ``oracle.json``. Each finished coordinate is
+    recorded in ``oracle.partial.json``, so a stopped search resumes there.
     """
     if (folder / "metrics.json").exists():
         return _rows(folder)
@@ -253,7 +260,9 @@ def _oracle(
     # a skeleton: the judge loads every candidate into it
     model = load_checkpoint(runs / domains[0])[0]
     parts = load_parts(domains, config.model, quiet=True)
-    judge = _valid_judge(model, parts, config.train)
+    judge = _valid_judge(model, parts, config.train.model_copy(update={"valid_users": users}))
+    progress = folder.parent / f"{folder.name}.partial.json"
+    done = json.loads(progress.read_text()) if progress.exists() else {"log": [], "weights": []}
     keys = list(prepared.vectors[0])
     group_of, groups = parameter_groups(model, keys, "layer-wise")
     weights = torch.ones(len(domains), len(groups))
@@ -261,6 +270,10 @@ def _oracle(
 
     def ascend(coordinates: list[tuple[int, slice | int]]) -> None:
         for k, g in coordinates:
+            if len(log) < len(done["log"]):  # searched before the search was stopped
+                log.append(done["log"][len(log)])
+                weights.copy_(torch.tensor(done["weights"][len(log) - 1]))
+                continue
             tried = []
             for value in ORACLE_GRID:
                 candidate = weights.clone()
@@ -277,6 +290,10 @@ def _oracle(
                     "kept": ORACLE_GRID[best],
                 }
             )
+            done["log"].append(log[-1])
+            done["weights"].append(weights.tolist())
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            write_json(progress, done)
 
     task = [(k, slice(None)) for k in range(len(domains))]
     with torch.no_grad():
@@ -286,8 +303,12 @@ def _oracle(
     model.load_merged(merged)
     rows = evaluate_rows(model, parts, "oracle", config.train)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "oracle.json", {"groups": groups, "weights": weights.tolist(), "log": log})
+    write_json(
+        folder / "oracle.json",
+        {"groups": groups, "weights": weights.tolist(), "log": log, "valid users": users},
+    )
     write_metrics(rows, folder)
+    progress.unlink()
     return rows
 
 
@@ -368,7 +389,8 @@ def run_seed(base_kind: str, seed: int, args: argparse.Namespace) -> tuple[dict,
         table["mergerec as published"] = _cells(_rows(published), "ties+layer-wise:mergerec")
     if wanted("oracle"):
         table["oracle"] = _cells(
-            _oracle(runs / "oracle", base, runs, args.domains, config), "oracle"
+            _oracle(runs / "oracle", base, runs, args.domains, config, args.oracle_users),
+            "oracle",
         )
     for label, (method, params, mode, loss, rows, learn) in MERGES.items():
         if not wanted(label):
@@ -583,6 +605,12 @@ def main() -> None:
     parser.add_argument("--bases", type=lambda s: s.split(","), default=list(BASES))
     parser.add_argument("--pretrain", default="steam,games")
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument(
+        "--oracle-users",
+        type=lambda s: None if s == "all" else int(s),
+        default=2000,
+        help="seeded valid users per domain the oracle's search reads ('all': every one)",
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
     parser.add_argument(
         "--tables", type=Path, default=Path(__file__).parent / "results" / "merge_quality"
