@@ -40,6 +40,7 @@ from fedmerge.models import (
 from fedmerge.privacy import Ledger, Mechanism, PrivacyConfig, build_mechanism, noise_generator
 from fedmerge.runs.results import Row, metric_row
 from fedmerge.train.config import TrainConfig
+from fedmerge.train.legs import Carry, train_leg
 from fedmerge.train.loop import (
     calibrate,
     calibration_metrics,
@@ -50,6 +51,7 @@ from fedmerge.train.loop import (
     validation_parts,
 )
 from fedmerge.train.private import fit_private, records
+from fedmerge.weaving import Leg, WeaveConfig
 
 PRIVATE_METRICS = ("best_epoch", "best_valid_ndcg@10", "last_loss")
 """Training metrics computed from a party's private data: not sent when its privacy mechanism
@@ -361,6 +363,38 @@ def party_train(
     if spent is not None:
         metrics |= {"epsilon": spent.epsilon, "delta": spent.delta, "noise": spent.noise_multiplier}
     return TrainReply(part.domain.name, sent, metrics)
+
+
+def party_leg(
+    part: Part,
+    start: StateDict,
+    config: FederationConfig,
+    weave: WeaveConfig,
+    leg: Leg,
+    carry: Carry,
+) -> Carry:
+    """One leg of a woven adapter at this party: ``weave.steps`` steps from `carry`.
+
+    `start` is the run's base in the family's merge space (the weights the adapter sits on);
+    the carry after the leg goes back to the server. Refused under a privacy mechanism: a leg's
+    steps are not accounted.
+    """
+    if config.privacy.mechanism != "none":
+        raise FedmergeError(
+            f"privacy.mechanism = {config.privacy.mechanism} does not account a woven adapter's "
+            "legs; weave with privacy.mechanism = none"
+        )
+    if leg.domain != part.domain.name:
+        raise FedmergeError(
+            f"leg {leg.index} of {leg.hybrid} is for {leg.domain}, not this party's domain "
+            f"{part.domain.name}"
+        )
+    model = build_model(config.model, part.features.shape[1], config.seed)
+    model.load_merged(start)
+    model.to(resolve_device(config.train.device))
+    with party_threads(config):
+        after, _ = train_leg(model, part, config.train, carry, weave.steps, weave.seed, leg.visit)
+    return after
 
 
 def party_evaluate(

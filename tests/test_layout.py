@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedmerge.merge",),
     ("fedmerge.runs",),
     ("fedmerge.train.run", "fedmerge.merge.run"),  # the workflows, above the library layers
+    ("fedmerge.weaving",),  # woven adapters' roles and schedule, over training in legs
     ("fedmerge.protocol",),
     ("fedmerge.pipeline",),
     ("fedmerge.ablate",),
@@ -30,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
 """Lowest first: a module may import its own layer and those below, never one above."""
 GENERIC = [
     "fedmerge/protocol.py",
+    "fedmerge/weaving.py",
     "fedmerge/pipeline.py",
     "fedmerge/privacy",
     "fedmerge/merge",
