@@ -45,6 +45,7 @@ HEADER = (
 # Which schema validates which preset in configs/ (first matching pattern on the file's stem).
 PRESET_KINDS = [
     ("simulate*", "federation"),
+    ("weaverec*", "federation"),
     ("ablate*", "ablation"),
     ("*", "training"),
 ]

@@ -44,12 +44,16 @@ from fedmerge.protocol import (
     fine_tuned,
     party_data,
     party_evaluate,
+    party_leg,
     party_specs,
     party_train,
     repliers,
 )
 from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
+from fedmerge.train.legs import Carry
+from fedmerge.weaving import Leg
+from fedmerge.woven import WovenTransport, execute_woven
 
 T = TypeVar("T")
 K = TypeVar("K", str, int)
@@ -116,13 +120,16 @@ class InProcess:
         self,
         call: Callable[[PartySpec], T],
         report: Callable[[PartySpec, T, float], None] | None = None,
+        domains: set[str] | None = None,
     ) -> dict[int, T | Exception]:
-        """`call` for every party: its value or its error.
+        """`call` for every party (of `domains`; None: all): its value or its error.
 
         `report` (spec, value, seconds) follows each value.
         """
         results: dict[int, T | Exception] = {}
         for spec in self.specs:
+            if domains is not None and spec.domain not in domains:
+                continue
             began = time.perf_counter()
             try:
                 results[spec.party] = value = call(spec)
@@ -167,8 +174,9 @@ class InProcess:
         models: dict[K, StateDict],
         splits: tuple[str, ...] | None = None,
         sample: bool = False,
+        domains: set[str] | None = None,
     ) -> dict[int, dict[K, Evaluation] | Exception]:
-        """Every party evaluates every model of `models` on its private `splits`.
+        """Every party (of `domains`; None: all) evaluates every model of `models` on `splits`.
 
         `models` maps a label to weights.
         """
@@ -180,7 +188,19 @@ class InProcess:
             lambda s, value, seconds: log_evaluated(
                 self.log, self.round, s, len(models), seconds, sample
             ),
+            domains,
         )
+
+    def legs(self, start: StateDict, requests: list[tuple[Leg, Carry]]) -> list[Carry]:
+        """One tick of woven legs, each at its domain's party (one party per domain)."""
+        weaving = self.config.weaving()
+        if weaving is None:
+            raise FedmergeError("legs belong to a woven run; set target and sources")
+        at = {s.domain: s for s in self.specs}
+        return [
+            party_leg(self.part(at[leg.domain]), start, self.config, weaving, leg, carry)
+            for leg, carry in requests
+        ]
 
     def run_rounds(self, base: StateDict, server: Server) -> list[RoundResult]:
         """Every round from `base`: the parties train, `server` merges, the parties evaluate."""
@@ -656,11 +676,20 @@ def simulate(
         signal.signal(signal.SIGTERM, interrupt)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     run: RunDir | None = None
+    woven: list[Row] = []
     try:
         run = RunDir(out, {"federation": config.model_dump()}, console)
         # a signal that came meanwhile is raised here
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        results = transport(run) if callable(transport) else execute(config, transport, run)
+        if config.target is not None:
+            if not isinstance(transport, WovenTransport):
+                raise FedmergeError(
+                    "a woven run (target and sources) runs in the in-process backend so far; "
+                    "use --backend inprocess"
+                )
+            woven, results = execute_woven(config, transport, run), []
+        else:
+            results = transport(run) if callable(transport) else execute(config, transport, run)
     except KeyboardInterrupt as err:
         if run is not None:
             run.finish("interrupted", signal=str(err.args[0]) if err.args else "SIGINT")
@@ -675,5 +704,5 @@ def simulate(
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run.finish("complete", failed={f"round {r.round}": r.failed for r in results if r.failed})
     if run.screen is not None:
-        run.screen.results([r for result in results for r in result.rows], run.out)
+        run.screen.results(woven or [r for result in results for r in result.rows], run.out)
     return results

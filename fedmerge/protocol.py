@@ -51,7 +51,7 @@ from fedmerge.train.loop import (
     validation_parts,
 )
 from fedmerge.train.private import fit_private, records
-from fedmerge.weaving import Leg, WeaveConfig
+from fedmerge.weaving import Leg, WeaveConfig, WeaveSettings
 
 PRIVATE_METRICS = ("best_epoch", "best_valid_ndcg@10", "last_loss")
 """Training metrics computed from a party's private data: not sent when its privacy mechanism
@@ -108,6 +108,17 @@ class FederationConfig(ConfigModel):
     timeout_minutes: float = Field(
         120.0, gt=0.0, description="how long the server waits for the parties of a round"
     )
+    target: str | None = Field(
+        None,
+        description="a woven run (WeaveRec): the domain the woven model is for; the run's "
+        "domains are then the target and the sources",
+    )
+    sources: list[str] = Field(
+        default_factory=list, description="a woven run's source domains: one hybrid adapter each"
+    )
+    weave: WeaveSettings = Field(
+        default_factory=WeaveSettings, description="how a woven run's hybrids are woven"
+    )
     model: ModelConfig = Field(
         default_factory=default_model, description="the model family and its settings"
     )
@@ -117,6 +128,25 @@ class FederationConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
+        if self.target is not None:
+            roles = self.weaving()
+            assert roles is not None
+            if self.domains and self.domains != roles.domains:
+                raise FedmergeError(
+                    f"domains = {self.domains} but a woven run's domains are its target and "
+                    f"sources, {roles.domains}; leave domains unset"
+                )
+            self.domains = roles.domains
+            if self.parties_per_domain != 1 or self.privacy.mechanism != "none":
+                raise FedmergeError(
+                    "a woven run has one party per domain and no privacy mechanism yet; set "
+                    "parties_per_domain = 1 and privacy.mechanism = none"
+                )
+        elif self.sources:
+            raise FedmergeError(
+                f"sources = {self.sources} without a target; set target (a woven run) or "
+                "leave sources unset"
+            )
         if len(set(self.domains)) != len(self.domains):
             twice = sorted({d for d in self.domains if self.domains.count(d) > 1})
             raise FedmergeError(f"domain {twice[0]!r} is listed twice; give each domain once")
@@ -163,6 +193,17 @@ class FederationConfig(ConfigModel):
             self.evaluate_valid = self.local_calibration = False
             learn.valid_candidates, learn.valid_scales = 0, []
         return self
+
+    def weaving(self) -> WeaveConfig | None:
+        """The woven run's roles and legs (None: not a woven run)."""
+        if self.target is None:
+            return None
+        if not self.sources:
+            raise FedmergeError(
+                f"target = {self.target!r} but no sources; a woven run needs at least one source "
+                'domain: set sources, e.g. sources=["toys"]'
+            )
+        return WeaveConfig(target=self.target, sources=self.sources, **self.weave.model_dump())
 
     def mechanism(self) -> Mechanism:
         """The privacy mechanism of the run (``privacy.mechanism``)."""

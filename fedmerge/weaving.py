@@ -27,19 +27,24 @@ from fedmerge.models import StateDict
 from fedmerge.train.legs import Carry
 
 
-class WeaveConfig(ConfigModel):
-    """Roles and legs of a woven run."""
+class WeaveSettings(ConfigModel):
+    """How hybrids are woven (``[weave]`` of a federation config)."""
 
-    target: str = Field(description="the domain the woven model is for")
-    sources: list[str] = Field(
-        min_length=1, description="the source domains: one hybrid adapter each"
-    )
     steps: int = Field(20, ge=1, description="optimiser steps of one leg at one party")
     visits: int = Field(2, ge=1, description="legs of each hybrid at each of its two parties")
     first: Literal["target", "source"] = Field(
         "target", description="which party of a pair trains a hybrid's first leg"
     )
     seed: int = Field(0, description="seed of the weaving order: each leg's batches")
+
+
+class WeaveConfig(WeaveSettings):
+    """Roles and legs of a woven run."""
+
+    target: str = Field(description="the domain the woven model is for")
+    sources: list[str] = Field(
+        min_length=1, description="the source domains: one hybrid adapter each"
+    )
 
     @model_validator(mode="after")
     def _roles(self) -> WeaveConfig:

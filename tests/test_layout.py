@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedmerge.train.run", "fedmerge.merge.run"),  # the workflows, above the library layers
     ("fedmerge.weaving",),  # woven adapters' roles and schedule, over training in legs
     ("fedmerge.protocol",),
-    ("fedmerge.pipeline",),
+    ("fedmerge.pipeline", "fedmerge.woven"),
     ("fedmerge.ablate",),
     ("clients", "server"),  # the Flower apps, over the pipeline
     ("fedmerge.cli", "fedmerge.__main__"),  # the command line starts either backend
@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
 GENERIC = [
     "fedmerge/protocol.py",
     "fedmerge/weaving.py",
+    "fedmerge/woven.py",
     "fedmerge/pipeline.py",
     "fedmerge/privacy",
     "fedmerge/merge",

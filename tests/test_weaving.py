@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,21 @@ import torch
 from pydantic import ValidationError
 
 from fedmerge.config import load_config
+from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.errors import FedmergeError
-from fedmerge.models import build_model, load_parts
-from fedmerge.models.llm import tiny_base
-from fedmerge.protocol import FederationConfig, base_weights, party_leg
+from fedmerge.merge.vectors import task_vector
+from fedmerge.models import build_model, family, load_parts
+from fedmerge.models.llm import LlmLora, tiny_base
+from fedmerge.pipeline import InProcess, simulate
+from fedmerge.protocol import (
+    Description,
+    Evaluation,
+    FederationConfig,
+    TrainReply,
+    base_weights,
+    party_leg,
+    party_specs,
+)
 from fedmerge.text.tokens import minilm_folder
 from fedmerge.train.legs import Carry, train_leg
 from fedmerge.weaving import Leg, WeaveConfig, hybrid_name, schedule, weave
@@ -113,3 +125,146 @@ def test_weaving_routes_each_leg_to_its_party_and_equals_its_legs_in_order(
     )
     with pytest.raises(FedmergeError, match="does not account a woven adapter's legs"):
         party_leg(parts["synth-0"], start, private, woven, Leg("x", "synth-0", 0, 0), hybrid)
+
+
+def test_a_woven_run_fuses_the_target_only_adapter_and_the_hybrid_with_equal_weights(
+    tmp_path: Path, cache: Path
+) -> None:
+    base = tiny_base(tmp_path / "tiny", minilm_folder())
+    config = load_config(
+        "weaverec",
+        [
+            "target=synth-0",
+            'sources=["synth-1"]',
+            f"model.base={base}",
+            "model.title_tokens=12",
+            "model.prompt_tokens=96",
+            "train.lr=5e-3",
+            "train.batches_per_epoch=3",
+            "train.valid_users=8",
+            "train.evaluation.users=8",
+            "weave.steps=2",
+        ],
+        FederationConfig,
+    )
+    assert config.domains == ["synth-0", "synth-1"]
+    simulate(config, InProcess(config), tmp_path / "run")
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {r["domain"] for r in rows} == {"synth-0"}  # the target evaluates, nobody else
+    assert [r["model"] for r in rows] == [
+        "theta_0",
+        "target-only (synth-0)",
+        "source-only (synth-1)",
+        "naive merge (target-only + source-only)",
+        "fedavg (all parties)",
+        "hybrid synth-0+synth-1",
+        "woven merge (average)",
+    ]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_woven_run_refuses_bad_roles() -> None:
+    with pytest.raises(FedmergeError, match="but no sources"):
+        load_config("weaverec", ["target=synth-0", "sources=[]"], FederationConfig)
+    with pytest.raises(FedmergeError, match="'synth-0' is the target and also a source"):
+        load_config("weaverec", ["target=synth-0", 'sources=["synth-0"]'], FederationConfig)
+    with pytest.raises(FedmergeError, match="without a target"):
+        load_config("simulate", ['sources=["synth-0"]'], FederationConfig)
+    with pytest.raises(FedmergeError, match="a woven run's domains are its target and sources"):
+        load_config("weaverec", ['domains=["synth-3"]'], FederationConfig)
+    with pytest.raises(FedmergeError, match="'weave.visits' must be greater than or equal to 1"):
+        load_config("weaverec", ["weave.visits=0"], FederationConfig)
+
+
+class Scripted:
+    """A backend whose parties return known adapters, to check what the server makes of them."""
+
+    def __init__(self, config: FederationConfig, model: LlmLora) -> None:
+        self.specs, self.config, self.model = party_specs(config), config, model
+        self.generator = torch.Generator().manual_seed(0)
+        self.last: dict[str, dict[str, torch.Tensor]] = {}
+        self.models: dict[str, dict[str, torch.Tensor]] = {}
+
+    def adapter(self) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.randn(v.shape, generator=self.generator) * 0.1
+            for k, v in self.model.exchanged().items()
+        }
+
+    def describe(self, log: object) -> dict[int, Description | Exception]:
+        return {
+            s.party: Description(s.party, s.domain, 200, family("llm-lora").catalogue(
+                synthetic_domain(s.domain), self.config.model
+            ))
+            for s in self.specs
+        }  # fmt: skip
+
+    def train(self, start: object) -> dict[int, TrainReply | Exception]:
+        begin = self.model.exchanged()
+        return {
+            s.party: TrainReply(
+                s.domain,
+                {k: v - begin[k] for k, v in self.adapter().items()},
+                {"users": 100.0 * (s.party + 1)},
+            )
+            for s in self.specs
+        }
+
+    def legs(self, start: object, requests: list[tuple[Leg, Carry]]) -> list[Carry]:
+        out = []
+        for leg, carry in requests:
+            self.last[leg.hybrid + leg.domain] = weights = self.adapter()
+            out.append(Carry(weights, {}, carry.step + 1))
+        return out
+
+    def evaluate(
+        self,
+        models: dict[str, dict[str, torch.Tensor]],
+        splits: object = None,
+        sample: bool = False,
+        domains: set[str] | None = None,
+    ) -> dict[int, dict[str, Evaluation] | Exception]:
+        self.models = models
+        metrics = {"test": {"users": 8.0, "ndcg@10": 0.1, "recall@10": 0.2}}
+        return {s.party: dict.fromkeys(models, metrics) for s in self.specs if s.domain in domains}
+
+
+def test_the_server_fuses_delta_w_with_equal_weights_and_fedavg_weighs_by_users(
+    tmp_path: Path, cache: Path
+) -> None:
+    base = tiny_base(tmp_path / "tiny", minilm_folder())
+    config = load_config(
+        "weaverec",
+        [
+            "target=synth-0",
+            'sources=["synth-1"]',
+            f"model.base={base}",
+            "model.title_tokens=12",
+            "model.prompt_tokens=96",
+        ],
+        FederationConfig,
+    )
+    model = build_model(config.model, 12, config.seed)
+    scripted = Scripted(config, model)
+    simulate(config, scripted, tmp_path / "run")  # type: ignore[arg-type]
+    theta = scripted.models["theta_0"]
+    delta = {name: task_vector(theta, w) for name, w in scripted.models.items()}
+    target, source = delta["target-only (synth-0)"], delta["source-only (synth-1)"]
+    hybrid = delta["hybrid synth-0+synth-1"]
+    # the woven merge: the base plus the mean Delta W of the target-only adapter and the hybrid
+    for key in theta:
+        woven = delta["woven merge (average)"][key]
+        assert torch.allclose(woven, (target[key] + hybrid[key]) / 2, atol=1e-6)
+        naive = delta["naive merge (target-only + source-only)"][key]
+        assert torch.allclose(naive, (target[key] + source[key]) / 2, atol=1e-6)
+    # the hybrid is its last leg's adapter (at the source: 2 visits, target first)
+    last = model.merge_space(scripted.last["synth-0+synth-1synth-1"])
+    assert all(torch.allclose(last[k], scripted.models["hybrid synth-0+synth-1"][k]) for k in last)
+    # FedAvg: the last round's legs weighed by the parties' users (100 and 200)
+    mean = {
+        k: (scripted.last["fedavgsynth-0"][k] + 2 * scripted.last["fedavgsynth-1"][k]) / 3
+        for k in scripted.last["fedavgsynth-0"]
+    }
+    fedavg = model.merge_space(mean)
+    reported = scripted.models["fedavg (all parties)"]
+    assert all(torch.allclose(fedavg[k], reported[k], atol=1e-6) for k in fedavg)

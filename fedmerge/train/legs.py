@@ -34,7 +34,8 @@ class Carry:
 
     ``weights`` is the model's exchanged state, ``moments`` AdamW's ``exp_avg`` and
     ``exp_avg_sq`` of each trained parameter (keys ``NAME.exp_avg`` / ``NAME.exp_avg_sq``; empty
-    before the first step) and ``step`` the optimiser steps taken so far.
+    before the first step, or to start a fresh optimiser) and ``step`` the optimiser steps taken
+    so far (the learning-rate warm-up follows it).
     """
 
     weights: StateDict
@@ -90,7 +91,7 @@ def train_leg(
     params = trainable_parameters(model, config.frozen)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    if carry.step:
+    if carry.moments:  # none: a fresh optimiser (the learning rate still follows carry.step)
         for name, param in zip(names, params, strict=True):
             optimizer.state[param] = {
                 "step": torch.tensor(float(carry.step)),

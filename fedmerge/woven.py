@@ -1,0 +1,214 @@
+"""A woven run (WeaveRec in a federation): local adapters, woven hybrids, fusion and baselines.
+
+Every party fine-tunes its own adapter from the base (the target-only adapter at the target, a
+source-only adapter at each source); each source's hybrid is woven between the target and that
+source (:mod:`fedmerge.weaving`); one adapter is FedAvg-trained over all the run's parties with
+the same steps per party as weaving (``weave.visits`` rounds of ``weave.steps`` local steps,
+averaged by users); the server fuses, with ``merge`` (equal weights: WeaveRec's released
+setting), the target-only adapter and the hybrids (*woven*), and the target-only and source-only
+adapters (*naive*). The target party evaluates every model on its private splits; the server
+sees adapters, optimiser states of hybrids and aggregate metrics only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fedmerge.errors import FedmergeError
+from fedmerge.merge.server import Member, MergeConfig, MergeOutcome, server_merge
+from fedmerge.merge.vectors import StateDict, combine, task_vector
+from fedmerge.models import build_model
+from fedmerge.protocol import (
+    Description,
+    Evaluation,
+    FederationConfig,
+    PartySpec,
+    TrainReply,
+    base_weights,
+    check_description,
+    domain_rows,
+)
+from fedmerge.runs.results import Row
+from fedmerge.runs.rundir import RunDir, report_text
+from fedmerge.train.legs import Carry
+from fedmerge.weaving import Leg, WeaveConfig, hybrid_name, weave
+
+
+@runtime_checkable
+class WovenTransport(Protocol):
+    """What a woven run needs of a backend."""
+
+    specs: list[PartySpec]
+
+    def describe(self, log: Callable[..., None]) -> dict[int, Description | Exception]:
+        """Each party's description and item table."""
+        ...
+
+    def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
+        """Every party fine-tunes its own adapter from `start`."""
+        ...
+
+    def legs(self, start: StateDict, requests: list[tuple[Leg, Carry]]) -> list[Carry]:
+        """One tick's legs, each at its domain's party."""
+        ...
+
+    def evaluate(
+        self,
+        models: dict[str, StateDict],
+        splits: tuple[str, ...] | None = None,
+        sample: bool = False,
+        domains: set[str] | None = None,
+    ) -> dict[int, dict[str, Evaluation] | Exception]:
+        """The parties of `domains` (None: every party) evaluate every model."""
+        ...
+
+
+def execute_woven(config: FederationConfig, transport: WovenTransport, run: RunDir) -> list[Row]:
+    """The whole woven run on `transport` (see the module docstring); its rows.
+
+    The caller sets the final status of `run`.
+    """
+    weaving = config.weaving()
+    if weaving is None:
+        raise FedmergeError("a woven run needs a target and sources; set target and sources")
+    clock = {"start": time.perf_counter()}
+    described = transport.describe(run.log)
+    broken = {p: v for p, v in described.items() if isinstance(v, Exception)}
+    if broken:
+        party, err = next(iter(broken.items()))
+        raise FedmergeError(f"party {party} could not load its data: {err}")
+    tables: dict[str, torch.Tensor] = {}
+    for party, description in described.items():
+        assert not isinstance(description, Exception)
+        check_description(description, f"party {party}")
+        tables[description.domain] = description.table
+    width = tables[weaving.target].shape[1]
+    base = base_weights(config, width)
+    skeleton = build_model(config.model, width, config.seed)
+    skeleton.load_merged(base)
+    begin = skeleton.exchanged()
+
+    run.log("weave_local_start", parties=len(transport.specs))
+    replies = _replies(transport.train(base))
+    local = {
+        domain: combine(base, [skeleton.merge_update(reply.update)], [1.0])
+        for domain, reply in replies.items()
+    }
+    clock["local"] = time.perf_counter()
+    run.log(
+        "weave_hybrids_start", hybrids=[hybrid_name(weaving.target, s) for s in weaving.sources]
+    )
+    hybrids = weave(begin, weaving, lambda tick: transport.legs(base, tick))
+    clock["woven"] = time.perf_counter()
+    users = {domain: reply.metrics["users"] for domain, reply in replies.items()}
+    fedavg = _fedavg(weaving, transport, base, begin, users)
+    clock["fedavg"] = time.perf_counter()
+
+    def at(carry: Carry) -> StateDict:
+        return combine(base, [skeleton.merge_update(task_vector(begin, carry.weights))], [1.0])
+
+    target_only = local[weaving.target]
+    woven = _fuse(
+        config,
+        base,
+        {weaving.target: target_only} | {name: at(carry) for name, carry in hybrids.items()},
+        tables[weaving.target],
+    )
+    naive = _fuse(config, base, local, tables[weaving.target])
+    clock["fused"] = time.perf_counter()
+    models = {
+        "theta_0": base,
+        f"target-only ({weaving.target})": target_only,
+        **{f"source-only ({s})": local[s] for s in weaving.sources},
+        "naive merge (target-only + source-only)": naive.merged,
+        "fedavg (all parties)": at(fedavg),
+        **{f"hybrid {name}": at(carry) for name, carry in hybrids.items()},
+        f"woven merge ({config.merge.method})": woven.merged,
+    }
+    run.log("evaluate_start", models=list(models), parties=1)
+    evaluations = transport.evaluate(models, domains={weaving.target})
+    usable = [
+        (spec, value)
+        for spec in transport.specs
+        if spec.domain == weaving.target
+        and not isinstance(value := evaluations[spec.party], Exception)
+    ]
+    if not usable:
+        raise FedmergeError(f"the target party ({weaving.target}) could not evaluate the models")
+    protocol = config.train.evaluation.name()
+    rows = [
+        r
+        for label in models
+        for r in domain_rows(label, [(s, v[label]) for s, v in usable], protocol)
+    ]
+    now = time.perf_counter()
+    seconds = {
+        "local adapters": round(clock["local"] - clock["start"], 2),
+        "weaving": round(clock["woven"] - clock["local"], 2),
+        "fedavg": round(clock["fedavg"] - clock["woven"], 2),
+        "fusion": round(clock["fused"] - clock["fedavg"], 2),
+        "evaluation": round(now - clock["fused"], 2),
+    }
+    facts = {
+        "target": weaving.target,
+        "sources": ", ".join(weaving.sources),
+        "weaving": f"{weaving.visits} legs of {weaving.steps} steps at each party of each "
+        f"hybrid, {weaving.first} first, seed {weaving.seed}",
+        "fusion": f"{config.merge.method} {config.merge.params or ''} + {config.merge.learn.mode}",
+        "seconds": seconds,
+        "machine": run.status["machine"],
+    }
+    run.write_results(
+        rows,
+        woven.merged,
+        woven.coefficients,
+        report_text("fedmerge simulate (woven)", rows, facts),
+    )
+    return rows
+
+
+def _replies(replies: dict[int, TrainReply | Exception]) -> dict[str, TrainReply]:
+    """Each domain's reply; a failed party fails the run (every adapter is needed)."""
+    out = {}
+    for party, reply in sorted(replies.items()):
+        if isinstance(reply, Exception):
+            raise FedmergeError(f"party {party} failed to train its adapter: {reply}")
+        out[reply.domain] = reply
+    return out
+
+
+def _fedavg(
+    weaving: WeaveConfig,
+    transport: WovenTransport,
+    base: StateDict,
+    begin: StateDict,
+    users: dict[str, float],
+) -> Carry:
+    """One adapter FedAvg-trained over every party: per round, one leg each, averaged by users.
+
+    Each round's legs start a fresh optimiser from the round's average (plain FedAvg).
+    """
+    carry = Carry(dict(begin), {})
+    for round_ in range(weaving.visits):
+        legs = [Leg("fedavg", s.domain, round_, round_) for s in transport.specs]
+        after = transport.legs(base, [(leg, carry) for leg in legs])
+        total = sum(users[leg.domain] for leg in legs)
+        weights = {k: torch.zeros_like(v) for k, v in begin.items()}
+        for leg, reached in zip(legs, after, strict=True):
+            for k in weights:
+                weights[k] += users[leg.domain] / total * reached.weights[k]
+        carry = Carry(weights, {}, carry.step + weaving.steps)
+    return carry
+
+
+def _fuse(
+    config: FederationConfig, base: StateDict, adapters: dict[str, StateDict], table: torch.Tensor
+) -> MergeOutcome:
+    """``merge`` of `adapters` (merge space) from `base`, every member on the target's table."""
+    members = [Member(name, task_vector(base, w), table) for name, w in adapters.items()]
+    merge: MergeConfig = config.merge
+    return server_merge(base, members, config.model, config.seed, merge, quiet=True)
