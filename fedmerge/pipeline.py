@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
 from fedmerge.train.legs import Carry
 from fedmerge.weaving import Leg
-from fedmerge.woven import WovenTransport, execute_woven
+from fedmerge.woven import WovenTransport, woven_run
 
 T = TypeVar("T")
 K = TypeVar("K", str, int)
@@ -617,6 +617,14 @@ def execute(config: FederationConfig, transport: Transport, run: RunDir) -> list
     return results
 
 
+def execute_woven(
+    config: FederationConfig, transport: WovenTransport, run: RunDir
+) -> list[RoundResult]:
+    """A woven run on `transport` (:mod:`fedmerge.woven`), as one round's result."""
+    rows, outcome, seconds = woven_run(config, transport, run)
+    return [RoundResult(1, rows, outcome, seconds=seconds)]
+
+
 def privacy_record(config: FederationConfig, spent: dict[str, dict[str, float]]) -> dict:
     """What the run's privacy setting was and what it spent (for run.json and report.md)."""
     mechanism = config.mechanism()
@@ -676,20 +684,16 @@ def simulate(
         signal.signal(signal.SIGTERM, interrupt)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     run: RunDir | None = None
-    woven: list[Row] = []
     try:
         run = RunDir(out, {"federation": config.model_dump()}, console)
         # a signal that came meanwhile is raised here
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if config.target is not None:
-            if not isinstance(transport, WovenTransport):
-                raise FedmergeError(
-                    "a woven run (target and sources) runs in the in-process backend so far; "
-                    "use --backend inprocess"
-                )
-            woven, results = execute_woven(config, transport, run), []
+        if callable(transport):
+            results = transport(run)
+        elif config.target is not None:
+            results = execute_woven(config, cast(WovenTransport, transport), run)
         else:
-            results = transport(run) if callable(transport) else execute(config, transport, run)
+            results = execute(config, transport, run)
     except KeyboardInterrupt as err:
         if run is not None:
             run.finish("interrupted", signal=str(err.args[0]) if err.args else "SIGINT")
@@ -704,5 +708,5 @@ def simulate(
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run.finish("complete", failed={f"round {r.round}": r.failed for r in results if r.failed})
     if run.screen is not None:
-        run.screen.results(woven or [r for result in results for r in result.rows], run.out)
+        run.screen.results([r for result in results for r in result.rows], run.out)
     return results

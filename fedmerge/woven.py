@@ -67,8 +67,12 @@ class WovenTransport(Protocol):
         ...
 
 
-def execute_woven(config: FederationConfig, transport: WovenTransport, run: RunDir) -> list[Row]:
-    """The whole woven run on `transport` (see the module docstring); its rows.
+def woven_run(
+    config: FederationConfig, transport: WovenTransport, run: RunDir
+) -> tuple[list[Row], MergeOutcome, dict[str, float]]:
+    """The whole woven run on `transport` (see the module docstring).
+
+    Its rows, the woven merge and the seconds of each step.
 
     The caller sets the final status of `run`.
     """
@@ -168,7 +172,7 @@ def execute_woven(config: FederationConfig, transport: WovenTransport, run: RunD
         woven.coefficients,
         report_text("fedmerge simulate (woven)", rows, facts),
     )
-    return rows
+    return rows, woven, seconds
 
 
 def _replies(replies: dict[int, TrainReply | Exception]) -> dict[str, TrainReply]:
