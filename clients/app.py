@@ -3,8 +3,8 @@
 The party is resolved from the node config: ``domain`` (plus optional ``shard`` / ``shards``)
 on a deployed SuperNode, or ``partition-id`` in simulation, mapped through the federation
 config the server sends. Private data never leaves this process: replies hold the update, the
-public item table (once, in the ``query`` reply) and aggregate metrics only; the wire layout
-lives in :mod:`server.records`.
+public item table (once, in the ``query`` reply), a woven adapter's carry (``train.leg``) and
+aggregate metrics only; the wire layout lives in :mod:`server.records`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from fedmerge.privacy import Ledger
 from fedmerge.protocol import (
     FederationConfig,
     PartySpec,
+    base_weights,
     describe,
     party_data,
     party_evaluate,
+    party_leg,
     party_specs,
     party_train,
 )
@@ -30,8 +32,10 @@ from server import secagg
 from server.records import (
     description_content,
     evaluate_reply_content,
+    leg_reply_content,
     read_evaluate_request,
     read_federation,
+    read_leg,
     read_start,
     train_reply_content,
 )
@@ -100,6 +104,22 @@ def train(msg: Message, context: Context) -> Message:
     if secagg.is_secagg(msg):
         return Message(secagg.fitres_content(reply, start), reply_to=msg)
     return Message(train_reply_content(spec.party, reply), reply_to=msg)
+
+
+@app.train("leg")
+def leg(msg: Message, context: Context) -> Message:
+    """Train one leg of a woven adapter from the carry received; reply with the carry after it.
+
+    The base the adapter sits on is the run's seeded theta_0, rebuilt here (it never travels).
+    """
+    config, spec, part = _party(msg, context)
+    weaving = config.weaving()
+    if weaving is None:
+        raise FedmergeError("a woven leg came for a run without target and sources")
+    request, carry = read_leg(msg)
+    start = base_weights(config, part.features.shape[1])
+    after = party_leg(part, start, config, weaving, request, carry)
+    return Message(leg_reply_content(spec.party, request, after), reply_to=msg)
 
 
 @app.evaluate()

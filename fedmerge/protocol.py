@@ -137,6 +137,11 @@ class FederationConfig(ConfigModel):
                     f"sources, {roles.domains}; leave domains unset"
                 )
             self.domains = roles.domains
+            if self.base is not None:
+                raise FedmergeError(
+                    "a woven run starts from the model config's own base (each party rebuilds "
+                    "it, nothing of it travels); leave base unset"
+                )
             if self.parties_per_domain != 1 or self.privacy.mechanism != "none":
                 raise FedmergeError(
                     "a woven run has one party per domain and no privacy mechanism yet; set "

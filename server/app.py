@@ -38,6 +38,7 @@ from fedmerge.pipeline import (
     RoundResult,
     Server,
     execute,
+    execute_woven,
     log_evaluated,
     log_ready,
     log_trained,
@@ -53,13 +54,17 @@ from fedmerge.protocol import (
     party_specs,
     repliers,
 )
+from fedmerge.train.legs import Carry
+from fedmerge.weaving import Leg
 from server import secagg
 from server.records import (
     evaluate_asked,
     evaluate_content,
     federation,
+    leg_content,
     read_description,
     read_evaluations,
+    read_leg,
     read_metrics,
     read_train_reply,
     sender,
@@ -70,7 +75,9 @@ if TYPE_CHECKING:
     from fedmerge.runs.rundir import RunDir
 
 
-def _error(msg: Message) -> Exception:
+def _error(msg: Message | None) -> Exception:
+    if msg is None:
+        return RuntimeError("no reply")
     return RuntimeError(msg.error.reason if msg.has_error() else "empty reply")
 
 
@@ -302,6 +309,103 @@ class FlowerBackend:
         return server.results
 
 
+class FlowerWoven:
+    """The transport of a woven run (:mod:`fedmerge.woven`) on the ServerApp's grid.
+
+    ``train`` messages for every party's own adapter, ``train.leg`` for each tick's legs (one per
+    party, at once), ``evaluate`` to the target's party; the server sees adapters, carries and
+    aggregate metrics only.
+    """
+
+    def __init__(
+        self, grid: Grid, config: FederationConfig, context: Context | None = None
+    ) -> None:
+        self.grid, self.config, self.context = grid, config, context
+        self.specs = party_specs(config)
+        self.nodes: dict[int, int] = {}
+
+    def describe(self, log: Log) -> dict[int, Description | Exception]:
+        """Each party's description."""
+        found, self.nodes = discover(self.grid, self.config)
+        return dict(found)
+
+    def _send(self, kind: str, contents: dict[int, RecordDict], group: str) -> dict[int, Message]:
+        """Send each party its content; its reply, by party (a party that did not reply: none)."""
+        messages = [
+            Message(content=c, message_type=kind, dst_node_id=self.nodes[p], group_id=group)
+            for p, c in contents.items()
+        ]
+        party_of = {node: party for party, node in self.nodes.items()}
+        replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
+        return {party_of[m.metadata.src_node_id]: m for m in replies}
+
+    def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
+        """Every party fine-tunes its own adapter from `start`."""
+        content = train_content(ArrayRecord(start), federation(self.config))
+        replies = self._send("train", {s.party: content for s in self.specs}, "own")
+        return {
+            s.party: read_train_reply(msg)
+            if (msg := replies.get(s.party)) is not None and not msg.has_error()
+            else _error(msg)
+            for s in self.specs
+        }
+
+    def legs(self, start: StateDict, requests: list[tuple[Leg, Carry]]) -> list[Carry]:
+        """One tick's legs, each at its domain's party (who rebuilds the base `start` itself)."""
+        at = {s.domain: s.party for s in self.specs}
+        config = federation(self.config)
+        replies = self._send(
+            "train.leg",
+            {at[leg.domain]: leg_content(config, leg, carry) for leg, carry in requests},
+            "legs",
+        )
+        carries = []
+        for leg, _ in requests:
+            msg = replies.get(at[leg.domain])
+            if msg is None or msg.has_error():
+                raise FedmergeError(
+                    f"the {leg.domain} party failed leg {leg.index} of {leg.hybrid}: {_error(msg)}"
+                )
+            carries.append(read_leg(msg)[1])
+        return carries
+
+    def evaluate(
+        self,
+        models: dict[str, StateDict],
+        splits: tuple[str, ...] | None = None,
+        sample: bool = False,
+        domains: set[str] | None = None,
+    ) -> dict[int, dict[str, Evaluation] | Exception]:
+        """The parties of `domains` (None: all) evaluate every model on `splits`."""
+        splits = splits or self.config.splits
+        content = evaluate_content(
+            federation(self.config), EvaluateRequest(list(models.values()), splits, sample)
+        )
+        parties = [s.party for s in self.specs if domains is None or s.domain in domains]
+        replies = self._send("evaluate", dict.fromkeys(parties, content), "evaluate")
+        out: dict[int, dict[str, Evaluation] | Exception] = {}
+        for party in parties:
+            msg = replies.get(party)
+            try:
+                out[party] = (
+                    _error(msg)
+                    if msg is None or msg.has_error()
+                    else dict(zip(models, read_evaluations(msg, len(models), splits), strict=True))
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                out[party] = FedmergeError(f"malformed reply ({type(err).__name__}: {err})")
+        return out
+
+
+def run_federation(
+    config: FederationConfig, grid: Grid, context: Context | None, run: RunDir
+) -> list[RoundResult]:
+    """The whole run on the ServerApp's grid: the rounds, or a woven run."""
+    if config.target is not None:
+        return execute_woven(config, FlowerWoven(grid, config, context), run)
+    return execute(config, FlowerBackend(grid, config, context), run)
+
+
 Reporter = Callable[[Message, Message, float], None]
 """Called for every reply as it arrives: (request, reply, seconds since the request was sent)."""
 
@@ -425,6 +529,6 @@ def main(grid: Grid, context: Context) -> None:
             grid, threading.Event(), reply_logger(config, run_dir.log), poll=1.0
         )
         # a Grid by delegation: StoppableGrid passes everything but the waits to `grid`
-        return execute(config, FlowerBackend(cast(Grid, watched), config, context), run_dir)
+        return run_federation(config, cast(Grid, watched), context, run_dir)
 
     simulate(config, run, out, Console(markup=False))

@@ -15,6 +15,9 @@ query     ``config``                                            ``party`` (id, d
 train     ``config``, ``arrays`` (the start: one ArrayRecord)   ``update`` (one ArrayRecord),
                                                                 ``metrics``, ``party``
 evaluate  ``config`` (+ models, splits, sample), ``model-<i>``  ``party``, ``metrics-<i>-<split>``
+train.leg ``config``, ``leg`` (hybrid, domain, visit, index,    ``party``, ``weights``, ``moments``,
+          step), ``weights``, ``moments`` (a woven adapter's    ``leg``
+          carry)
 ========  ====================================================  ====================================
 """
 
@@ -36,6 +39,8 @@ from flwr.app import (
 from fedmerge.errors import FedmergeError
 from fedmerge.merge.vectors import StateDict
 from fedmerge.protocol import Description, EvaluateRequest, Evaluation, FederationConfig, TrainReply
+from fedmerge.train.legs import Carry
+from fedmerge.weaving import Leg
 
 
 def _arrays(content: RecordDict, key: str) -> StateDict:
@@ -191,3 +196,50 @@ def read_evaluations(msg: Message, models: int, splits: tuple[str, ...]) -> list
 def sender(msg: Message) -> int:
     """The party id a reply names."""
     return _int(_config(msg.content, "party"), "party")
+
+
+def leg_content(config: ConfigRecord, leg: Leg, carry: Carry) -> RecordDict:
+    """A ``train.leg`` request: which leg, and the carry it starts from."""
+    return RecordDict({"config": config, **_carry(leg, carry)})
+
+
+def _carry(leg: Leg, carry: Carry) -> dict[str, ArrayRecord | ConfigRecord]:
+    return {
+        "leg": ConfigRecord(
+            {
+                "hybrid": leg.hybrid,
+                "domain": leg.domain,
+                "visit": leg.visit,
+                "index": leg.index,
+                "step": carry.step,
+            }
+        ),
+        "weights": ArrayRecord(carry.weights),
+        "moments": ArrayRecord(carry.moments),
+    }
+
+
+def read_leg(msg: Message) -> tuple[Leg, Carry]:
+    """The leg and carry of a ``train.leg`` request or reply; a malformed one is refused."""
+    try:
+        record = _config(msg.content, "leg")
+        leg = Leg(
+            str(record["hybrid"]),
+            str(record["domain"]),
+            _int(record, "visit"),
+            _int(record, "index"),
+        )
+        moments = cast(ArrayRecord, msg.content["moments"])
+        carry = Carry(
+            _arrays(msg.content, "weights"),
+            moments.to_torch_state_dict() if len(moments) else {},
+            _int(record, "step"),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise FedmergeError(f"malformed leg ({type(err).__name__}: {err})") from err
+    return leg, carry
+
+
+def leg_reply_content(party: int, leg: Leg, carry: Carry) -> RecordDict:
+    """A ``train.leg`` reply: the carry after the leg, and who trained it."""
+    return RecordDict({"party": _party(party, leg.domain), **_carry(leg, carry)})

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.errors import FedmergeError
 from fedmerge.protocol import FederationConfig
-from server.app import FlowerBackend, StoppableGrid, reply_logger
+from server.app import StoppableGrid, reply_logger, run_federation
 
 if TYPE_CHECKING:
     from fedmerge.pipeline import RoundResult
@@ -36,8 +36,6 @@ def server_app(config: FederationConfig, holder: dict) -> ServerApp:
     ``holder["stop"]`` (a ``threading.Event``) ends its waits for the parties (see
     :class:`StoppableGrid`).
     """
-    from fedmerge.pipeline import execute
-
     app = ServerApp()
 
     @app.main()
@@ -45,9 +43,7 @@ def server_app(config: FederationConfig, holder: dict) -> ServerApp:
         try:
             watched = StoppableGrid(grid, holder["stop"], reply_logger(config, holder["run"].log))
             # a Grid by delegation: StoppableGrid passes everything but the waits to `grid`
-            holder["results"] = execute(
-                config, FlowerBackend(cast(Grid, watched), config, context), holder["run"]
-            )
+            holder["results"] = run_federation(config, cast(Grid, watched), context, holder["run"])
         except BaseException as err:  # noqa: BLE001 - handed back to the caller of run_simulation
             holder["error"] = err
 

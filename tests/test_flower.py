@@ -75,13 +75,13 @@ class Recording:
 def record_grids(monkeypatch: pytest.MonkeyPatch) -> list[Recording]:
     """The grids of every Flower run started from now on, each recording its messages."""
     grids: list[Recording] = []
-    original = server.app.FlowerBackend.__init__
+    for backend in (server.app.FlowerBackend, server.app.FlowerWoven):
 
-    def recording_init(self, grid, config, context=None):  # type: ignore[no-untyped-def]
-        grids.append(Recording(grid))
-        original(self, grids[-1], config, context)
+        def recording_init(self, grid, config, context=None, original=backend.__init__):  # type: ignore[no-untyped-def]
+            grids.append(Recording(grid))
+            original(self, grids[-1], config, context)
 
-    monkeypatch.setattr(server.app.FlowerBackend, "__init__", recording_init)
+        monkeypatch.setattr(backend, "__init__", recording_init)
     return grids
 
 

@@ -268,3 +268,49 @@ def test_the_server_fuses_delta_w_with_equal_weights_and_fedavg_weighs_by_users(
     fedavg = model.merge_space(mean)
     reported = scripted.models["fedavg (all parties)"]
     assert all(torch.allclose(fedavg[k], reported[k], atol=1e-6) for k in fedavg)
+
+
+def test_a_woven_run_on_flower_equals_in_process_and_sends_only_adapters_and_carries(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.simulation
+    from server.records import read_leg
+    from tests.test_flower import record_grids
+
+    base = tiny_base(tmp_path / "tiny", minilm_folder())
+    config = load_config(
+        "weaverec",
+        [
+            "target=synth-0",
+            'sources=["synth-1"]',
+            f"model.base={base}",
+            "model.title_tokens=12",
+            "model.prompt_tokens=96",
+            "train.batches_per_epoch=2",
+            "train.valid_users=6",
+            "train.evaluation.users=6",
+            "weave.steps=2",
+        ],
+        FederationConfig,
+    )
+    grids = record_grids(monkeypatch)
+    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
+    simulate(config, InProcess(config), tmp_path / "inprocess")
+    flower, inprocess = (
+        json.loads((tmp_path / name / "metrics.json").read_text())
+        for name in ("flower", "inprocess")
+    )
+    assert flower == inprocess
+    legs = [m for m in grids[0].seen if m.metadata.message_type == "train.leg"]
+    assert len(legs) == 16  # 4 hybrid legs and 2 FedAvg rounds of 2 legs, each sent and answered
+    adapter = set(build_model(config.model, 12, 0).exchanged())
+    for msg in legs:
+        _, carry = read_leg(msg)
+        assert set(carry.weights) == adapter  # the LoRA factors, nothing of the base model
+        assert {k.rsplit(".", 1)[0] for k in carry.moments} <= adapter
+    evaluated = {
+        m.metadata.dst_node_id
+        for m in grids[0].seen
+        if m.metadata.message_type == "evaluate" and not m.metadata.reply_to_message_id
+    }
+    assert len(evaluated) == 1  # the target's party only
