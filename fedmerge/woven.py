@@ -124,6 +124,8 @@ def woven_run(
     )
     naive = _fuse(config, base, local, tables[weaving.target])
     clock["fused"] = time.perf_counter()
+    learn = config.merge.learn.mode
+    fusion = config.merge.method + ("" if learn == "none" else f" + {learn}")
     models = {
         "theta_0": base,
         f"target-only ({weaving.target})": target_only,
@@ -131,7 +133,7 @@ def woven_run(
         "naive merge (target-only + source-only)": naive.merged,
         "fedavg (all parties)": at(fedavg),
         **{f"hybrid {name}": at(carry) for name, carry in hybrids.items()},
-        f"woven merge ({config.merge.method})": woven.merged,
+        f"woven merge ({fusion})": woven.merged,
     }
     run.log("evaluate_start", models=list(models), parties=1)
     evaluations = transport.evaluate(models, domains={weaving.target})
@@ -162,7 +164,7 @@ def woven_run(
         "sources": ", ".join(weaving.sources),
         "weaving": f"{weaving.visits} legs of {weaving.steps} steps at each party of each "
         f"hybrid, {weaving.first} first, seed {weaving.seed}",
-        "fusion": f"{config.merge.method} {config.merge.params or ''} + {config.merge.learn.mode}",
+        "fusion": f"{fusion} {config.merge.params or ''}",
         "seconds": seconds,
         "machine": run.status["machine"],
     }

@@ -163,7 +163,7 @@ def test_a_woven_run_fuses_the_target_only_adapter_and_the_hybrid_with_equal_wei
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
 
 
-def test_a_woven_run_refuses_bad_roles() -> None:
+def test_a_woven_run_refuses_bad_roles(tmp_path: Path) -> None:
     with pytest.raises(FedmergeError, match="but no sources"):
         load_config("weaverec", ["target=synth-0", "sources=[]"], FederationConfig)
     with pytest.raises(FedmergeError, match="'synth-0' is the target and also a source"):
@@ -174,6 +174,14 @@ def test_a_woven_run_refuses_bad_roles() -> None:
         load_config("weaverec", ['domains=["synth-3"]'], FederationConfig)
     with pytest.raises(FedmergeError, match="'weave.visits' must be greater than or equal to 1"):
         load_config("weaverec", ["weave.visits=0"], FederationConfig)
+    with pytest.raises(FedmergeError, match="'weave.steps' must be greater than or equal to 1"):
+        load_config("weaverec", ["weave.steps=0"], FederationConfig)
+    with pytest.raises(FedmergeError, match="leave base unset"):
+        load_config("weaverec", ["base=theta.safetensors"], FederationConfig)
+    unknown = load_config("weaverec", ["target=nosuch"], FederationConfig)
+    with pytest.raises(FedmergeError, match="nosuch"):
+        simulate(unknown, InProcess(unknown), tmp_path / "run")
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 class Scripted:
