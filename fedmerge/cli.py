@@ -571,12 +571,16 @@ def simulate(
         if federation.parties_per_domain > 1
         else "one party each"
     )
+    shape = (
+        f"{federation.rounds} round{'s' if federation.rounds > 1 else ''}"
+        if federation.target is None
+        else f"woven for {federation.target}"
+    )
     if federation.domains:
         console.print(
             Text(
-                f"fedmerge simulate: {', '.join(federation.domains)} ({parties}), "
-                f"{federation.rounds} round{'s' if federation.rounds > 1 else ''}, backend "
-                f"{backend}, run directory {out}"
+                f"fedmerge simulate: {', '.join(federation.domains)} ({parties}), {shape}, "
+                f"backend {backend}, run directory {out}"
             ),
             soft_wrap=True,
             highlight=False,

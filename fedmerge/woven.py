@@ -80,6 +80,7 @@ def woven_run(
     if weaving is None:
         raise FedmergeError("a woven run needs a target and sources; set target and sources")
     clock = {"start": time.perf_counter()}
+    run.log("data_start", domains=config.domains, shards=1)
     described = transport.describe(run.log)
     broken = {p: v for p, v in described.items() if isinstance(v, Exception)}
     if broken:
@@ -104,10 +105,14 @@ def woven_run(
     }
     clock["local"] = time.perf_counter()
     run.log(
-        "weave_hybrids_start", hybrids=[hybrid_name(weaving.target, s) for s in weaving.sources]
+        "weave_hybrids_start",
+        hybrids=[hybrid_name(weaving.target, s) for s in weaving.sources],
+        legs=2 * weaving.visits,
+        steps=weaving.steps,
     )
     hybrids = weave(begin, weaving, lambda tick: transport.legs(base, tick))
     clock["woven"] = time.perf_counter()
+    run.log("weave_fedavg_start", rounds=weaving.visits, parties=len(transport.specs))
     users = {domain: reply.metrics["users"] for domain, reply in replies.items()}
     fedavg = _fedavg(weaving, transport, base, begin, users)
     clock["fedavg"] = time.perf_counter()
@@ -135,7 +140,7 @@ def woven_run(
         **{f"hybrid {name}": at(carry) for name, carry in hybrids.items()},
         f"woven merge ({fusion})": woven.merged,
     }
-    run.log("evaluate_start", models=list(models), parties=1)
+    run.log("weave_evaluate_start", models=list(models), target=weaving.target)
     evaluations = transport.evaluate(models, domains={weaving.target})
     usable = [
         (spec, value)
@@ -159,6 +164,7 @@ def woven_run(
         "fusion": round(clock["fused"] - clock["fedavg"], 2),
         "evaluation": round(now - clock["fused"], 2),
     }
+    run.log("weave_done", seconds=seconds)
     facts = {
         "target": weaving.target,
         "sources": ", ".join(weaving.sources),

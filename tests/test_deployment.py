@@ -376,3 +376,27 @@ def test_deployed_language_model_parties_match_inprocess(
     assert deployed == inprocess
     assert {r["protocol"] for r in deployed} == {"19 uniform negatives, seed 0, 8 users sampled"}
     assert {r["model"] for r in deployed} >= {"theta_0", "fine-tuned on synth-0"}
+
+
+def test_deployed_woven_run_matches_inprocess(
+    deployment: Processes, tmp_path: Path, cache: Path
+) -> None:
+    base = tiny_base(tmp_path / "tiny-llm", minilm_folder())
+    overrides = [
+        "target=synth-0",
+        'sources=["synth-1"]',
+        "client_cpus=1",
+        f"model.base={base}",
+        "model.title_tokens=12",
+        "model.prompt_tokens=96",
+        "train.evaluation.users=6",
+        "train.valid_users=6",
+        "train.batches_per_epoch=2",
+        "weave.steps=2",
+        "timeout_minutes=3",
+    ]
+    run_config = {"config": "weaverec", "set": ";".join(overrides), "out": str(tmp_path / "out")}
+    deployed, inprocess = run_both(deployment, run_config, tmp_path / "inprocess")
+    assert deployed == inprocess
+    assert {r["domain"] for r in deployed} == {"synth-0"}
+    assert "woven merge (average)" in {r["model"] for r in deployed}

@@ -272,6 +272,26 @@ class RunScreen:
         left = f"; left out: {', '.join(r['failed'])}" if r.get("failed") else ""
         return f"round {r['round']} done: {seconds}{left}"
 
+    def _on_weave_local_start(self, r: dict[str, Any]) -> str:
+        return f"own adapters: each of {r['parties']} parties fine-tunes its own"
+
+    def _on_weave_hybrids_start(self, r: dict[str, Any]) -> str:
+        return (
+            f"weaving {', '.join(r['hybrids'])}: {r['legs']} legs of {r['steps']} steps each, "
+            "routed between the parties"
+        )
+
+    def _on_weave_fedavg_start(self, r: dict[str, Any]) -> str:
+        return f"FedAvg adapter: {r['rounds']} rounds of one leg at each of {r['parties']} parties"
+
+    def _on_weave_evaluate_start(self, r: dict[str, Any]) -> str:
+        return f"the target party ({r['target']}) evaluates {len(r['models'])} models"
+
+    def _on_weave_done(self, r: dict[str, Any]) -> str:
+        return "woven run done: " + ", ".join(
+            f"{step} {value:.1f} s" for step, value in r["seconds"].items()
+        )
+
     def _generic(self, r: dict[str, Any]) -> str:
         details = ", ".join(
             f"{key} {_plain(value)}" for key, value in r.items() if key not in ("t", "event")
