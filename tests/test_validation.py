@@ -169,7 +169,7 @@ def test_every_preset_loads(preset: str) -> None:
         AblateConfig
         if preset.startswith("ablate")
         else FederationConfig
-        if preset.startswith("simulate")
+        if preset.startswith(("simulate", "weaverec"))
         else ExperimentConfig
     )
     assert isinstance(load_config(preset, [], schema), schema)
