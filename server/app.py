@@ -342,7 +342,8 @@ class FlowerWoven:
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
         """Every party fine-tunes its own adapter from `start`."""
         content = train_content(ArrayRecord(start), federation(self.config))
-        replies = self._send("train", {s.party: content for s in self.specs}, "own")
+        # group "1": the run's one round, so each party's reply is logged as it arrives
+        replies = self._send("train", {s.party: content for s in self.specs}, "1")
         return {
             s.party: read_train_reply(msg)
             if (msg := replies.get(s.party)) is not None and not msg.has_error()
@@ -382,7 +383,7 @@ class FlowerWoven:
             federation(self.config), EvaluateRequest(list(models.values()), splits, sample)
         )
         parties = [s.party for s in self.specs if domains is None or s.domain in domains]
-        replies = self._send("evaluate", dict.fromkeys(parties, content), "evaluate")
+        replies = self._send("evaluate", dict.fromkeys(parties, content), "1")
         out: dict[int, dict[str, Evaluation] | Exception] = {}
         for party in parties:
             msg = replies.get(party)
