@@ -5,8 +5,9 @@ on target and source data together. No party may see another's data, so a hybrid
 starts from the base, trains ``steps`` optimiser steps at the target party, then ``steps`` at
 the source party, and so on, ``visits`` legs at each (equal steps on both sides by default, as
 WeaveRec's equal mix), routed by the server, which only sees the adapter and its optimiser state
-(:mod:`fedmerge.train.legs`). A hybrid depends only on the unordered pair {target, source}, so
-it is named by the pair and reused when the roles swap.
+(:mod:`fedmerge.train.legs`). A hybrid is named by its unordered pair {target, source}; which
+side trains first is ``first`` (so the two roles of a pair weave in opposite orders unless
+``first`` changes with them).
 
 The schedule packs every hybrid's legs into *ticks*: in one tick a party trains at most one leg,
 and each hybrid's legs keep their order, so hybrids of different pairs train at the same time
