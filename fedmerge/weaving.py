@@ -6,8 +6,8 @@ starts from the base, trains ``steps`` optimiser steps at the target party, then
 the source party, and so on, ``visits`` legs at each (equal steps on both sides by default, as
 WeaveRec's equal mix), routed by the server, which only sees the adapter and its optimiser state
 (:mod:`fedmerge.train.legs`). A hybrid is named by its unordered pair {target, source}; which
-side trains first is ``first`` (so the two roles of a pair weave in opposite orders unless
-``first`` changes with them).
+side trains first is ``first``: with ``first = "pair"`` the order depends on the pair alone, so
+one hybrid serves both roles (``reuse`` keeps it).
 
 The schedule packs every hybrid's legs into *ticks*: in one tick a party trains at most one leg,
 and each hybrid's legs keep their order, so hybrids of different pairs train at the same time
@@ -33,10 +33,18 @@ class WeaveSettings(ConfigModel):
 
     steps: int = Field(20, ge=1, description="optimiser steps of one leg at one party")
     visits: int = Field(2, ge=1, description="legs of each hybrid at each of its two parties")
-    first: Literal["target", "source"] = Field(
-        "target", description="which party of a pair trains a hybrid's first leg"
+    first: Literal["target", "source", "pair"] = Field(
+        "target",
+        description="which party of a pair trains a hybrid's first leg: the target's, the "
+        "source's, or the pair's first domain by name (the same hybrid whatever the roles)",
     )
     seed: int = Field(0, description="seed of the weaving order: each leg's batches")
+    reuse: bool = Field(
+        False,
+        description="keep each woven hybrid in the server's cache ($FEDMERGE_DATA/hybrids) and "
+        "reuse one woven with the same pair, leg order, settings and item tables (e.g. when the "
+        "roles swap with first = pair); the key does not cover the parties' private data",
+    )
 
 
 class WeaveConfig(WeaveSettings):
@@ -83,7 +91,11 @@ class Leg:
 
 def hybrid_legs(config: WeaveConfig, source: str) -> list[Leg]:
     """The legs of the hybrid of the target and `source`, in order, alternating the two."""
-    pair = [config.target, source] if config.first == "target" else [source, config.target]
+    pair = {
+        "target": [config.target, source],
+        "source": [source, config.target],
+        "pair": sorted([config.target, source]),
+    }[config.first]
     name = hybrid_name(config.target, source)
     return [Leg(name, pair[i % 2], i // 2, i) for i in range(2 * config.visits)]
 

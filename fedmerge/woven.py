@@ -12,13 +12,17 @@ sees adapters, optimiser states of hybrids and aggregate metrics only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from fedmerge.data.download import cache_dir
 from fedmerge.errors import FedmergeError
+from fedmerge.files import write_json
 from fedmerge.merge.server import Member, MergeConfig, MergeOutcome, server_merge
 from fedmerge.merge.vectors import StateDict, combine, task_vector
 from fedmerge.models import build_model
@@ -34,8 +38,9 @@ from fedmerge.protocol import (
 )
 from fedmerge.runs.results import Row
 from fedmerge.runs.rundir import RunDir, report_text
+from fedmerge.train.checkpoint import read_state, save_weights
 from fedmerge.train.legs import Carry
-from fedmerge.weaving import Leg, WeaveConfig, hybrid_name, weave
+from fedmerge.weaving import Leg, WeaveConfig, hybrid_legs, hybrid_name, weave
 
 
 @runtime_checkable
@@ -110,7 +115,26 @@ def woven_run(
         legs=2 * weaving.visits,
         steps=weaving.steps,
     )
-    hybrids = weave(begin, weaving, lambda tick: transport.legs(base, tick))
+    keys = {s: _hybrid_key(config, weaving, s, tables) for s in weaving.sources}
+    kept = {s: _cached(keys[s]) for s in weaving.sources} if weaving.reuse else {}
+    reused = {hybrid_name(weaving.target, s): c for s, c in kept.items() if c is not None}
+    todo = [s for s in weaving.sources if hybrid_name(weaving.target, s) not in reused]
+    if reused:
+        run.log("weave_reused", hybrids=list(reused), keys=[keys[s] for s in kept if s not in todo])
+    woven_now = (
+        weave(
+            begin, weaving.model_copy(update={"sources": todo}), lambda t: transport.legs(base, t)
+        )
+        if todo
+        else {}
+    )
+    if weaving.reuse:
+        for source in todo:
+            _keep(keys[source], woven_now[hybrid_name(weaving.target, source)])
+    hybrids = {
+        name: reused.get(name) or woven_now[name]
+        for name in (hybrid_name(weaving.target, s) for s in weaving.sources)
+    }
     clock["woven"] = time.perf_counter()
     run.log("weave_fedavg_start", rounds=weaving.visits, parties=len(transport.specs))
     users = {domain: reply.metrics["users"] for domain, reply in replies.items()}
@@ -181,6 +205,51 @@ def woven_run(
         report_text("fedmerge simulate (woven)", rows, facts),
     )
     return rows, woven, seconds
+
+
+def _hybrid_key(
+    config: FederationConfig, weaving: WeaveConfig, source: str, tables: dict[str, torch.Tensor]
+) -> str:
+    """What a hybrid depends on: its pair, its legs in order, the settings, the item tables."""
+    pair = sorted([weaving.target, source])
+    facts = {
+        "legs": [(leg.domain, leg.visit) for leg in hybrid_legs(weaving, source)],
+        "steps": weaving.steps,
+        "weave seed": weaving.seed,
+        "seed": config.seed,
+        "model": config.model.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json"),
+        "tables": {d: hashlib.sha256(tables[d].cpu().numpy().tobytes()).hexdigest() for d in pair},
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(key: str) -> Carry | None:
+    """The hybrid kept under `key` in the server's cache, or None."""
+    folder = cache_dir() / "hybrids"
+    if not (folder / f"{key}.json").exists():
+        return None
+    tensors = read_state(folder / f"{key}.safetensors")
+    part = {
+        p: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{p}.")}
+        for p in ("weights", "moments")
+    }
+    step = int(json.loads((folder / f"{key}.json").read_text())["step"])
+    return Carry(part["weights"], part["moments"], step)
+
+
+def _keep(key: str, carry: Carry) -> None:
+    """Keep a woven hybrid under `key` (the tensors first, then the record that completes it)."""
+    folder = cache_dir() / "hybrids"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"weights.{k}": v for k, v in carry.weights.items()}
+    save_weights(
+        tensors | {f"moments.{k}": v for k, v in carry.moments.items()},
+        folder / f"{key}.safetensors",
+    )
+    write_json(
+        folder / f"{key}.json", {"step": carry.step, "woven": time.strftime("%Y-%m-%d %H:%M:%S")}
+    )
 
 
 def _replies(replies: dict[int, TrainReply | Exception]) -> dict[str, TrainReply]:

@@ -322,3 +322,41 @@ def test_a_woven_run_on_flower_equals_in_process_and_sends_only_adapters_and_car
         if m.metadata.message_type == "evaluate" and not m.metadata.reply_to_message_id
     }
     assert len(evaluated) == 1  # the target's party only
+
+
+def test_a_hybrid_woven_in_pair_order_is_reused_when_the_roles_swap(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tiny_base(tmp_path / "tiny", minilm_folder())
+    legs: list[str] = []
+    original = InProcess.legs
+
+    def counting(self: InProcess, start: object, requests: list) -> list:
+        legs.extend(leg.hybrid for leg, _ in requests)
+        return original(self, start, requests)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InProcess, "legs", counting)
+    for target, source in (("synth-0", "synth-1"), ("synth-1", "synth-0")):
+        config = load_config(
+            "weaverec",
+            [
+                f"target={target}",
+                f'sources=["{source}"]',
+                f"model.base={base}",
+                "model.title_tokens=12",
+                "model.prompt_tokens=96",
+                "train.batches_per_epoch=2",
+                "train.valid_users=6",
+                "train.evaluation.users=6",
+                "weave.steps=2",
+                "weave.first=pair",
+                "weave.reuse=true",
+            ],
+            FederationConfig,
+        )
+        simulate(config, InProcess(config), tmp_path / target)
+    # the first run wove the hybrid (4 legs), the second reused it; both ran FedAvg's 2 x 2 legs
+    assert legs.count("synth-0+synth-1") == 4 and legs.count("fedavg") == 8
+    assert len(list((cache / "hybrids").glob("*.json"))) == 1
+    events = (tmp_path / "synth-1" / "events.jsonl").read_text()
+    assert '"weave_reused"' in events
