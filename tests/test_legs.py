@@ -9,8 +9,8 @@ import torch
 from fedmerge.errors import FedmergeError
 from fedmerge.models import build_model, load_parts
 from fedmerge.train.batches import training_sequences
-from fedmerge.train.legs import Carry, leg_batches, train_leg, warmed_lr
-from fedmerge.train.loop import trainable_parameters
+from fedmerge.train.legs import Carry, leg_batches, train_leg
+from fedmerge.train.loop import trainable_parameters, warmup
 from tests.test_train import tiny
 
 LEGS = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (party, visit): A, B, A, B
@@ -37,7 +37,7 @@ def test_legs_carried_between_fresh_models_equal_one_optimiser_in_one_place(
             parts[party], config.train, config.model.max_len, STEPS, 7, visit
         ):
             for group in optimizer.param_groups:
-                group["lr"] = warmed_lr(config.train, step)
+                group["lr"] = config.train.lr * warmup(config.train, step)
             loss = model.loss(parts[party].features, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

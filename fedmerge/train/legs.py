@@ -21,9 +21,9 @@ import torch
 
 from fedmerge.errors import FedmergeError
 from fedmerge.models import Part, Recommender, StateDict
-from fedmerge.train.batches import last_targets_only, length_batches, training_sequences
+from fedmerge.train.batches import length_batches, training_sequences
 from fedmerge.train.config import TrainConfig
-from fedmerge.train.loop import trainable_parameters, unfreeze
+from fedmerge.train.loop import train_step, trainable_parameters, unfreeze, warmup
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -41,11 +41,6 @@ class Carry:
     weights: StateDict
     moments: StateDict
     step: int = 0
-
-
-def warmed_lr(config: TrainConfig, step: int) -> float:
-    """The learning rate of optimiser step `step` (from 0): ``train.lr`` after a linear warm-up."""
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
 
 
 def leg_batches(
@@ -104,20 +99,10 @@ def train_leg(
     for offset, (inputs, targets) in enumerate(
         leg_batches(part, config, model.config.max_len, steps, seed, visit)
     ):
-        if config.targets == "last":
-            targets = last_targets_only(targets)
         for group in optimizer.param_groups:
-            group["lr"] = warmed_lr(config, carry.step + offset)
-        loss = model.loss(features, inputs.to(device), targets.to(device))
-        if not torch.isfinite(loss):
-            raise FedmergeError(
-                f"the training loss became {loss.item()} in a leg on {part.domain.name}; lower "
-                "train.lr"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+            group["lr"] = config.lr * warmup(config, carry.step + offset)
+        where = f"in a leg on {part.domain.name}"
+        losses.append(train_step(model, features, inputs, targets, optimizer, config, where))
     unfreeze(model)
     model.eval()
     moments = {

@@ -131,10 +131,40 @@ def optimiser(
     """The trained parameters, AdamW over them and its linear warm-up (``train.*``)."""
     params = trainable_parameters(model, config.frozen)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(config, step))
     return params, optimizer, scheduler
+
+
+def warmup(config: TrainConfig, step: int) -> float:
+    """The learning-rate factor of optimiser step `step` (from 0): ``train.warmup_steps`` linear."""
+    return min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+def train_step(
+    model: Recommender,
+    features: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    where: str,
+) -> float:
+    """One optimiser step on a batch (``train.targets`` applied); its loss.
+
+    A non-finite loss is refused, naming `where` (e.g. "at epoch 3").
+    """
+    if config.targets == "last":
+        targets = last_targets_only(targets)
+    loss = model.loss(features, inputs.to(features.device), targets.to(features.device))
+    if not torch.isfinite(loss):
+        raise FedmergeError(
+            f"the training loss became {loss.item()} {where}; "
+            "lower train.lr or check the item features for NaN"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -306,20 +336,13 @@ def fit(
             progress.update(task, completed=0, epoch=epoch)
             for index in rng.permutation(len(streams))[: config.batches_per_epoch]:
                 k, (inputs, targets) = streams[index]
-                if config.targets == "last":
-                    targets = last_targets_only(targets)
-                loss = model.loss(features[k], inputs.to(device), targets.to(device))
-                if not torch.isfinite(loss):
-                    raise FedmergeError(
-                        f"the training loss became {loss.item()} at epoch {epoch}; "
-                        "lower train.lr or check the item features for NaN"
+                losses.append(
+                    train_step(
+                        model, features[k], inputs, targets, optimizer, config, f"at epoch {epoch}"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                )
                 scheduler.step()
                 update_average(average, model, config.ema or 0.0)
-                losses.append(loss.item())
                 n_seqs += len(inputs)
                 progress.update(task, advance=1, loss=float(np.mean(losses[-50:])))
             seconds = time.perf_counter() - began
