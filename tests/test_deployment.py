@@ -30,6 +30,7 @@ from fedmerge.models.lm_base import fingerprint
 from fedmerge.pipeline import InProcess, simulate
 from fedmerge.text.tokens import minilm_folder
 from server.app import deployed_run
+from tests.test_llm import tiny_llm
 from tests.test_pipeline import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,10 +357,8 @@ def test_deployed_language_model_parties_match_inprocess(
     overrides = [
         'domains=["synth-0","synth-1"]',
         "client_cpus=1",
-        f"model.base={base}",
+        *tiny_llm(base),
         f"model.base_hash={fingerprint(base)}",  # every party checks its copy of the base
-        "model.title_tokens=12",
-        "model.prompt_tokens=96",
         "train.evaluation.users=8",
         "train.valid_users=8",
         "train.batches_per_epoch=4",
@@ -386,9 +385,7 @@ def test_deployed_woven_run_matches_inprocess(
         "target=synth-0",
         'sources=["synth-1"]',
         "client_cpus=1",
-        f"model.base={base}",
-        "model.title_tokens=12",
-        "model.prompt_tokens=96",
+        *tiny_llm(base),
         "train.evaluation.users=6",
         "train.valid_users=6",
         "train.batches_per_epoch=2",

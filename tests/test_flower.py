@@ -85,6 +85,20 @@ def record_grids(monkeypatch: pytest.MonkeyPatch) -> list[Recording]:
     return grids
 
 
+def on_both_backends(
+    config: FederationConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[dict], list[dict], list[Recording]]:
+    """The metric rows of `config` on Flower (its messages recorded) and in process."""
+    grids = record_grids(monkeypatch)
+    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
+    simulate(config, InProcess(config), tmp_path / "inprocess")
+    flower, inprocess = (
+        json.loads((tmp_path / name / "metrics.json").read_text())
+        for name in ("flower", "inprocess")
+    )
+    return flower, inprocess, grids
+
+
 PRIVATE = {
     "none": [],
     "update-dp": ["rounds=2", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"],
@@ -110,13 +124,7 @@ def test_flower_matches_inprocess_and_sends_only_weights_tables_configs_and_aggr
         f"privacy.mechanism={mode}",
         *PRIVATE[mode],
     )
-    grids = record_grids(monkeypatch)
-    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
-    simulate(config, InProcess(config), tmp_path / "inprocess")
-    flower, inprocess = (
-        json.loads((tmp_path / name / "metrics.json").read_text())
-        for name in ("flower", "inprocess")
-    )
+    flower, inprocess, grids = on_both_backends(config, tmp_path, monkeypatch)
     if mode == "secagg":  # SecAgg+ quantises the parties' vectors
         assert [{k: v for k, v in r.items() if not isinstance(v, float)} for r in flower] == [
             {k: v for k, v in r.items() if not isinstance(v, float)} for r in inprocess

@@ -26,7 +26,6 @@ from fedmerge.merge.vectors import combine, task_vector
 from fedmerge.models import build_model, family
 from fedmerge.models.llm import LlmLora, LlmLoraConfig, tiny_base
 from fedmerge.models.lm_base import fingerprint
-from fedmerge.pipeline import InProcess, simulate
 from fedmerge.protocol import FederationConfig, TrainReply
 from fedmerge.text.tokens import minilm_folder
 from fedmerge.train.checkpoint import load_checkpoint, save_weights
@@ -36,6 +35,11 @@ from server.records import read_train_reply, train_reply_content
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_base(tmp_path_factory.mktemp("llm") / "tiny", minilm_folder())
+
+
+def tiny_llm(base: Path) -> list[str]:
+    """The overrides that make a preset's language model the tiny one at `base`."""
+    return [f"model.base={base}", "model.title_tokens=12", "model.prompt_tokens=96"]
 
 
 def config(base: Path, **extra: object) -> LlmLoraConfig:
@@ -217,16 +221,13 @@ def test_bad_input_gets_one_clear_error(base: Path, tmp_path: Path, cache: Path)
 def test_llm_parties_send_adapters_only_and_both_backends_agree(
     base: Path, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.simulation
-    from tests.test_flower import record_grids
+    from tests.test_flower import on_both_backends
 
     config = load_config(
         "simulate-llm",
         [
             'domains=["synth-0", "synth-1"]',
-            f"model.base={base}",
-            "model.title_tokens=12",
-            "model.prompt_tokens=96",
+            *tiny_llm(base),
             "train.evaluation.users=12",
             "train.valid_users=12",
             "train.lr=5e-3",
@@ -234,13 +235,7 @@ def test_llm_parties_send_adapters_only_and_both_backends_agree(
         ],
         FederationConfig,
     )
-    grids = record_grids(monkeypatch)
-    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
-    simulate(config, InProcess(config), tmp_path / "inprocess")
-    flower, inprocess = (
-        json.loads((tmp_path / name / "metrics.json").read_text())
-        for name in ("flower", "inprocess")
-    )
+    flower, inprocess, grids = on_both_backends(config, tmp_path, monkeypatch)
     assert flower == inprocess
     assert {r["protocol"] for r in flower} == {"19 uniform negatives, seed 0, 12 users sampled"}
     replies = [
@@ -324,9 +319,7 @@ def test_train_merge_and_evaluate_from_the_command_line(
     from tests.test_cli import run_cli
 
     sets = [
-        f"model.base={base}",
-        "model.title_tokens=12",
-        "model.prompt_tokens=96",
+        *tiny_llm(base),
         "train.epochs=1",
         "train.batches_per_epoch=2",
         "train.valid_users=4",

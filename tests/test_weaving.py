@@ -28,6 +28,7 @@ from fedmerge.protocol import (
 from fedmerge.text.tokens import minilm_folder
 from fedmerge.train.legs import Carry, train_leg
 from fedmerge.weaving import Leg, WeaveConfig, hybrid_name, schedule, weave
+from tests.test_llm import tiny_llm
 
 
 def test_one_source_alternates_target_and_source_from_the_configured_side() -> None:
@@ -81,9 +82,7 @@ def test_weaving_routes_each_leg_to_its_party_and_equals_its_legs_in_order(
         "simulate-llm",
         [
             'domains=["synth-0", "synth-1"]',
-            f"model.base={base}",
-            "model.title_tokens=12",
-            "model.prompt_tokens=96",
+            *tiny_llm(base),
             "train.lr=5e-3",
         ],
         FederationConfig,
@@ -136,9 +135,7 @@ def test_a_woven_run_fuses_the_target_only_adapter_and_the_hybrid_with_equal_wei
         [
             "target=synth-0",
             'sources=["synth-1"]',
-            f"model.base={base}",
-            "model.title_tokens=12",
-            "model.prompt_tokens=96",
+            *tiny_llm(base),
             "train.lr=5e-3",
             "train.batches_per_epoch=3",
             "train.valid_users=8",
@@ -246,9 +243,7 @@ def test_the_server_fuses_delta_w_with_equal_weights_and_fedavg_weighs_by_users(
         [
             "target=synth-0",
             'sources=["synth-1"]',
-            f"model.base={base}",
-            "model.title_tokens=12",
-            "model.prompt_tokens=96",
+            *tiny_llm(base),
         ],
         FederationConfig,
     )
@@ -281,9 +276,8 @@ def test_the_server_fuses_delta_w_with_equal_weights_and_fedavg_weighs_by_users(
 def test_a_woven_run_on_flower_equals_in_process_and_sends_only_adapters_and_carries(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.simulation
     from server.records import read_leg
-    from tests.test_flower import record_grids
+    from tests.test_flower import on_both_backends
 
     base = tiny_base(tmp_path / "tiny", minilm_folder())
     config = load_config(
@@ -291,9 +285,7 @@ def test_a_woven_run_on_flower_equals_in_process_and_sends_only_adapters_and_car
         [
             "target=synth-0",
             'sources=["synth-1"]',
-            f"model.base={base}",
-            "model.title_tokens=12",
-            "model.prompt_tokens=96",
+            *tiny_llm(base),
             "train.batches_per_epoch=2",
             "train.valid_users=6",
             "train.evaluation.users=6",
@@ -301,13 +293,7 @@ def test_a_woven_run_on_flower_equals_in_process_and_sends_only_adapters_and_car
         ],
         FederationConfig,
     )
-    grids = record_grids(monkeypatch)
-    simulate(config, server.simulation.flower_backend(config), tmp_path / "flower")
-    simulate(config, InProcess(config), tmp_path / "inprocess")
-    flower, inprocess = (
-        json.loads((tmp_path / name / "metrics.json").read_text())
-        for name in ("flower", "inprocess")
-    )
+    flower, inprocess, grids = on_both_backends(config, tmp_path, monkeypatch)
     assert flower == inprocess
     legs = [m for m in grids[0].seen if m.metadata.message_type == "train.leg"]
     assert len(legs) == 16  # 4 hybrid legs and 2 FedAvg rounds of 2 legs, each sent and answered
@@ -342,9 +328,7 @@ def test_a_hybrid_woven_in_pair_order_is_reused_when_the_roles_swap(
             [
                 f"target={target}",
                 f'sources=["{source}"]',
-                f"model.base={base}",
-                "model.title_tokens=12",
-                "model.prompt_tokens=96",
+                *tiny_llm(base),
                 "train.batches_per_epoch=2",
                 "train.valid_users=6",
                 "train.evaluation.users=6",
