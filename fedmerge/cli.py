@@ -51,6 +51,10 @@ data_app = typer.Typer(
     help="Datasets: list, download, inspect, import, export.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+deploy_app = typer.Typer(
+    help="Multi-node deployment: the credentials of a secure one.", no_args_is_help=True
+)
+app.add_typer(deploy_app, name="deploy")
 console = Console(markup=False)  # text is text: a path or name with [...] prints as given
 
 BASELINES = {"popularity": popularity_scorer}
@@ -659,6 +663,51 @@ def ablate(
         code = 128 + signal.Signals[str(err.args[0]) if err.args else "SIGINT"]
         raise typer.Exit(code) from None
     say(f"wrote {folder / 'ablate.csv'}, {folder / 'ablate.md'} and {folder / 'ablate.png'}")
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the credentials.")],
+    hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="A name or address the SuperLink is reached by (repeat the option); default: "
+            "superlink, localhost and 127.0.0.1.",
+        ),
+    ] = None,
+    supernodes: Annotated[
+        str,
+        typer.Option(
+            help="The SuperNodes, comma-separated: each gets an authentication key pair and a "
+            "certificate for supernode-NAME, localhost and 127.0.0.1 (the compose file's: a,b).",
+        ),
+    ] = "a,b",
+    days: Annotated[int, typer.Option(min=1, help="Days the certificates are valid.")] = 365,
+) -> None:
+    """Create a CA, TLS certificates and SuperNode authentication keys for a deployment.
+
+    Then register each SuperNode's public key with the SuperLink (printed below); each party
+    needs only ca.crt and its own folder (docs/deployment.md).
+    """
+    from fedmerge.certs import issue
+
+    def plain(text: str) -> None:
+        console.print(Text(text), soft_wrap=True, highlight=False)
+
+    names = [name.strip() for name in supernodes.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise FedmergeError(f"--supernodes {supernodes!r} names a SuperNode twice; name each once")
+    issued = issue(
+        out,
+        hosts or ["superlink", "localhost", "127.0.0.1"],
+        {name: [f"supernode-{name}", "localhost", "127.0.0.1"] for name in names},
+        days,
+    )
+    plain(f"wrote {issued.out}: ca.crt, superlink/, " + ", ".join(f"supernode-{n}/" for n in names))
+    plain("register each SuperNode with the running SuperLink (CONNECTION: your flwr connection):")
+    for key in issued.public_keys.values():
+        plain(f"  flwr supernode register {key} CONNECTION")
 
 
 @app.command("status")

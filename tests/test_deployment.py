@@ -20,11 +20,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fedmerge.certs import issue
 from fedmerge.models.llm import tiny_base
 from fedmerge.models.lm_base import fingerprint
 from fedmerge.pipeline import InProcess, simulate
@@ -51,60 +53,136 @@ FLWR_ENV = {
 }
 
 
-def commands(bind: str, link: str, nodes: dict[str, tuple[str, str]]) -> dict[str, list[str]]:
+@dataclass(frozen=True)
+class Node:
+    """One party's SuperNode: domain, Runtime API (for its SuperExec), SuperLink address."""
+
+    domain: str
+    runtime: str
+    link: str
+
+
+def commands(
+    link: str, nodes: dict[str, Node], certs: str | None, link_bind: str, node_bind: str
+) -> dict[str, list[str]]:
     """Every long-lived process of the deployment (compose service name -> argv).
 
     Parameters
     ----------
-    bind : str
-        The host the SuperLink and SuperNodes listen on.
     link : str
-        The SuperLink's ``host:port`` (Fleet, Control and Runtime API on one port).
-    nodes : dict[str, tuple[str, str]]
-        Per SuperNode (a letter): its domain and its Runtime API ``host:port``, where its SuperExec
-        connects.
+        The SuperLink's ``host:port`` for its own SuperExec (Fleet, Control and Runtime API on
+        one port).
+    nodes : dict[str, Node]
+        Per SuperNode (a letter): its domain, Runtime API and SuperLink address.
+    certs : str | None
+        The folder of ``fedmerge deploy certs`` (TLS, SuperNode authentication, SuperExec
+        secrets), or None for the insecure deployment.
+    link_bind, node_bind : str
+        The hosts the SuperLink and the SuperNodes' Runtime APIs listen on.
     """
+    secure = certs is not None
     procs = {
         "superlink": [
             "flower-superlink",
-            "--insecure",
+            *(
+                [
+                    "--ssl-ca-certfile",
+                    f"{certs}/ca.crt",
+                    "--ssl-certfile",
+                    f"{certs}/superlink/server.crt",
+                    "--ssl-keyfile",
+                    f"{certs}/superlink/server.key",
+                    "--enable-supernode-auth",
+                    "--superexec-auth-secret-file",
+                    f"{certs}/superlink/superexec.secret",
+                ]
+                if secure
+                else ["--insecure"]
+            ),
             "--isolation",
             "process",
             "--host",
-            bind,
+            link_bind,
             "--port",
             link.rsplit(":", 1)[1],
             "--disable-runtime-dependency-installation",
         ],
-        "superexec-serverapp": ["flower-superexec", "--insecure", "--runtime-api-address", link],
+        "superexec-serverapp": [
+            "flower-superexec",
+            *(
+                [
+                    "--root-certificates",
+                    f"{certs}/ca.crt",
+                    "--superexec-auth-secret-file",
+                    f"{certs}/superlink/superexec.secret",
+                ]
+                if secure
+                else ["--insecure"]
+            ),
+            "--runtime-api-address",
+            link,
+        ],
     }
-    for letter, (domain, runtime) in nodes.items():
+    for letter, node in nodes.items():
+        own = f"{certs}/supernode-{letter}"
         procs[f"supernode-{letter}"] = [
             "flower-supernode",
-            "--insecure",
+            *(
+                [
+                    "--root-certificates",
+                    f"{certs}/ca.crt",
+                    "--auth-supernode-private-key",
+                    f"{own}/auth.key",
+                ]
+                if secure
+                else ["--insecure"]
+            ),
             "--superlink",
-            link,
+            node.link,
             "--isolation",
             "process",
             "--host",
-            bind,
+            node_bind,
             "--port",
-            runtime.rsplit(":", 1)[1],
+            node.runtime.rsplit(":", 1)[1],
+            *(
+                [
+                    "--ssl-certfile",
+                    f"{own}/server.crt",
+                    "--ssl-keyfile",
+                    f"{own}/server.key",
+                    "--ssl-ca-certfile",
+                    f"{certs}/ca.crt",
+                    "--superexec-auth-secret-file",
+                    f"{own}/superexec.secret",
+                ]
+                if secure
+                else []
+            ),
             "--node-config",
-            f'domain="{domain}"',
+            f'domain="{node.domain}"',
         ]
         procs[f"superexec-clientapp-{letter}"] = [
             "flower-superexec",
-            "--insecure",
+            *(
+                [
+                    "--root-certificates",
+                    f"{certs}/ca.crt",
+                    "--superexec-auth-secret-file",
+                    f"{own}/superexec.secret",
+                ]
+                if secure
+                else ["--insecure"]
+            ),
             "--runtime-api-address",
-            runtime,
+            node.runtime,
         ]
     return procs
 
 
-def compose_commands() -> dict[str, list[str]]:
-    """The argv of every service of docker-compose.yml, with ``${VAR:-default}`` at its default."""
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+def compose_commands(path: Path) -> dict[str, list[str]]:
+    """The argv of every service of a compose file, with ``${VAR:-default}`` at its default."""
+    services = yaml.safe_load(path.read_text())["services"]
     return {
         name: [
             re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(arg))
@@ -114,19 +192,34 @@ def compose_commands() -> dict[str, list[str]]:
     }
 
 
-def test_compose_runs_the_commands_the_deployment_test_runs() -> None:
-    expected = commands(
-        "0.0.0.0",
-        "superlink:8000",
-        {"a": ("books", "supernode-a:9094"), "b": ("movies", "supernode-b:9094")},
-    )
-    assert compose_commands() == expected
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+@pytest.mark.parametrize(
+    ("compose", "certs"),
+    [("docker-compose.yml", "/app/certs"), ("docker-compose.insecure.yml", None)],
+)
+def test_compose_runs_the_commands_the_deployment_test_runs(
+    compose: str, certs: str | None
+) -> None:
+    nodes = {
+        letter: Node(domain, f"supernode-{letter}:9094", "superlink:8000")
+        for letter, domain in (("a", "books"), ("b", "movies"))
+    }
+    expected = commands("superlink:8000", nodes, certs, "0.0.0.0", "0.0.0.0")
+    assert compose_commands(ROOT / compose) == expected
+    services = yaml.safe_load((ROOT / compose).read_text())["services"]
     assert {s["image"].split(":")[0] for s in services.values()} == {
         "flwr/superlink",
         "flwr/supernode",
         "fedmerge-superexec",
     }
+    if certs is not None:  # each container holds the CA and its own party's credentials only
+        for name, spec in services.items():
+            mounted = {v.split(":")[1] for v in spec["volumes"] if v.startswith("./certs")}
+            party = (
+                "superlink"
+                if name in ("superlink", "superexec-serverapp")
+                else f"supernode-{name[-1]}"
+            )
+            assert mounted == {"/app/certs/ca.crt", f"/app/certs/{party}"}, name
 
 
 class Processes:
@@ -135,10 +228,19 @@ class Processes:
     Each group is killed whole by its leader's PID.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, netns: dict[str, str] | None = None) -> None:
         self.root, self.logs = root, root / "logs"
         self.logs.mkdir(parents=True)
         self.started: list[subprocess.Popen[bytes]] = []
+        self.netns = netns or {}
+        """The network namespace each named process runs in (none: this one)."""
+
+    def argv(self, name: str, argv: list[str]) -> list[str]:
+        """`argv` with its program from this environment, in the process's namespace if any."""
+        program = [str(BIN / argv[0]), *argv[1:]]
+        return (
+            ["ip", "netns", "exec", self.netns[name], *program] if name in self.netns else program
+        )
 
     def env(self, name: str) -> dict[str, str]:
         """A process's environment: its own HOME, FLWR_HOME and dataset cache, Flower offline."""
@@ -164,7 +266,7 @@ class Processes:
         """
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                [str(BIN / argv[0]), *argv[1:]],
+                self.argv(name, argv),
                 cwd=self.root,
                 env=self.env(name),
                 stdout=log,
@@ -182,7 +284,7 @@ class Processes:
         """
         with open(self.logs / "flwr.log", "ab") as log:
             proc = subprocess.Popen(
-                [str(BIN / "flwr"), *args],
+                self.argv("flwr", ["flwr", *args]),
                 cwd=ROOT,
                 env=self.env("flwr"),
                 stdout=subprocess.PIPE,
@@ -268,21 +370,100 @@ def free_ports(count: int) -> list[int]:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], processes: Processes, timeout: float = 60
+    port: int,
+    proc: subprocess.Popen[bytes],
+    processes: Processes,
+    timeout: float = 60,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
 ) -> None:
-    """Return once ``127.0.0.1:port`` accepts connections.
+    """Return once ``host:port`` (seen from `netns`, if given) accepts connections.
 
     Fail if `proc` exits or the time is up.
     """
+    probe = f"import socket, sys; sys.exit(socket.socket().connect_ex(({host!r}, {port})))"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"{proc.args[0]} exited with code {proc.returncode}:{processes.tails()}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if netns is None:
+            with socket.socket() as sock:
+                if sock.connect_ex((host, port)) == 0:
+                    return
+        elif (
+            subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", probe]).returncode
+            == 0
+        ):
+            return
         time.sleep(0.2)
-    pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s:{processes.tails()}")
+    pytest.fail(f"nothing listens on {host}:{port} after {timeout:.0f} s:{processes.tails()}")
+
+
+class Namespaces:
+    """Network namespaces: the SuperLink's, and one per party joined to it by a veth pair.
+
+    A party's namespace holds loopback and its veth only, and the SuperLink's namespace does not
+    forward, so a party reaches the SuperLink and nothing else (nor any other party).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.names = prefix, []
+
+    def add(self, name: str) -> str:
+        """Create namespace PREFIX-NAME with loopback up; its name."""
+        full = f"{self.prefix}-{name}"
+        subprocess.run(["ip", "netns", "add", full], check=True)
+        self.names.append(full)
+        subprocess.run(["ip", "-n", full, "link", "set", "lo", "up"], check=True)
+        return full
+
+    def join(self, hub: str, party: str, subnet: int) -> tuple[str, str]:
+        """A veth pair between `hub` and `party` on 10.200.SUBNET.0/30: (hub address, party's)."""
+        ends = [(hub, f"veth{subnet}", f"10.200.{subnet}.1"), (party, "veth", f"10.200.{subnet}.2")]
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                ends[0][1],
+                "netns",
+                hub,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                ends[1][1],
+                "netns",
+                party,
+            ],
+            check=True,
+        )
+        for ns, dev, address in ends:
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{address}/30", "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        return ends[0][2], ends[1][2]
+
+    def delete(self) -> None:
+        """Delete every namespace created (their veths go with them)."""
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+    def leftover(self) -> list[str]:
+        """Namespaces of this prefix that still exist."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+        return [
+            line.split()[0]
+            for line in listed.stdout.splitlines()
+            if line.startswith(self.prefix + "-")
+        ]
+
+
+def write_connection(processes: Processes, name: str, address: str, tls: str) -> None:
+    """The ``flwr`` connection CONNECTION of process `name`: `address`, TLS line `tls`."""
+    (Path(processes.env(name)["FLWR_HOME"]) / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{address}"\n{tls}\n'
+    )
 
 
 @pytest.fixture
@@ -294,24 +475,84 @@ def deployment(tmp_path: Path) -> Iterator[Processes]:
     link_port, *node_ports = free_ports(3)
     link = f"127.0.0.1:{link_port}"
     nodes = {
-        "a": ("synth-0", f"127.0.0.1:{node_ports[0]}"),
-        "b": ("synth-1", f"127.0.0.1:{node_ports[1]}"),
+        letter: Node(domain, f"127.0.0.1:{port}", link)
+        for letter, domain, port in (
+            ("a", "synth-0", node_ports[0]),
+            ("b", "synth-1", node_ports[1]),
+        )
     }
     processes = Processes(tmp_path / "deployment")
     try:
-        for name, argv in commands("127.0.0.1", link, nodes).items():
+        for name, argv in commands(link, nodes, None, "127.0.0.1", "127.0.0.1").items():
             proc = processes.start(name, argv)
             if name == "superlink":
                 wait_for_port(link_port, proc, processes)
-        (Path(processes.env("flwr")["FLWR_HOME"]) / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = '
-            f'"{link}"\ninsecure = true\n'
-        )
+        write_connection(processes, "flwr", link, "insecure = true")
         yield processes
     finally:
         processes.stop()
     leftover = processes.leftover()
     assert not leftover, f"processes left running: {leftover}"
+
+
+@pytest.fixture
+def secure_deployment(tmp_path: Path) -> Iterator[Processes]:
+    """The secure deployment (docker-compose.yml's commands), each party apart.
+
+    The SuperLink and the ServerApp's SuperExec (and ``flwr``) run in one network namespace; each
+    SuperNode with its SuperExec in its own, joined to the SuperLink's by a veth pair. TLS
+    everywhere, SuperNodes registered by their keys. Every process and namespace is removed at
+    the end, also on failure.
+    """
+    spaces = Namespaces(f"fm{os.getpid()}")
+    processes = Processes(tmp_path / "deployment")
+    try:
+        hub = spaces.add("link")
+        joined = {
+            letter: spaces.join(hub, spaces.add(letter), i + 1)
+            for i, letter in enumerate(("a", "b"))
+        }
+        certs = tmp_path / "certs"
+        issue(
+            certs,
+            ["superlink", "127.0.0.1", *(hub_end for hub_end, _ in joined.values())],
+            {letter: ["127.0.0.1"] for letter in joined},
+        )
+        nodes = {
+            letter: Node(domain, "127.0.0.1:9094", f"{joined[letter][0]}:8000")
+            for letter, domain in (("a", "synth-0"), ("b", "synth-1"))
+        }
+        processes.netns = {"superlink": hub, "superexec-serverapp": hub, "flwr": hub} | {
+            f"{kind}-{letter}": f"{spaces.prefix}-{letter}"
+            for letter in nodes
+            for kind in ("supernode", "superexec-clientapp")
+        }
+        write_connection(
+            processes, "flwr", "127.0.0.1:8000", f'root-certificates = "{certs / "ca.crt"}"'
+        )
+        for name, argv in commands(
+            "127.0.0.1:8000", nodes, str(certs), "0.0.0.0", "127.0.0.1"
+        ).items():
+            if name == "supernode-a":  # the SuperLink admits registered SuperNodes only
+                for letter in nodes:
+                    processes.flwr(
+                        "supernode",
+                        "register",
+                        str(certs / f"supernode-{letter}" / "auth.pub"),
+                        CONNECTION,
+                        timeout=60,
+                    )
+            proc = processes.start(name, argv)
+            if name == "superlink":
+                wait_for_port(8000, proc, processes, netns=hub)
+        processes.certs = certs  # type: ignore[attr-defined]
+        yield processes
+    finally:
+        processes.stop()
+        spaces.delete()
+    leftover = processes.leftover()
+    assert not leftover, f"processes left running: {leftover}"
+    assert not spaces.leftover(), f"namespaces left: {spaces.leftover()}"
 
 
 def run_both(
@@ -339,9 +580,11 @@ def run_both(
     return deployed, inprocess
 
 
-def test_deployed_run_matches_inprocess(deployment: Processes, tmp_path: Path, cache: Path) -> None:
+def test_secure_deployed_run_matches_inprocess(
+    secure_deployment: Processes, tmp_path: Path, cache: Path
+) -> None:
     run_config = {"config": "", "set": ";".join(OVERRIDES), "out": str(tmp_path / "deployed")}
-    deployed, inprocess = run_both(deployment, run_config, tmp_path / "inprocess")
+    deployed, inprocess = run_both(secure_deployment, run_config, tmp_path / "inprocess")
     assert deployed == inprocess
     assert {r["model"] for r in deployed} >= {
         "theta_0",
@@ -397,3 +640,54 @@ def test_deployed_woven_run_matches_inprocess(
     assert deployed == inprocess
     assert {r["domain"] for r in deployed} == {"synth-0"}
     assert "woven merge (average)" in {r["model"] for r in deployed}
+
+
+def test_secure_deployment_refuses_strangers(secure_deployment: Processes, tmp_path: Path) -> None:
+    """An unregistered SuperNode key, a party without the CA, ``flwr`` without the CA: refused."""
+    processes, certs = secure_deployment, secure_deployment.certs  # type: ignore[attr-defined]
+    issue(tmp_path / "stranger", ["superlink"], {"x": ["127.0.0.1"]})
+    link = "10.200.1.1:8000"  # the SuperLink, from party a's namespace
+    base = [
+        "flower-supernode",
+        "--superlink",
+        link,
+        "--max-retries",
+        "1",
+        "--max-wait-time",
+        "20",
+        "--node-config",
+        'domain="synth-0"',
+    ]
+    tries = {
+        "unregistered": [
+            *base,
+            "--root-certificates",
+            str(certs / "ca.crt"),
+            "--auth-supernode-private-key",
+            str(tmp_path / "stranger" / "supernode-x" / "auth.key"),
+        ],
+        "no-ca": [
+            *base,
+            "--auth-supernode-private-key",
+            str(certs / "supernode-a" / "auth.key"),
+        ],
+    }
+    printed = {}
+    for name, argv in tries.items():
+        processes.netns[name] = processes.netns["supernode-a"]
+        proc = processes.start(name, [*argv, "--port", "9190" if name == "no-ca" else "9191"])
+        assert proc.wait(timeout=120) != 0, processes.tails()
+        printed[name] = (processes.logs / f"{name}.log").read_text()
+    assert "Failed to activate SuperNode" in printed["unregistered"], printed["unregistered"]
+    assert "CERTIFICATE_VERIFY_FAILED" in printed["no-ca"], printed["no-ca"]
+    # the flwr CLI with a connection that lacks the CA
+    write_connection(processes, "flwr-no-ca", "127.0.0.1:8000", "")
+    processes.netns["flwr-no-ca"] = processes.netns["flwr"]
+    cli = processes.start("flwr-no-ca", ["flwr", "ls", CONNECTION])
+    assert cli.wait(timeout=120) != 0
+    assert (
+        "Connection to the SuperLink is unavailable"
+        in (processes.logs / "flwr-no-ca.log").read_text()
+    )
+    listed = processes.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=60)
+    assert len(json.loads(listed)["nodes"]) == 2  # still the two registered parties only
