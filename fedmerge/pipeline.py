@@ -657,7 +657,8 @@ def simulate(
     in the main thread (a real Ctrl-C raises one without arguments), the run is recorded as
     ``interrupted`` with the signal's name, and the exception goes on to the caller. This holds
     only where nothing else handles SIGTERM (in the main thread, with the default action): a
-    deployed ServerApp process keeps Flower's own handler. While the run record is being made,
+    deployed ServerApp process keeps Flower's own handler, which exits the process (`flwr stop`
+    does so): that run is recorded as ``interrupted`` too. While the run record is being made,
     both signals wait, so a run is never left ``running`` by one.
     """
     import signal
@@ -697,6 +698,10 @@ def simulate(
     except KeyboardInterrupt as err:
         if run is not None:
             run.finish("interrupted", signal=str(err.args[0]) if err.args else "SIGINT")
+        raise
+    except SystemExit as err:  # a deployed ServerApp's exit: Flower's handler of `flwr stop`
+        if run is not None:
+            run.finish("interrupted", signal=f"the process exited (code {err.code})")
         raise
     except Exception as err:
         if run is not None:

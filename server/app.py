@@ -75,6 +75,16 @@ if TYPE_CHECKING:
     from fedmerge.runs.rundir import RunDir
 
 
+def by_node(requests: Iterable[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """Each reply by the node its request went to.
+
+    Flower's own error replies (a node that went offline, ...) come from the SuperLink, not from
+    the node: only the request they answer names the node. A request's id is set when it is sent.
+    """
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in requests}
+    return {node_of[r.metadata.reply_to_message_id]: r for r in replies}
+
+
 def _error(msg: Message | None) -> Exception:
     if msg is None:
         return RuntimeError("no reply")
@@ -103,6 +113,8 @@ class MergeRecStrategy(Strategy):
         self.models: dict[str, StateDict] = {}
         self.grid: Grid | None = None
         self.train_config = federation(config)
+        self.requests: list[Message] = []
+        """The requests of the last ``configure_*``, whose replies Flower hands ``aggregate_*``."""
 
     def _messages(self, content: RecordDict, kind: str, server_round: int) -> list[Message]:
         return [
@@ -124,7 +136,8 @@ class MergeRecStrategy(Strategy):
         self.server.begin(server_round)
         if self.hidden:  # the parties train inside secure aggregation (aggregate_train)
             return []
-        return self._messages(train_content(arrays, config), "train", server_round)
+        self.requests = self._messages(train_content(arrays, config), "train", server_round)
+        return self.requests
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -135,8 +148,8 @@ class MergeRecStrategy(Strategy):
         the domain's aggregate is accepted.
         """
         raw: dict[int, TrainReply | Exception] = {}
-        for msg in replies:
-            party = self.party_of[msg.metadata.src_node_id]
+        for node, msg in by_node(self.requests, replies).items():
+            party = self.party_of[node]
             try:
                 raw[party] = _error(msg) if msg.has_error() else read_train_reply(msg)
             except FedmergeError as err:
@@ -153,22 +166,25 @@ class MergeRecStrategy(Strategy):
             )
             replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
             return self.server.valid_scores(
-                server_round, self._evaluations(replies, list(range(len(candidates))), ("valid",))
+                server_round,
+                self._evaluations(
+                    by_node(messages, replies), list(range(len(candidates))), ("valid",)
+                ),
             )
 
         outcome, self.models = self.server.merge(server_round, self.start_weights, accepted, judge)
         return ArrayRecord(outcome.merged), MetricRecord({"merge_seconds": outcome.seconds})
 
     def _evaluations(
-        self, replies: Iterable[Message], labels: list, splits: tuple[str, ...]
+        self, replies: dict[int, Message], labels: list, splits: tuple[str, ...]
     ) -> dict[int, dict[Any, Evaluation] | Exception]:
         """Each party's evaluations of the models sent, by `labels`, on `splits`; or its error.
 
-        The models were sent in the order of `labels`.
+        `replies` are by node (:func:`by_node`); the models were sent in the order of `labels`.
         """
         evaluations: dict[int, dict[Any, Evaluation] | Exception] = {}
-        for msg in replies:
-            party = self.party_of[msg.metadata.src_node_id]
+        for node, msg in replies.items():
+            party = self.party_of[node]
             try:
                 evaluations[party] = (
                     _error(msg)
@@ -217,7 +233,8 @@ class MergeRecStrategy(Strategy):
         """The ``evaluate`` messages: every model of the round, to every party."""
         self.server.evaluating(server_round, list(self.models))
         request = EvaluateRequest(list(self.models.values()), self.config.splits)
-        return self._messages(evaluate_content(config, request), "evaluate", server_round)
+        self.requests = self._messages(evaluate_content(config, request), "evaluate", server_round)
+        return self.requests
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -225,7 +242,9 @@ class MergeRecStrategy(Strategy):
         """Record the parties' evaluations as the round's rows; the metrics say how many."""
         labels = list(self.models)
         result = self.server.record(
-            server_round, labels, self._evaluations(replies, labels, self.config.splits)
+            server_round,
+            labels,
+            self._evaluations(by_node(self.requests, replies), labels, self.config.splits),
         )
         return MetricRecord({"rows": len(result.rows)})
 
@@ -262,16 +281,12 @@ def discover(grid: Grid, config: FederationConfig) -> tuple[dict[int, Descriptio
     ]
     found: dict[int, Description] = {}
     node_of: dict[int, int] = {}
-    for msg in grid.send_and_receive(messages, timeout=60 * config.timeout_minutes):
+    replies = grid.send_and_receive(messages, timeout=60 * config.timeout_minutes)
+    for node, msg in by_node(messages, replies).items():
         if msg.has_error():
-            raise FedmergeError(
-                f"node {msg.metadata.src_node_id} could not load its data: {msg.error.reason}"
-            )
+            raise FedmergeError(f"node {node} could not load its data: {msg.error.reason}")
         description = read_description(msg)
-        found[description.party], node_of[description.party] = (
-            description,
-            int(msg.metadata.src_node_id),
-        )
+        found[description.party], node_of[description.party] = description, int(node)
     return found, node_of
 
 
@@ -337,7 +352,7 @@ class FlowerWoven:
         ]
         party_of = {node: party for party, node in self.nodes.items()}
         replies = self.grid.send_and_receive(messages, timeout=60 * self.config.timeout_minutes)
-        return {party_of[m.metadata.src_node_id]: m for m in replies}
+        return {party_of[node]: m for node, m in by_node(messages, replies).items()}
 
     def train(self, start: StateDict) -> dict[int, TrainReply | Exception]:
         """Every party fine-tunes its own adapter from `start`."""

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +232,7 @@ class Processes:
         self.root, self.logs = root, root / "logs"
         self.logs.mkdir(parents=True)
         self.started: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
         self.netns = netns or {}
         """The network namespace each named process runs in (none: this one)."""
 
@@ -275,7 +276,13 @@ class Processes:
                 start_new_session=True,
             )
         self.started.append(proc)
+        self.named[name] = proc
         return proc
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group of `name`, as a machine that goes down."""
+        os.killpg(self.named[name].pid, signal.SIGKILL)
+        self.named[name].wait(timeout=10)
 
     def flwr_start(self, *args: str) -> subprocess.Popen[bytes]:
         """Start the ``flwr`` CLI from the repository root, its stdout piped.
@@ -580,12 +587,19 @@ def run_both(
     return deployed, inprocess
 
 
-def test_secure_deployed_run_matches_inprocess(
+def test_secure_deployed_run_with_update_dp_matches_inprocess(
     secure_deployment: Processes, tmp_path: Path, cache: Path
 ) -> None:
-    run_config = {"config": "", "set": ";".join(OVERRIDES), "out": str(tmp_path / "deployed")}
+    private = ["privacy.mechanism=update-dp", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"]
+    run_config = {
+        "config": "",
+        "set": ";".join([*OVERRIDES, *private]),
+        "out": str(tmp_path / "deployed"),
+    }
     deployed, inprocess = run_both(secure_deployment, run_config, tmp_path / "inprocess")
     assert deployed == inprocess
+    record = json.loads((tmp_path / "deployed" / "run.json").read_text())
+    assert "update-dp" in json.dumps(record["privacy"]), record
     assert {r["model"] for r in deployed} >= {
         "theta_0",
         "fine-tuned on synth-0",
@@ -620,8 +634,8 @@ def test_deployed_language_model_parties_match_inprocess(
     assert {r["model"] for r in deployed} >= {"theta_0", "fine-tuned on synth-0"}
 
 
-def test_deployed_woven_run_matches_inprocess(
-    deployment: Processes, tmp_path: Path, cache: Path
+def test_secure_deployed_woven_run_matches_inprocess(
+    secure_deployment: Processes, tmp_path: Path, cache: Path
 ) -> None:
     base = tiny_base(tmp_path / "tiny-llm", minilm_folder())
     overrides = [
@@ -636,7 +650,7 @@ def test_deployed_woven_run_matches_inprocess(
         "timeout_minutes=3",
     ]
     run_config = {"config": "weaverec", "set": ";".join(overrides), "out": str(tmp_path / "out")}
-    deployed, inprocess = run_both(deployment, run_config, tmp_path / "inprocess")
+    deployed, inprocess = run_both(secure_deployment, run_config, tmp_path / "inprocess")
     assert deployed == inprocess
     assert {r["domain"] for r in deployed} == {"synth-0"}
     assert "woven merge (average)" in {r["model"] for r in deployed}
@@ -691,3 +705,84 @@ def test_secure_deployment_refuses_strangers(secure_deployment: Processes, tmp_p
     )
     listed = processes.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=60)
     assert len(json.loads(listed)["nodes"]) == 2  # still the two registered parties only
+
+
+def submit(deployment: Processes, run_config: dict[str, str]) -> str:
+    """Submit a run (``flwr run`` without ``--stream``); its run id."""
+    overrides = " ".join(f"{key}='{value}'" for key, value in run_config.items())
+    output = deployment.flwr("run", str(ROOT), CONNECTION, "--run-config", overrides, timeout=120)
+    started = re.search(r"Successfully started run (\d+)", output)
+    assert started, output + deployment.tails()
+    return started[1]
+
+
+def wait_for(check: Callable[[], bool], what: str, deployment: Processes, timeout: float) -> float:
+    """Seconds until `check` holds; fails the test naming `what` after `timeout` seconds."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what} did not happen within {timeout:.0f} s:{deployment.tails()}")
+        time.sleep(1)
+    return time.monotonic() - start
+
+
+def logged(out: Path, event: str) -> bool:
+    """Whether the run writing `out` has logged `event` (its events.jsonl in OUT.partial)."""
+    events = out.with_name(out.name + ".partial") / "events.jsonl"
+    return events.exists() and f'"event": "{event}"' in events.read_text()
+
+
+def run_status(deployment: Processes, run_id: str) -> str:
+    """Flower's status of run `run_id`, e.g. ``running`` or ``finished:failed``."""
+    listed = deployment.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60)
+    return str(json.loads(listed)["runs"][0]["status"])
+
+
+SLOW = [*OVERRIDES, "train.epochs=60", "train.patience=60", "timeout_minutes=30"]
+"""Training long enough to be cut short, and a wait for parties far beyond the tests' bounds."""
+
+
+def test_a_party_killed_mid_round_fails_the_run_naming_it(
+    secure_deployment: Processes, tmp_path: Path
+) -> None:
+    out = tmp_path / "deployed"
+    run_id = submit(secure_deployment, {"config": "", "set": ";".join(SLOW), "out": str(out)})
+    wait_for(lambda: logged(out, "train_start"), "training", secure_deployment, 180)
+    secure_deployment.kill("superexec-clientapp-b")
+    secure_deployment.kill("supernode-b")
+    # Flower marks the node offline after two missed heartbeats (30 s apart): not 30 minutes
+    seconds = wait_for(
+        lambda: run_status(secure_deployment, run_id).startswith("finished"),
+        "the end of the run",
+        secure_deployment,
+        240,
+    )
+    record = json.loads((out.with_name("deployed.partial") / "run.json").read_text())
+    assert record["status"] == "failed", record
+    assert "synth-1" in record["error"], record["error"]
+    assert not out.exists()  # no results presented as complete
+    print(f"killed party: run ended {seconds:.0f} s later: {record['error']}")
+
+
+def test_flwr_stop_ends_a_deployed_run_as_stopped(
+    secure_deployment: Processes, tmp_path: Path
+) -> None:
+    out = tmp_path / "deployed"
+    run_id = submit(secure_deployment, {"config": "", "set": ";".join(SLOW), "out": str(out)})
+    wait_for(lambda: logged(out, "train_start"), "training", secure_deployment, 180)
+    secure_deployment.flwr("stop", run_id, CONNECTION, timeout=60)
+    seconds = wait_for(
+        lambda: (
+            (out.with_name("deployed.partial") / "run.json").exists()
+            and json.loads((out.with_name("deployed.partial") / "run.json").read_text())["status"]
+            != "running"
+        ),
+        "the run record's end",
+        secure_deployment,
+        120,
+    )
+    record = json.loads((out.with_name("deployed.partial") / "run.json").read_text())
+    assert run_status(secure_deployment, run_id) == "finished:stopped"
+    assert record["status"] == "interrupted", record
+    assert not out.exists()
+    print(f"flwr stop: recorded {seconds:.0f} s later: {record}")
