@@ -547,6 +547,15 @@ def simulate(
             help="Also show Flower's and Ray's own log lines and warnings (hidden by default).",
         ),
     ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Run the parties on this running Ray cluster (HOST:PORT of its head, as `ray "
+            "start --head` prints) instead of a local Ray; backend flower. Default: RAY_ADDRESS "
+            "if set.",
+        ),
+    ] = None,
 ) -> None:
     """Run the federation: parties fine-tune privately, the server merges, every party evaluates.
 
@@ -567,9 +576,14 @@ def simulate(
     elif backend == "flower":
         from server.simulation import flower_backend
 
-        transport = flower_backend(federation, verbose=verbose)
+        transport = flower_backend(federation, verbose=verbose, ray_address=ray_address)
     else:
         raise FedmergeError(f"unknown backend {backend!r}; use flower or inprocess")
+    if ray_address and backend != "flower":
+        raise FedmergeError(
+            f"--ray-address {ray_address} needs --backend flower (the in-process backend runs no "
+            "Ray); drop one of them"
+        )
     parties = (
         f"{federation.parties_per_domain} parties each"
         if federation.parties_per_domain > 1

@@ -11,6 +11,7 @@ immediate, clean exit after Ctrl-C (:func:`leave_after_interrupt`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,11 +52,13 @@ def server_app(config: FederationConfig, holder: dict) -> ServerApp:
 
 
 def flower_backend(
-    config: FederationConfig, verbose: bool = False
+    config: FederationConfig, verbose: bool = False, ray_address: str | None = None
 ) -> Callable[[RunDir], list[RoundResult]]:
     """A callable for :func:`fedmerge.pipeline.simulate`: the run in Flower's simulation runtime.
 
-    The runtime is Ray.
+    The runtime is Ray: a local one, or the running cluster at `ray_address` (its head's
+    ``HOST:PORT``; default: ``RAY_ADDRESS`` if set), whose nodes then host the parties, each with
+    ``client_cpus`` / ``client_gpus`` of a node.
 
     Flower's and Ray's own log lines and warnings are hidden unless `verbose`
     (:func:`runtime_output`); a failure of the runtime itself is raised as one
@@ -65,14 +68,18 @@ def flower_backend(
 
     from clients.app import app as client_app
 
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+
     def run(run_dir: RunDir) -> list[RoundResult]:
         holder: dict = {"run": run_dir, "stop": threading.Event()}
         backend: dict[str, Any] = {
             "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus}
         }
-        run_dir.log("runtime_start", backend="flower", nodes=config.n_parties)
+        run_dir.log(
+            "runtime_start", backend="flower", nodes=config.n_parties, ray=address or "local"
+        )
         with runtime_output(verbose) as (init_args, errors):
-            backend["init_args"] = init_args
+            backend["init_args"] = init_args | ({"address": address} if address else {})
             try:
                 with ray_keeps_sigterm_handler():
                     run_simulation(
@@ -141,7 +148,6 @@ def runtime_output(verbose: bool) -> Iterator[tuple[dict[str, Any], list[str]]]:
     Shown: Flower's defaults (INFO, Ray at WARNING, workers' output forwarded), without colour
     codes when stderr is not a terminal. Either way everything is as before on the way out.
     """
-    import os
     import sys
     import warnings
 
@@ -212,7 +218,6 @@ def leave_after_interrupt(code: int = 130) -> NoReturn:
     code : int
         The exit status: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
     """
-    import os
     import sys
 
     try:

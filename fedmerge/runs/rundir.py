@@ -173,7 +173,8 @@ class RunScreen:
 
     def _on_runtime_start(self, r: dict[str, Any]) -> str:
         self.status.show("start-up: Flower's simulation runtime (Ray)", restart=True)
-        return f"start-up: Flower's simulation runtime (Ray), {r['nodes']} nodes"
+        where = "" if r.get("ray", "local") == "local" else f" on the cluster at {r['ray']}"
+        return f"start-up: Flower's simulation runtime (Ray{where}), {r['nodes']} nodes"
 
     def _on_data_start(self, r: dict[str, Any]) -> str:
         self._wait(
