@@ -79,7 +79,9 @@ def flower_backend(
             "runtime_start", backend="flower", nodes=config.n_parties, ray=address or "local"
         )
         with runtime_output(verbose) as (init_args, errors):
-            backend["init_args"] = init_args | ({"address": address} if address else {})
+            # "local": a new local Ray, never the last cluster `ray start` made on this machine
+            # (Ray's default, even when that cluster is gone: ray.init then waits for it)
+            backend["init_args"] = init_args | {"address": address or "local"}
             try:
                 with ray_keeps_sigterm_handler():
                     run_simulation(

@@ -235,6 +235,8 @@ class Processes:
         self.named: dict[str, subprocess.Popen[bytes]] = {}
         self.netns = netns or {}
         """The network namespace each named process runs in (none: this one)."""
+        self.certs: Path | None = None
+        """The credentials of a secure deployment (``fedmerge deploy certs``)."""
 
     def argv(self, name: str, argv: list[str]) -> list[str]:
         """`argv` with its program from this environment, in the process's namespace if any."""
@@ -552,7 +554,7 @@ def secure_deployment(tmp_path: Path) -> Iterator[Processes]:
             proc = processes.start(name, argv)
             if name == "superlink":
                 wait_for_port(8000, proc, processes, netns=hub)
-        processes.certs = certs  # type: ignore[attr-defined]
+        processes.certs = certs
         yield processes
     finally:
         processes.stop()
@@ -647,6 +649,7 @@ def test_secure_deployed_woven_run_matches_inprocess(
         "train.valid_users=6",
         "train.batches_per_epoch=2",
         "weave.steps=2",
+        "weave.visits=1",
         "timeout_minutes=3",
     ]
     run_config = {"config": "weaverec", "set": ";".join(overrides), "out": str(tmp_path / "out")}
@@ -658,7 +661,8 @@ def test_secure_deployed_woven_run_matches_inprocess(
 
 def test_secure_deployment_refuses_strangers(secure_deployment: Processes, tmp_path: Path) -> None:
     """An unregistered SuperNode key, a party without the CA, ``flwr`` without the CA: refused."""
-    processes, certs = secure_deployment, secure_deployment.certs  # type: ignore[attr-defined]
+    processes, certs = secure_deployment, secure_deployment.certs
+    assert certs is not None
     issue(tmp_path / "stranger", ["superlink"], {"x": ["127.0.0.1"]})
     link = "10.200.1.1:8000"  # the SuperLink, from party a's namespace
     base = [

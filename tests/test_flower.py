@@ -270,22 +270,29 @@ def test_a_supernode_is_resolved_from_its_node_config_and_a_foreign_domain_is_na
         _spec(config, SimpleNamespace(node_config={"domain": "books"}))  # type: ignore[arg-type]
 
 
-def _train_reply(node: int, content: RecordDict | None = None, error: str | None = None) -> Message:
-    """What the grid hands the strategy from `node`.
-
-    Its content, or the error Flower wraps a raising ClientApp in.
-    """
-    metadata = Metadata(
+def _metadata(node: int, src: int, dst: int, reply_to: str) -> Metadata:
+    return Metadata(
         run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="",
+        message_id=f"{'m' if reply_to else 'r'}{node}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
         group_id="1",
         created_at=0.0,
         ttl=60.0,
         message_type="train",
     )
+
+
+def _train_reply(
+    node: int, content: RecordDict | None = None, error: str | None = None, src: int | None = None
+) -> Message:
+    """What the grid hands the strategy for the request to `node` (``r{node}``).
+
+    Its content, or the error Flower wraps a raising ClientApp in (`src` 1: the error the
+    SuperLink sends for a node gone offline).
+    """
+    metadata = _metadata(node, node if src is None else src, 0, f"r{node}")
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
@@ -315,7 +322,7 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
 
     replies = [
         _train_reply(10, content(0, update, "synth-0")),
-        _train_reply(11, error="ValueError: disk full"),
+        _train_reply(11, error="Error: Node Unavailable", src=1),  # the SuperLink's, for node 11
         _train_reply(12, content(2, update, "synth-0", with_update=False)),
         _train_reply(13, content(3, update, "synth-1")),
         _train_reply(14, content(4, wrong, "synth-1")),
@@ -332,6 +339,9 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
 
     monkeypatch.setattr(host, "merge", merge)
     strategy = server.app.MergeRecStrategy(config, host, {party: 10 + party for party in range(6)})
+    strategy.requests = [
+        Message(RecordDict(), metadata=_metadata(n, 0, n, "")) for n in range(10, 16)
+    ]
     strategy.start_weights = base
     host.begin(1)
     if min_parties is None:
@@ -344,7 +354,7 @@ def test_the_strategy_names_a_party_that_errs_sends_a_malformed_reply_wrong_shap
     strategy.aggregate_train(1, replies)
     assert sorted(accepted) == [0, 3]
     assert sorted(host.failed) == ["synth-0/1", "synth-0/2", "synth-1/1", "synth-1/2"]
-    assert "disk full" in host.failed["synth-0/1"]
+    assert "Node Unavailable" in host.failed["synth-0/1"]
     assert "malformed reply" in host.failed["synth-0/2"] and "update" in host.failed["synth-0/2"]
     assert "'positions' has shape (3, 3)" in host.failed["synth-1/1"]
     assert host.failed["synth-1/2"] == "no reply (timed out)"
