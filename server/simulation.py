@@ -69,6 +69,8 @@ def flower_backend(
     from clients.app import app as client_app
 
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_ray_address(address)
 
     def run(run_dir: RunDir) -> list[RoundResult]:
         holder: dict = {"run": run_dir, "stop": threading.Event()}
@@ -116,6 +118,31 @@ def flower_backend(
         return holder["results"]
 
     return run
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse a Ray cluster address nothing answers at (Ray itself would wait for it forever).
+
+    `address` is the head's ``HOST:PORT`` (or ``ray://HOST:PORT``); ``auto`` is left to Ray.
+    """
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise FedmergeError(
+            f"Ray address {address!r} is not HOST:PORT; give the head's address as `ray start "
+            "--head` prints it, e.g. 10.0.0.1:6379"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise FedmergeError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with `ray "
+            f"start --head --port {port}` there, or give its head's address (--ray-address or "
+            "RAY_ADDRESS)"
+        ) from None
 
 
 def _said(errors: list[str]) -> str:

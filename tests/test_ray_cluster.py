@@ -15,6 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
+from fedmerge.cli import app
 from fedmerge.config import load_config
 from fedmerge.pipeline import InProcess, simulate
 from fedmerge.protocol import FederationConfig
@@ -80,3 +84,24 @@ def test_simulate_runs_the_parties_on_a_ray_cluster(tmp_path: Path, cache: Path)
     caches = {n: Path(processes.env(n)["FEDMERGE_DATA"]) for n in ("head", "worker", "driver")}
     assert [n for n, c in caches.items() if any(c.iterdir())] == ["head", "worker"]
     assert "on the cluster at " + address in (processes.logs / "driver.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:{port}"),
+        ("head-without-port", "is not HOST:PORT"),
+    ],
+)
+def test_a_ray_address_nothing_answers_at_is_refused_before_anything_is_written(
+    tmp_path: Path, address: str, message: str
+) -> None:
+    port = free_ports(1)[0]  # nothing listens there: Ray alone would wait for it forever
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--domains", "synth-0,synth-1", "--out", str(tmp_path / "out")]
+        + ["--ray-address", address.format(port=port)],
+    )
+    assert result.exit_code != 0
+    assert message.format(port=port) in str(result.exception)
+    assert not list(tmp_path.iterdir())
