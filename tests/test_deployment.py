@@ -1,11 +1,14 @@
-"""A real multi-process Flower deployment on loopback.
+"""A real multi-process Flower deployment: secure, each party in its own network namespace.
 
 SuperLink, a SuperNode per domain, SuperExecs, ``flwr run``.
 
-The processes run exactly the commands of docker-compose.yml (only the addresses differ), with
-a private HOME / FLWR_HOME / FEDMERGE_DATA each, as containers would have. The deployed run must
-write the same metrics as the in-process reference; every process the test starts is stopped by
-its process group, even when the test fails, and none is left behind.
+The processes run exactly the commands of docker-compose.yml (TLS, SuperNode authentication,
+SuperExec secrets; only the addresses and the certificate folder differ), or of
+docker-compose.insecure.yml on loopback, with a private HOME / FLWR_HOME / FEDMERGE_DATA each,
+as containers would have. A deployed run must write the same metrics as the in-process
+reference; strangers are refused, a killed party is named, ``flwr stop`` is recorded. Every
+process the test starts is stopped by its process group and every namespace removed, even when
+the test fails, and none is left behind.
 """
 
 from __future__ import annotations
