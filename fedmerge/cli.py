@@ -570,6 +570,11 @@ def simulate(
         *([f"domains={json.dumps(_split_names(domains))}"] if domains else []),
     ]
     federation = load_config(config, settings, FederationConfig)
+    if ray_address and backend != "flower":
+        raise FedmergeError(
+            f"--ray-address {ray_address} needs --backend flower (the in-process backend runs no "
+            "Ray); drop one of them"
+        )
     transport: Transport | Callable[[RunDir], list[RoundResult]]
     if backend == "inprocess":
         transport = InProcess(federation)
@@ -579,11 +584,6 @@ def simulate(
         transport = flower_backend(federation, verbose=verbose, ray_address=ray_address)
     else:
         raise FedmergeError(f"unknown backend {backend!r}; use flower or inprocess")
-    if ray_address and backend != "flower":
-        raise FedmergeError(
-            f"--ray-address {ray_address} needs --backend flower (the in-process backend runs no "
-            "Ray); drop one of them"
-        )
     parties = (
         f"{federation.parties_per_domain} parties each"
         if federation.parties_per_domain > 1

@@ -33,6 +33,7 @@ from fedmerge.certs import issue
 from fedmerge.models.llm import tiny_base
 from fedmerge.models.lm_base import fingerprint
 from fedmerge.pipeline import InProcess, simulate
+from fedmerge.runs.outdir import partial_dir, read_record
 from fedmerge.text.tokens import minilm_folder
 from server.app import deployed_run
 from tests.test_llm import tiny_llm
@@ -735,7 +736,7 @@ def wait_for(check: Callable[[], bool], what: str, deployment: Processes, timeou
 
 def logged(out: Path, event: str) -> bool:
     """Whether the run writing `out` has logged `event` (its events.jsonl in OUT.partial)."""
-    events = out.with_name(out.name + ".partial") / "events.jsonl"
+    events = partial_dir(out) / "events.jsonl"
     return events.exists() and f'"event": "{event}"' in events.read_text()
 
 
@@ -749,12 +750,18 @@ SLOW = [*OVERRIDES, "train.epochs=60", "train.patience=60", "timeout_minutes=30"
 """Training long enough to be cut short, and a wait for parties far beyond the tests' bounds."""
 
 
+def training_run(deployment: Processes, out: Path) -> str:
+    """Submit a :data:`SLOW` run into `out`; its run id, once its parties train."""
+    run_id = submit(deployment, {"config": "", "set": ";".join(SLOW), "out": str(out)})
+    wait_for(lambda: logged(out, "train_start"), "training", deployment, 180)
+    return run_id
+
+
 def test_a_party_killed_mid_round_fails_the_run_naming_it(
     secure_deployment: Processes, tmp_path: Path
 ) -> None:
     out = tmp_path / "deployed"
-    run_id = submit(secure_deployment, {"config": "", "set": ";".join(SLOW), "out": str(out)})
-    wait_for(lambda: logged(out, "train_start"), "training", secure_deployment, 180)
+    run_id = training_run(secure_deployment, out)
     secure_deployment.kill("superexec-clientapp-b")
     secure_deployment.kill("supernode-b")
     # Flower marks the node offline after two missed heartbeats (30 s apart): not 30 minutes
@@ -764,7 +771,8 @@ def test_a_party_killed_mid_round_fails_the_run_naming_it(
         secure_deployment,
         240,
     )
-    record = json.loads((out.with_name("deployed.partial") / "run.json").read_text())
+    record = read_record(partial_dir(out))
+    assert record is not None
     assert record["status"] == "failed", record
     assert "synth-1" in record["error"], record["error"]
     assert not out.exists()  # no results presented as complete
@@ -775,20 +783,16 @@ def test_flwr_stop_ends_a_deployed_run_as_stopped(
     secure_deployment: Processes, tmp_path: Path
 ) -> None:
     out = tmp_path / "deployed"
-    run_id = submit(secure_deployment, {"config": "", "set": ";".join(SLOW), "out": str(out)})
-    wait_for(lambda: logged(out, "train_start"), "training", secure_deployment, 180)
+    run_id = training_run(secure_deployment, out)
     secure_deployment.flwr("stop", run_id, CONNECTION, timeout=60)
     seconds = wait_for(
-        lambda: (
-            (out.with_name("deployed.partial") / "run.json").exists()
-            and json.loads((out.with_name("deployed.partial") / "run.json").read_text())["status"]
-            != "running"
-        ),
+        lambda: (read_record(partial_dir(out)) or {"status": "running"})["status"] != "running",
         "the run record's end",
         secure_deployment,
         120,
     )
-    record = json.loads((out.with_name("deployed.partial") / "run.json").read_text())
+    record = read_record(partial_dir(out))
+    assert record is not None
     assert run_status(secure_deployment, run_id) == "finished:stopped"
     assert record["status"] == "interrupted", record
     assert not out.exists()
