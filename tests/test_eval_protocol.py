@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from fedmerge.data.synthetic import synthetic_domain
-from fedmerge.evaluate import EvalProtocol, candidate_lists, evaluate_domain, summarize
+from fedmerge.evaluate import (
+    EvalProtocol,
+    candidate_lists,
+    evaluate_domain,
+    summarize,
+    variant_ranks,
+)
+from fedmerge.evaluate.protocol import sampled_users
 from fedmerge.pipeline import InProcess, simulate
 from tests.test_pipeline import tiny
 
@@ -75,6 +82,30 @@ def test_metrics_over_candidate_lists_match_a_hand_computed_ranking(cache: Path)
     everything = EvalProtocol(candidates=domain.n_items - 1)
     full = evaluate_domain(by_item_id, domain, "test")
     assert evaluate_domain(by_item_id, domain, "test", protocol=everything) == pytest.approx(full)
+
+
+def test_per_user_ranks_are_the_hand_computed_ranks_of_the_sampled_users(cache: Path) -> None:
+    domain = synthetic_domain("synth-1")
+    protocol = EvalProtocol(candidates=9, seed=1, users=50)
+
+    def by_item_id(d, users, split, candidates):  # type: ignore[no-untyped-def]
+        return candidates.float()  # a higher item id always scores higher
+
+    def ranked() -> torch.Tensor:
+        variants = lambda d, u, s, c: iter([by_item_id(d, u, s, c)])  # noqa: E731
+        return variant_ranks(variants, 1, domain, "test", batch_size=16, protocol=protocol)[0]
+
+    targets = domain.targets("test")
+    sample = sampled_users(np.flatnonzero(targets >= 0), protocol)
+    lists = candidate_lists(domain, "test", protocol)[sample]
+    expected = (lists > targets[targets >= 0][sample][:, None]).sum(1)
+    ranks = ranked()
+    assert len(ranks) == 50
+    assert sorted(ranks.tolist()) == sorted(expected.tolist())
+    assert torch.equal(ranked(), ranks)  # the same users in the same order: comparable user by user
+    assert evaluate_domain(by_item_id, domain, "test", protocol=protocol) == pytest.approx(
+        {**summarize(ranks), "users": 50}
+    )
 
 
 def test_every_row_and_the_report_record_the_protocol(tmp_path: Path, cache: Path) -> None:

@@ -11,6 +11,7 @@ from fedmerge.evaluate.ranking import (
     evaluate_domain,
     evaluate_variants,
     rank_embeddings,
+    variant_ranks,
 )
 from fedmerge.evaluate.scoring import calibration_variants, model_scorer
 
@@ -28,4 +29,5 @@ __all__ = [
     "rank_embeddings",
     "rank_targets",
     "summarize",
+    "variant_ranks",
 ]

@@ -113,6 +113,33 @@ def evaluate_variants(
     The pass goes over the users once: `variants` yields each variant's scores of a batch in turn
     (one in memory at a time).
     """
+    out = []
+    for ranks in variant_ranks(
+        variants, n_variants, domain, split, batch_size, exclude_seen, protocol
+    ):
+        metrics: dict[str, float | int] = {**summarize(ranks, ks)}
+        metrics["users"] = len(ranks)
+        out.append(metrics)
+    return out
+
+
+def variant_ranks(
+    variants: VariantScorer,
+    n_variants: int,
+    domain: DomainData,
+    split: str = "test",
+    batch_size: int = 1024,
+    exclude_seen: bool = False,
+    protocol: EvalProtocol | None = None,
+) -> list[torch.Tensor]:
+    """The 0-based rank of each ranked user's target under each variant.
+
+    The pass of :func:`evaluate_variants`; one tensor per variant, the users in the same order in
+    each.
+
+    Two calls with the same `domain`, `split` and `protocol` rank the same users in the same
+    order, so their ranks can be compared user by user.
+    """
     all_targets = domain.targets(split)
     users = np.flatnonzero(all_targets >= 0)
     lists = (
@@ -143,12 +170,7 @@ def evaluate_variants(
                     _mask_seen(scores, domain, batch, split, targets, candidates)
                 truth = targets if candidates is None else column
                 kept.append(rank_targets(scores, truth.to(scores.device)).cpu())
-    out = []
-    for kept in ranks:
-        metrics = summarize(torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), ks)
-        metrics["users"] = len(users)
-        out.append(metrics)
-    return out
+    return [torch.cat(kept) if kept else torch.empty(0, dtype=torch.long) for kept in ranks]
 
 
 def rank_embeddings(
