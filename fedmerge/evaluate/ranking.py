@@ -113,14 +113,8 @@ def evaluate_variants(
     The pass goes over the users once: `variants` yields each variant's scores of a batch in turn
     (one in memory at a time).
     """
-    out = []
-    for ranks in variant_ranks(
-        variants, n_variants, domain, split, batch_size, exclude_seen, protocol
-    ):
-        metrics: dict[str, float | int] = {**summarize(ranks, ks)}
-        metrics["users"] = len(ranks)
-        out.append(metrics)
-    return out
+    ranked = variant_ranks(variants, n_variants, domain, split, batch_size, exclude_seen, protocol)
+    return [{**summarize(ranks, ks), "users": len(ranks)} for ranks in ranked]
 
 
 def variant_ranks(
