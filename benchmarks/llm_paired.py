@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fedmerge.evaluate import Scorer, model_scorer, variant_ranks
+from fedmerge.evaluate import domain_ranks, model_scorer, user_gains
 from fedmerge.models import build_model, load_parts
 from fedmerge.train.checkpoint import load_checkpoint
 
@@ -37,13 +37,6 @@ def paired(base: torch.Tensor, other: torch.Tensor) -> tuple[float, float, int, 
     return float(diff.mean()), se, int((diff > 0).sum()), int((diff < 0).sum())
 
 
-def gains(ranks: torch.Tensor, k: int = 10) -> dict[str, torch.Tensor]:
-    """Per-user ndcg@k and hit@k from 0-based target ranks."""
-    ranks = ranks.double()
-    inside = (ranks < k).double()
-    return {f"ndcg@{k}": inside / torch.log2(ranks + 2.0), f"hit@{k}": inside}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/llm-quality"))
@@ -56,15 +49,17 @@ def main() -> None:
     protocol = config.train.evaluation.model_copy(update={"users": args.users})
     part = load_parts([args.domain], config.model, quiet=True)[0]
     base = build_model(config.model, meta["text_dim"], config.train.seed)
-
-    def ranked(scorer: Scorer) -> torch.Tensor:
-        variants = lambda d, u, s, c: iter([scorer(d, u, s, c)])  # noqa: E731
-        return variant_ranks(
-            variants, 1, part.domain, args.split, config.train.eval_batch_size, protocol=protocol
-        )[0]
-
     start = time.perf_counter()
-    ranks = [ranked(model_scorer(model, part.features)) for model in (base, adapter)]
+    ranks = [
+        domain_ranks(
+            model_scorer(model, part.features),
+            part.domain,
+            args.split,
+            config.train.eval_batch_size,
+            protocol=protocol,
+        )
+        for model in (base, adapter)
+    ]
     seconds = time.perf_counter() - start
     lines = [
         f"# {args.domain}: its adapter against the zero-shot base, user by user\n",
@@ -77,11 +72,11 @@ def main() -> None:
         "| users adapter better / worse |",
         "|---|---|---|---|---|---|",
     ]
-    ours, theirs = gains(ranks[1]), gains(ranks[0])
-    for metric in ours:
+    ours, theirs = user_gains(ranks[1], 10), user_gains(ranks[0], 10)
+    for metric, label in (("ndcg@10", "ndcg@10"), ("recall@10", "hit@10")):  # one target: hit
         mean, se, better, worse = paired(theirs[metric], ours[metric])
         lines.append(
-            f"| {metric} | {float(theirs[metric].mean()):.4f} | {float(ours[metric].mean()):.4f} "
+            f"| {label} | {float(theirs[metric].mean()):.4f} | {float(ours[metric].mean()):.4f} "
             f"| {mean:+.4f} ({se:.4f}) | [{mean - 1.96 * se:+.4f}, {mean + 1.96 * se:+.4f}] "
             f"| {better} / {worse} |"
         )

@@ -16,9 +16,9 @@ from fedmerge.data.synthetic import synthetic_domain
 from fedmerge.evaluate import (
     EvalProtocol,
     candidate_lists,
+    domain_ranks,
     evaluate_domain,
     summarize,
-    variant_ranks,
 )
 from fedmerge.evaluate.protocol import sampled_users
 from fedmerge.pipeline import InProcess, simulate
@@ -92,8 +92,7 @@ def test_per_user_ranks_are_the_hand_computed_ranks_of_the_sampled_users(cache: 
         return candidates.float()  # a higher item id always scores higher
 
     def ranked() -> torch.Tensor:
-        variants = lambda d, u, s, c: iter([by_item_id(d, u, s, c)])  # noqa: E731
-        return variant_ranks(variants, 1, domain, "test", batch_size=16, protocol=protocol)[0]
+        return domain_ranks(by_item_id, domain, "test", batch_size=16, protocol=protocol)
 
     targets = domain.targets("test")
     sample = sampled_users(np.flatnonzero(targets >= 0), protocol)

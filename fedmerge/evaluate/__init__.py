@@ -3,15 +3,15 @@
 Over all items, or over candidate lists.
 """
 
-from fedmerge.evaluate.metrics import KS, metric_names, rank_targets, summarize
+from fedmerge.evaluate.metrics import KS, metric_names, rank_targets, summarize, user_gains
 from fedmerge.evaluate.protocol import EvalProtocol, candidate_lists
 from fedmerge.evaluate.ranking import (
     Scorer,
     VariantScorer,
+    domain_ranks,
     evaluate_domain,
     evaluate_variants,
     rank_embeddings,
-    variant_ranks,
 )
 from fedmerge.evaluate.scoring import calibration_variants, model_scorer
 
@@ -22,6 +22,7 @@ __all__ = [
     "VariantScorer",
     "calibration_variants",
     "candidate_lists",
+    "domain_ranks",
     "evaluate_domain",
     "evaluate_variants",
     "metric_names",
@@ -29,5 +30,5 @@ __all__ = [
     "rank_embeddings",
     "rank_targets",
     "summarize",
-    "variant_ranks",
+    "user_gains",
 ]

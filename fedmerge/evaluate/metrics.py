@@ -68,18 +68,24 @@ def _rank_block(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def user_gains(ranks: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Each user's recall@k, ndcg@k and mrr@k (float64), from its target's 0-based rank."""
+    ranks = ranks.double()
+    inside = (ranks < k).double()
+    return {
+        f"recall@{k}": inside,
+        f"ndcg@{k}": inside / torch.log2(ranks + 2.0),
+        f"mrr@{k}": inside / (ranks + 1.0),
+    }
+
+
 def summarize(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Mean recall@K, ndcg@K and mrr@K over users, from their targets' ranks."""
     if ranks.numel() == 0:
         raise FedmergeError("no user has a target in this split, so there is nothing to evaluate")
-    ranks = ranks.double()
-    out: dict[str, float] = {}
-    for metric in ("recall", "ndcg", "mrr"):
-        gain = {
-            "recall": torch.ones_like(ranks),
-            "ndcg": 1.0 / torch.log2(ranks + 2.0),
-            "mrr": 1.0 / (ranks + 1.0),
-        }[metric]
-        for k in ks:
-            out[f"{metric}@{k}"] = float((gain * (ranks < k)).mean())
-    return out
+    gains = {name: g for k in ks for name, g in user_gains(ranks, k).items()}
+    return {
+        f"{metric}@{k}": float(gains[f"{metric}@{k}"].mean())
+        for metric in ("recall", "ndcg", "mrr")
+        for k in ks
+    }

@@ -86,14 +86,29 @@ def evaluate_domain(
     dict[str, float]
         ``recall@K``, ``ndcg@K``, ``mrr@K`` and ``users`` (how many were ranked).
     """
-    return evaluate_variants(
+    ranks = domain_ranks(scorer, domain, split, batch_size, exclude_seen, protocol)
+    return {**summarize(ranks, ks), "users": len(ranks)}
+
+
+def domain_ranks(
+    scorer: Scorer,
+    domain: DomainData,
+    split: str = "test",
+    batch_size: int = 1024,
+    exclude_seen: bool = False,
+    protocol: EvalProtocol | None = None,
+) -> torch.Tensor:
+    """The 0-based rank of each ranked user's target under `scorer` (see :func:`variant_ranks`).
+
+    The users are in the same order for every scorer, so two scorers' ranks compare user by user.
+    """
+    return variant_ranks(
         lambda d, u, s, c: iter([scorer(d, u, s, c)]),
         1,
         domain,
         split,
         batch_size,
         exclude_seen,
-        ks,
         protocol,
     )[0]
 
