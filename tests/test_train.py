@@ -595,3 +595,28 @@ def test_batches_per_epoch_trains_on_a_seeded_sample_of_each_epoch(cache: Path) 
             ["privacy.mechanism=dpsgd", "privacy.epsilon=8", "train.batches_per_epoch=3"],
             FederationConfig,
         )
+
+
+def test_sgd_steps_lr_times_the_gradient_where_adamw_steps_about_lr_whatever_its_scale() -> None:
+    """``train.optimizer``: why dpsgd may want SGD.
+
+    A coordinate whose gradient is pure noise moves by lr x noise under SGD, and by about lr
+    under AdamW (its first step is lr x g / (|g| + eps)), however small the noise.
+    """
+    from fedmerge.train.loop import optimiser
+
+    model = build_model(tiny().model, 8, seed=0)
+    for name, scale in (("sgd", 1e-3), ("sgd", 1.0), ("adamw", 1e-3), ("adamw", 1.0)):
+        config = tiny(f"train.optimizer={name}", "train.lr=0.1", "train.warmup_steps=0").train
+        params, optimizer, _ = optimiser(model, config)
+        before = [p.detach().clone() for p in params]
+        draw = torch.Generator().manual_seed(1)
+        noise = [scale * torch.randn(p.shape, generator=draw) for p in params]
+        for p, g in zip(params, noise, strict=True):
+            p.grad = g
+        optimizer.step()
+        for p, b, g in zip(params, before, noise, strict=True):
+            want = -0.1 * g if name == "sgd" else -0.1 * g / (g.abs() + 1e-8)
+            assert torch.allclose(p.detach() - b, want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(FedmergeError, match="train.momentum = 0.9 is SGD's"):
+        tiny("train.momentum=0.9")

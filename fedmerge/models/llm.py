@@ -21,7 +21,9 @@ checked on loading); the other base weights come from ``model.base``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +94,22 @@ class LlmLoraConfig(FamilyConfig):
         return self
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without transformers' weight-loading bar and peft's deprecation warning (screen noise)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 @cache
 def _tokenizer(folder: Path) -> Any:
     """The base model's tokenizer (read once per process)."""
@@ -147,7 +165,8 @@ class LlmLora(Recommender[LlmLoraConfig]):
             )
         self.register_buffer("base_sha", torch.tensor(list(bytes.fromhex(sha)), dtype=torch.uint8))
         try:
-            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            with _quiet_loading():
+                lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise FedmergeError(
                 f"model.base {config.base!r}: {folder} does not hold a causal language model "
@@ -163,7 +182,8 @@ class LlmLora(Recommender[LlmLoraConfig]):
             bias="none",
         )
         try:
-            self.lm = get_peft_model(lm, adapter)
+            with _quiet_loading():
+                self.lm = get_peft_model(lm, adapter)
         except ValueError as err:
             raise FedmergeError(
                 f"model.targets {config.targets} names no linear module of {config.base!r} "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedmerge.config import ConfigModel, LearningRate
+from fedmerge.errors import FedmergeError
 from fedmerge.evaluate import EvalProtocol
 from fedmerge.models import ModelConfig, default_model
 
@@ -25,8 +26,17 @@ class TrainConfig(ConfigModel):
         "(None: every batch); for models whose full epoch takes hours, such as a language model "
         "on a CPU",
     )
-    lr: LearningRate = Field(1e-3, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="adamw, or sgd (plain steps of lr x gradient, with train.momentum): under "
+        "dpsgd AdamW rescales every coordinate's noise into a step of about lr, SGD does not "
+        "(docs/privacy.md)",
+    )
+    lr: LearningRate = Field(1e-3, description="learning rate of train.optimizer")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum (train.optimizer = sgd)")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=10.0, description="weight decay: decoupled (AdamW) or L2 (SGD)"
+    )
     warmup_steps: int = Field(100, ge=0, description="linear learning-rate warm-up steps")
     patience: int = Field(
         3, ge=1, description="epochs without a better valid ndcg@10 before stopping"
@@ -66,6 +76,15 @@ class TrainConfig(ConfigModel):
         description="parameters kept at their starting values: names or name prefixes of the "
         "model's parameters (fedmerge pretrain defaults to the family's choice)",
     )
+
+    @model_validator(mode="after")
+    def _momentum_needs_sgd(self) -> TrainConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise FedmergeError(
+                f"train.momentum = {self.momentum} is SGD's; AdamW keeps its own moments: set "
+                'train.optimizer = "sgd" or drop train.momentum'
+            )
+        return self
 
 
 class ExperimentConfig(ConfigModel):

@@ -81,6 +81,11 @@ def train_leg(
     """
     if steps < 1:
         raise FedmergeError(f"a leg of {steps} steps trains nothing; give at least 1 step")
+    if config.optimizer != "adamw":
+        raise FedmergeError(
+            f"train.optimizer = {config.optimizer!r}: legs carry AdamW's moments between "
+            'parties; set train.optimizer = "adamw" for woven and FedAvg-trained adapters'
+        )
     device = next(model.parameters()).device
     model.load_exchanged({k: v.to(device) for k, v in carry.weights.items()})
     params = trainable_parameters(model, config.frozen)

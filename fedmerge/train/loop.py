@@ -1,4 +1,4 @@
-"""The training loop: AdamW with warm-up, early stopping on validation ndcg@10, resumable.
+"""The training loop: AdamW (or SGD) with warm-up, early stopping on validation ndcg@10, resumable.
 
 One loop serves a single domain and joint training over several (batches of all domains are
 interleaved; each batch is scored against its own domain's items; the stopping criterion is
@@ -127,10 +127,16 @@ def unfreeze(model: Recommender) -> None:
 
 def optimiser(
     model: Recommender, config: TrainConfig
-) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """The trained parameters, AdamW over them and its linear warm-up (``train.*``)."""
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The trained parameters, ``train.optimizer`` over them and its linear warm-up."""
     params = trainable_parameters(model, config.frozen)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(config, step))
     return params, optimizer, scheduler
 
