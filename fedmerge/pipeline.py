@@ -626,12 +626,19 @@ def execute_woven(
 
 
 def privacy_record(config: FederationConfig, spent: dict[str, dict[str, float]]) -> dict:
-    """What the run's privacy setting was and what it spent (for run.json and report.md)."""
+    """What the run's privacy setting was and what it spent (for run.json and report.md).
+
+    An infinite epsilon (noise multiplier 0: clipping only, no guarantee) is written as "inf",
+    which JSON can hold.
+    """
     mechanism = config.mechanism()
     return {
         "mechanism": config.privacy.mechanism,
         "clip": config.privacy.clip,
-        "spent": spent,
+        "spent": {
+            party: {k: v if np.isfinite(v) else str(v) for k, v in values.items()}
+            for party, values in spent.items()
+        },
         "record": mechanism.unit,
         "how": mechanism.how,
         "switched off": config.switched_off,

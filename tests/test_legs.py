@@ -59,7 +59,7 @@ def test_legs_carried_between_fresh_models_equal_one_optimiser_in_one_place(
     assert len(carry.moments) == 2 * len(params)
 
 
-def test_a_leg_reads_only_its_own_party_and_refuses_zero_steps(cache: object) -> None:
+def test_a_leg_reads_only_its_own_party_and_refuses_zero_steps_and_sgd(cache: object) -> None:
     config = tiny()
     parts = load_parts(["synth-0", "synth-1"], config.model, quiet=True)
     max_len = config.model.max_len
@@ -74,3 +74,6 @@ def test_a_leg_reads_only_its_own_party_and_refuses_zero_steps(cache: object) ->
     model = build_model(config.model, parts[0].features.shape[1], seed=0)
     with pytest.raises(FedmergeError, match="a leg of 0 steps trains nothing"):
         train_leg(model, parts[0], config.train, Carry(model.exchanged(), {}), 0, 0, 0)
+    sgd = tiny("train.optimizer=sgd").train
+    with pytest.raises(FedmergeError, match="legs carry AdamW's moments between parties"):
+        train_leg(model, parts[0], sgd, Carry(model.exchanged(), {}), 1, 0, 0)

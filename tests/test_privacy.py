@@ -214,6 +214,11 @@ def test_update_dp_run_records_each_party_epsilon_composed_over_rounds(
         assert spent["delta"] == pytest.approx(400**-1.1, rel=0.2)  # N^-1.1 of the party's users
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {r["split"] for r in rows} == {"test"}
+    # noise multiplier 0 (clipping only): the run completes and records no guarantee
+    clip_only = tiny("privacy.mechanism=update-dp", "privacy.noise_multiplier=0", "train.epochs=1")
+    simulate(clip_only, InProcess(clip_only), tmp_path / "clip-only")
+    spent = read_run(tmp_path / "clip-only")["privacy"]["spent"]
+    assert all(spent[party]["epsilon"] == "inf" for party in clip_only.domains)
 
 
 def test_central_dp_shows_no_party_its_own_update(tmp_path: Path, cache: Path) -> None:
