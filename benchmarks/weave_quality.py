@@ -12,10 +12,11 @@ WeaveRec's finding, naive merge < target-only and woven merge >= target-only (nd
 *Cost*, per setting: the weaving's wall time, against training the same legs in one process
 (``--cost``: the first seed's hybrids again, one optimiser, no routing), and the bytes that
 crossed for the legs (every carry's tensors, to the party and back). Runs are kept under
-``--runs`` and reused when complete.
+``--runs`` and reused when complete; ``--no-joint`` leaves the joint adapter out (it does not
+depend on the weaving seed: for a part of a setting whose joint an earlier part measured).
 
     python benchmarks/weave_quality.py [--settings "beauty<toys,toys<beauty,beauty<toys+sports"]
-        [--seeds 0,1] [--runs runs/weave] [--cost] [--set key=value ...]
+        [--seeds 0,1] [--runs runs/weave] [--cost] [--no-joint] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -111,13 +112,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     parser.add_argument("--runs", type=Path, default=Path("runs/weave"))
     parser.add_argument("--cost", action="store_true", help="also measure the weaving's cost")
+    parser.add_argument("--no-joint", action="store_true", help="leave the joint adapter out")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     lines, checks, costs = [], [], []
     for setting in args.settings.split(","):
         name = setting.replace("<", "-from-").replace("+", "-")
-        joint = _joint(_config(setting, 0, args.overrides), args.runs / name / "joint")
+        joint = (
+            []
+            if args.no_joint
+            else _joint(_config(setting, 0, args.overrides), args.runs / name / "joint")
+        )
         for seed in args.seeds:
             config = _config(setting, seed, args.overrides)
             out = args.runs / name / f"seed{seed}"

@@ -41,6 +41,11 @@ class TrainConfig(ConfigModel):
     patience: int = Field(
         3, ge=1, description="epochs without a better valid ndcg@10 before stopping"
     )
+    start_candidate: bool = Field(
+        True,
+        description="the starting model (epoch 0) competes with the trained epochs on the valid "
+        "split, so training that never beats it keeps it; false: keep the best trained epoch",
+    )
     seed: int = Field(0, description="seed of theta_0, the batch order and the validation sample")
     eval_batch_size: int = Field(1024, ge=1, description="users scored per batch in evaluation")
     evaluation: EvalProtocol = EvalProtocol()

@@ -312,10 +312,15 @@ def fit(
         )
         best_trained = state["best_trained"]
     else:
-        # The starting model is a candidate (epoch 0), but patience counts against the best trained
-        # epoch: the first epochs may dip below a strong text-similarity start and then pass it.
+        # The starting model is a candidate (epoch 0) unless start_candidate is off, but patience
+        # counts against the best trained epoch: the first epochs may dip below a strong
+        # text-similarity start and then pass it.
         start_score = validation_score(model, parts, config)
-        result = FitResult(copy.deepcopy(model.state_dict()), 0, start_score)
+        result = FitResult(
+            copy.deepcopy(model.state_dict()),
+            0,
+            start_score if config.start_candidate else float("-inf"),
+        )
         result.history.append({"epoch": 0, "valid_ndcg@10": start_score})
         best_trained, stale, start_epoch = float("-inf"), 0, 1
     n_batches = sum(math.ceil(len(s) / config.batch_size) for s in sequences)
