@@ -32,7 +32,7 @@ import torch
 from fedmerge.config import load_config
 from fedmerge.models import build_model, load_parts
 from fedmerge.pipeline import InProcess, simulate
-from fedmerge.protocol import FederationConfig, base_weights
+from fedmerge.protocol import FederationConfig, base_weights, party_threads
 from fedmerge.train.config import ExperimentConfig
 from fedmerge.train.legs import Carry, train_leg
 from fedmerge.train.run import train_run
@@ -89,12 +89,19 @@ def _cost(config: FederationConfig, seconds: float) -> dict[str, float]:
     model.load_merged(base_weights(config, width))
     carry, crossed = Carry(model.exchanged(), {}), 0
     began = time.perf_counter()
-    for leg in hybrid_legs(weaving, weaving.sources[0]):
-        sent = _nbytes(carry)
-        carry, _ = train_leg(
-            model, parts[leg.domain], config.train, carry, weaving.steps, weaving.seed, leg.visit
-        )
-        crossed += sent + _nbytes(carry)
+    with party_threads(config):  # the threads the routed legs ran on
+        for leg in hybrid_legs(weaving, weaving.sources[0]):
+            sent = _nbytes(carry)
+            carry, _ = train_leg(
+                model,
+                parts[leg.domain],
+                config.train,
+                carry,
+                weaving.steps,
+                weaving.seed,
+                leg.visit,
+            )
+            crossed += sent + _nbytes(carry)
     return {
         "weaving s (all hybrids, routed)": round(seconds, 1),
         "one hybrid's legs in one process s": round(time.perf_counter() - began, 1),

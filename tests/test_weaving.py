@@ -24,6 +24,7 @@ from fedmerge.protocol import (
     base_weights,
     party_leg,
     party_specs,
+    party_threads,
 )
 from fedmerge.text.tokens import minilm_folder
 from fedmerge.train.legs import Carry, train_leg
@@ -77,20 +78,6 @@ def test_bad_roles_get_one_clear_error() -> None:
 def test_weaving_routes_each_leg_to_its_party_and_equals_its_legs_in_order(
     tmp_path: Path, cache: Path
 ) -> None:
-    """Bit for bit at one intra-op thread.
-
-    With two, the routed and the in-process legs differed by a few float32 ulps (6.7e-8 on
-    weights of 0.15) on a 2-core AMD EPYC: CPU kernels split their work by thread.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _weave_and_compare(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _weave_and_compare(tmp_path: Path) -> None:
     base = tiny_base(tmp_path / "tiny", minilm_folder())
     config = load_config(
         "simulate-llm",
@@ -123,10 +110,11 @@ def _weave_and_compare(tmp_path: Path) -> None:
         ("synth-0+synth-1", "synth-0", 2),
         ("synth-0+synth-1", "synth-1", 3),
     ]
-    # the same legs, trained in that order on one model
+    # the same legs, trained in that order on one model, on the parties' threads (client_cpus)
     carry = Carry(begin, {})
-    for domain, visit in (("synth-0", 0), ("synth-1", 0), ("synth-0", 1), ("synth-1", 1)):
-        carry, _ = train_leg(skeleton, parts[domain], config.train, carry, 2, 3, visit)
+    with party_threads(config):
+        for domain, visit in (("synth-0", 0), ("synth-1", 0), ("synth-0", 1), ("synth-1", 1)):
+            carry, _ = train_leg(skeleton, parts[domain], config.train, carry, 2, 3, visit)
     hybrid = hybrids["synth-0+synth-1"]
     assert hybrid.step == carry.step == 8
     assert all(torch.equal(hybrid.weights[k], carry.weights[k]) for k in carry.weights)
